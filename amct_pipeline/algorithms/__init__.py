@@ -1,0 +1,1 @@
+"""Algorithm interfaces (what plugins usually implement) and the built-in algorithms."""

@@ -1,0 +1,218 @@
+"""Helpers shared by the AMCT format readers: problem collection, typed look-ups, hints, atomic writes."""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from .errors import ConfigFileError, Issue
+
+__all__ = [
+    "Problems", "suggest", "show", "num", "f32", "layer_types", "atomic_write_text", "read_text",
+    "get", "unknown_keys", "check_range", "check_choice", "check_names", "check_types", "load_json", "LayerSpec",
+]
+
+# (name, op_type) pairs, a {name: op_type} mapping, or objects with ``name``/``op_type`` attributes.
+LayerSpec = Iterable[Any] | Mapping[str, str]
+
+_KIND_TEXT = {
+    "bool": "a boolean (true or false)", "int": "an integer", "number": "a number", "str": "a string",
+    "list": "a list", "dict": "an object",
+}
+
+
+class Problems:
+    """Collects every problem of one file so the user sees them all at once."""
+
+    def __init__(self, source: str):
+        self.source, self.issues = source, []
+
+    def add(self, where: str, message: str) -> None:
+        issue = Issue(self.source, where, message)
+        if issue not in self.issues:  # a shared setting (common_config) can fail once per layer
+            self.issues.append(issue)
+
+    def __bool__(self) -> bool:
+        return bool(self.issues)
+
+    def raise_if_any(self) -> None:
+        if self.issues:
+            raise ConfigFileError(self.issues)
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """``did you mean 'x'?`` for the closest choice, or an empty string."""
+    word, choices = str(word), [str(c) for c in choices]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close and len(word) >= 3:  # an abbreviation such as 'arq' for 'arq_quantize'
+        close = [c for c in choices if c.startswith(word)][:1]
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it (JSON spelling: true, "text", 0.7)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def num(x: float) -> str:
+    """A bound for messages: ``0.6`` rather than ``0.6000000000000001``."""
+    return f"{round(x, 12):g}"
+
+
+def f32(x: float) -> float:
+    """A protobuf ``float`` as the shortest Python float that names it (0.7, not 0.699999988...)."""
+    return float(str(np.float32(x)))
+
+
+def layer_types(layers: LayerSpec) -> dict[str, str]:
+    """Normalize the caller's layer list to an ordered ``{name: op_type}``."""
+    if isinstance(layers, Mapping):
+        pairs = list(layers.items())
+    else:
+        pairs = [(x.name, x.op_type) if hasattr(x, "op_type") else tuple(x) for x in layers]
+    dupes = [n for n, c in Counter(n for n, _ in pairs).items() if c > 1]
+    if dupes:
+        raise ValueError(f"layer names must be unique, repeated: {', '.join(map(repr, dupes))}")
+    return {str(n): str(t) for n, t in pairs}
+
+
+def read_text(path: str | os.PathLike) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same directory and ``os.replace``: readers never see half a file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_json(text: str, source: str) -> Any:
+    """``json.loads`` that reports syntax errors with line/column and refuses repeated keys."""
+    repeated: list[str] = []
+
+    def pairs(items):
+        seen = {}
+        for key, value in items:
+            if key in seen:
+                repeated.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        data = json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as exc:
+        raise ConfigFileError([Issue(source, "", f"invalid JSON: {exc.msg}", exc.lineno, exc.colno)]) from None
+    if repeated:
+        raise ConfigFileError([Issue(source, "", f"key '{k}' appears more than once; keep one") for k in repeated])
+    return data
+
+
+_MISSING = object()
+
+
+def get(p: Problems, obj: Mapping[str, Any], key: str, where: str, kind: str, default: Any = None) -> Any:
+    """``obj[key]`` if it has JSON type ``kind``; ``default`` when absent or (after a reported problem) wrong."""
+    value = obj.get(key, _MISSING)
+    if value is _MISSING:
+        return default
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list": isinstance(value, list),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if kind == "number" and ok and not math.isfinite(value):
+        ok = False
+    if not ok:
+        p.add(f"{where}.{key}" if where else key, f"must be {_KIND_TEXT[kind]}, got {show(value)}")
+        return default
+    return float(value) if kind == "number" else value
+
+
+def unknown_keys(p: Problems, obj: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    allowed = list(allowed)
+    for key in obj:
+        if key not in allowed:
+            hint = suggest(key, allowed) or f"allowed keys: {', '.join(allowed)}"
+            p.add(f"{where}.{key}" if where else key, f"unknown key ({hint})")
+
+
+def check_range(p: Problems, where: str, value: float, lo: float, hi: float,
+                lo_open: bool = True, hi_open: bool = False) -> bool:
+    inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not inside:
+        bounds = f"{'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+        p.add(where, f"must be in {bounds}, got {show(value)}")
+    return inside
+
+
+def check_choice(p: Problems, where: str, value: Any, choices: Iterable[Any]) -> bool:
+    choices = list(choices)
+    if value in choices:
+        return True
+    hint = suggest(value, choices) if isinstance(value, str) else ""
+    listed = ", ".join(show(c) for c in choices)
+    p.add(where, f"must be one of {listed}, got {show(value)}" + (f" ({hint})" if hint else ""))
+    return False
+
+
+def check_names(p: Problems, where: str, names: Iterable[str], types: Mapping[str, str],
+                allowed_types: Iterable[str] | None, what: str = "layer",
+                label: Callable[[int], str] | None = None) -> list[str]:
+    """Report repeated, unknown (with did-you-mean) and wrong-type layer names; return the good ones."""
+    names, allowed, good = list(names), None if allowed_types is None else set(allowed_types), []
+    counts = Counter(names)
+    for i, name in enumerate(names):
+        at = label(i) if label else f"{where}[{i}]"
+        if counts[name] > 1 and names.index(name) == i:
+            p.add(where, f"{what} '{name}' is listed {counts[name]} times; list it once")
+        if name not in types:
+            hint = suggest(name, types) or "not in the model"
+            p.add(at, f"unknown {what} '{name}' ({hint})")
+        elif allowed is not None and types[name] not in allowed:
+            p.add(at, f"{what} '{name}' is a {types[name]}; only {', '.join(sorted(allowed))} layers are allowed here")
+        else:
+            good.append(name)
+    return good
+
+
+def check_types(p: Problems, where: str, op_types: list[str], allowed: tuple[str, ...],
+                verb: str, adjective: str) -> list[str]:
+    """Report repeated and unsupported op types; return the good ones."""
+    good = []
+    for i, op_type in enumerate(op_types):
+        if op_types.index(op_type) != i:
+            p.add(where, f"layer type '{op_type}' is listed more than once; list it once")
+        elif op_type not in allowed:
+            hint = suggest(op_type, allowed) or f"{adjective} types: {', '.join(allowed)}"
+            p.add(f"{where}[{i}]", f"layer type '{op_type}' cannot be {verb} ({hint})")
+        else:
+            good.append(op_type)
+    return good

@@ -1,0 +1,1 @@
+"""The ``amct-pipeline`` command line: a thin layer over Session."""

@@ -1,0 +1,223 @@
+"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import AmctError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+KIND_ALIASES = {"quantizers": "weight_quantizers", "presets": "pipelines", "methods": "decompositions"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args) or 0
+    except AmctError as exc:
+        if args.debug:
+            raise
+        _error(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted; nothing was written")
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one line unless --debug
+        if args.debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        return EXIT_INTERNAL
+
+
+def _error(message: str) -> None:
+    lines = message.strip().splitlines() or ["unknown error"]
+    for line in lines:
+        print(f"amct-pipeline: error: {line}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--no-plugins", action="store_true", help="do not autoload entry-point plugins")
+    common.add_argument("--block-plugin", action="append", default=[], metavar="NAME", help="do not load plugin NAME")
+    common.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="register a plugin module")
+    parser = argparse.ArgumentParser(prog="amct-pipeline", parents=[common],
+                                     description="Compress ONNX models with declarative pipelines (AMCT-compatible).")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run a pipeline on a model")
+    run.add_argument("pipeline", help="pipeline file (.yaml/.json/.toml), preset name or textual form")
+    run.add_argument("--model", help="input .onnx model (overrides the pipeline's model.input)")
+    run.add_argument("--output-dir", "-o", help="directory for the files the pipeline writes")
+    run.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="bind a dataset to a file")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline value")
+    run.add_argument("--no-verify", action="store_true", help="skip graph verification after passes")
+    run.add_argument("--dump-ir", metavar="DIR", help="write the model after every modifying pass into DIR")
+    run.add_argument("--time-passes", action="store_true", help="print a table of pass times")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", parents=[common], help="check pipelines without loading a model")
+    validate.add_argument("pipelines", nargs="+")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(func=cmd_validate)
+
+    show = sub.add_parser("print-pipeline", parents=[common], help="print a pipeline in the textual form")
+    show.add_argument("pipeline")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(func=cmd_print)
+
+    lister = sub.add_parser("list", parents=[common], help="list registered passes, algorithms, readers, plugins")
+    lister.add_argument("kind", nargs="?", help="passes, calibrators, weight_quantizers, decompositions, targets, "
+                                                "readers, pipelines or plugins (default: all)")
+    lister.set_defaults(func=cmd_list)
+
+    describe = sub.add_parser("describe", parents=[common], help="describe a pass, algorithm or reader")
+    describe.add_argument("name")
+    describe.set_defaults(func=cmd_describe)
+
+    schema = sub.add_parser("schema", parents=[common], help="print the pipeline file JSON Schema")
+    schema.add_argument("--output", "-o", help="write to this file instead of stdout")
+    schema.set_defaults(func=cmd_schema)
+
+    demo = sub.add_parser("demo", parents=[common], help="build a small model and data, run the demo pipeline")
+    demo.add_argument("--output-dir", "-o", default="amct-demo", help="where the demo writes (default: amct-demo)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _session(args):
+    from ..session import Session
+    plugins = [__import__(name, fromlist=["_"]) for name in args.plugin]
+    return Session(load_entrypoints=False if args.no_plugins else None, plugins=plugins, block=args.block_plugin)
+
+
+def _bindings(items: Sequence[str]) -> dict[str, str]:
+    from ..errors import ConfigError
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--data {item}: expected NAME=PATH, e.g. --data calib=images.npy")
+        out[name] = path
+    return out
+
+
+def cmd_run(args) -> int:
+    from ..errors import ConfigError
+    from ..passes.instruments import DumpIR, Progress, Timing
+    session = _session(args)
+    datasets = _bindings(args.data)
+    pipeline = session.build(args.pipeline, overrides=args.set, datasets=datasets)
+    model = args.model or pipeline.spec.model.input
+    if not model:
+        raise ConfigError("no model given; pass --model M.onnx")
+    if pipeline.spec.model.input and not args.model:
+        model = str(Path(pipeline.spec.base_dir) / model)
+    instruments = [] if args.quiet else [Progress()]
+    timing = Timing() if args.time_passes else None
+    instruments += [timing] if timing else []
+    instruments += [DumpIR(args.dump_ir)] if args.dump_ir else []
+    result = pipeline.run(model, datasets=datasets, output_dir=args.output_dir, instruments=instruments,
+                          verify_each=False if args.no_verify else None, progress=not args.quiet)
+    for path in result.files:
+        print(path)
+    if timing:
+        print(timing.table(), file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from ..errors import ConfigError
+    session = _session(args)
+    failed = 0
+    for source in args.pipelines:
+        try:
+            pipeline = session.build(source, overrides=args.set)
+        except ConfigError as exc:
+            failed += 1
+            _error(str(exc))
+            continue
+        print(f"ok: {source} ({len(pipeline.passes)} passes)")
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_print(args) -> int:
+    print(_session(args).build(args.pipeline, overrides=args.set).text)
+    return 0
+
+
+def cmd_list(args) -> int:
+    session = _session(args)
+    kind = KIND_ALIASES.get(args.kind, args.kind)
+    if kind == "plugins":
+        for name, where in session.plugin_names():
+            print(f"{name:24} {where}")
+        return 0
+    kinds = [kind] if kind else list(session.registries)
+    for k in kinds:
+        registry = session.registry(k)
+        if len(kinds) > 1:
+            print(f"{k}:")
+        for entry in registry:
+            summary = getattr(entry.obj, "summary", "") if k != "pipelines" else str(entry.obj)
+            print(f"  {entry.name:22} {summary}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from ..errors import ConfigError
+    from ..options import suggest
+    session = _session(args)
+    found = session.find(args.name)
+    if not found:
+        every = [n for reg in session.registries.values() for n in reg.names()]
+        raise ConfigError(f"nothing is registered as '{args.name}'; {suggest(args.name, every) or 'see amct-pipeline list'}")
+    for kind, entry in found:
+        print(describe_entry(kind, entry))
+    return 0
+
+
+def describe_entry(kind: str, entry) -> str:
+    obj = entry.obj
+    lines = [f"{entry.name} ({kind[:-1] if kind.endswith('s') else kind})", f"  {getattr(obj, 'summary', '')}",
+             f"  provided by: {entry.provider}"]
+    for attr in ("requires", "produces"):
+        values = sorted(getattr(obj, attr, ()) or ())
+        if values:
+            lines.append(f"  {attr}: {', '.join(values)}")
+    options = getattr(obj, "Options", None)
+    if options is not None and options.model_fields:
+        lines.append("  options:")
+        for name, field in options.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"    {name} = {default!r}  {field.description or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def cmd_schema(args) -> int:
+    from ..pipeline.schema import pipeline_json_schema
+    text = json.dumps(pipeline_json_schema(_session(args)), indent=2, sort_keys=True)
+    if args.output:
+        from ..ir.io import atomic_path
+        with atomic_path(Path(args.output)) as tmp:
+            tmp.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+    return run_demo(_session(args), Path(args.output_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

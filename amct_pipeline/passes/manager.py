@@ -1,0 +1,245 @@
+"""Building (all validation, no model) and running pipelines."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import onnx
+
+from ..errors import AmctError, ConfigError, PassError, Problem
+from ..options import parse_options, suggest
+from ..pipeline.spec import PipelineSpec
+from ..pipeline.textual import format_pipeline
+from .base import Pass, PassContext, PassResult
+from .instruments import PassInstrument
+
+__all__ = ["Pipeline", "PipelineResult", "OutputStage", "build_pipeline"]
+
+PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
+
+
+def build_pipeline(session, spec: PipelineSpec, *, extra_datasets: set[str] = frozenset()) -> "Pipeline":
+    """Check pass names, options, references and dataflow, collecting every problem."""
+    problems: list[Problem] = []
+    passes: list[Pass] = []
+    problems += _check_datasets(session, spec)
+    datasets = set(spec.datasets) | set(extra_datasets)
+    for index, step in enumerate(spec.passes):
+        where = f"passes[{index}]"
+        registry = session.registry("passes")
+        if step.name not in registry:
+            hint = suggest(step.name, registry.names()) or f"known passes: {', '.join(registry.names())}"
+            problems.append(Problem(spec.source, f"{where}.pass", f"unknown pass '{step.name}'", hint))
+            continue
+        cls = registry.get(step.name)
+        options, option_problems = parse_options(cls.Options, step.options)
+        problems += [Problem(spec.source, f"{where}.options.{p.path}", f"{p.message} (pass '{step.name}')", p.hint)
+                     for p in option_problems]
+        if options is not None:
+            problems += _check_references(session, spec.source, where, cls, options, datasets)
+            passes.append(cls(options))
+    if not problems:
+        problems += _dataflow_problems(spec.source, passes)
+    if problems:
+        raise ConfigError(problems)
+    return Pipeline(session, spec, passes)
+
+
+def _check_datasets(session, spec: PipelineSpec) -> list[Problem]:
+    readers = session.registry("readers")
+    problems = []
+    for name, data in spec.datasets.items():
+        if data.reader not in readers:
+            problems.append(Problem(spec.source, f"datasets.{name}.reader", f"unknown data reader '{data.reader}'",
+                                    suggest(data.reader, readers.names()) or f"known: {', '.join(readers.names())}"))
+    return problems
+
+
+def _check_references(session, source: str, where: str, cls: type[Pass], options, datasets: set[str]) -> list[Problem]:
+    problems = []
+    for option, kind in cls.references.items():
+        value = getattr(options, option, None)
+        if value is None:
+            continue
+        path = f"{where}.options.{option}"
+        if kind == "datasets":
+            if value not in datasets:
+                problems.append(Problem(source, path, f"dataset '{value}' is not defined",
+                                        suggest(value, datasets) or f"define it under 'datasets' or bind it with --data {value}=PATH"))
+            continue
+        registry = session.registry(kind)
+        if value not in registry:
+            problems.append(Problem(source, path, f"unknown {registry.kind} '{value}'",
+                                    suggest(value, registry.names()) or f"known: {', '.join(registry.names())}"))
+            continue
+        algorithm_options = getattr(options, f"{option}_options", None)
+        if algorithm_options is not None:
+            _, sub = parse_options(registry.get(value).Options, algorithm_options)
+            problems += [Problem(source, f"{path}_options.{p.path}", f"{p.message} ({registry.kind} '{value}')", p.hint)
+                         for p in sub]
+    return problems
+
+
+def _dataflow_problems(source: str, passes: Sequence[Pass]) -> list[Problem]:
+    producers: dict[str, list[str]] = {}
+    for p in passes:
+        for artifact in p.produces:
+            producers.setdefault(artifact, []).append(p.name)
+    available: set[str] = set()
+    problems = []
+    for index, p in enumerate(passes):
+        for artifact in sorted(p.requires - available):
+            by = producers.get(artifact)
+            hint = f"add '{by[0]}' before it" if by else "no pass in this pipeline produces it"
+            problems.append(Problem(source, f"passes[{index}]", f"'{p.name}' requires artifact '{artifact}', "
+                                    "which no earlier pass produces", hint))
+        available |= p.produces
+    return problems
+
+
+class OutputStage:
+    """Files passes write go to a hidden staging folder; they appear only when the run succeeds."""
+
+    def __init__(self, directory: str | Path | None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self._staging: Path | None = None
+        self.files: list[str] = []
+        self.protected: set[Path] = set()
+
+    def protect(self, path: str | Path) -> None:
+        """Never write over this file (the input model, data files)."""
+        self.protected.add(Path(path).resolve())
+
+    def path(self, filename: str) -> Path:
+        if self.directory is None:
+            raise ConfigError(f"this pipeline writes '{filename}'; give an output directory (--output-dir)")
+        if (self.directory / filename).resolve() in self.protected:
+            raise ConfigError(f"writing '{filename}' into {self.directory} would overwrite an input file; "
+                              "choose another output directory or file name")
+        if self._staging is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix=".amct-staging-", dir=self.directory))
+        if filename not in self.files:
+            self.files.append(filename)
+        target = self._staging / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def commit(self) -> list[Path]:
+        if self._staging is None:
+            return []
+        written = []
+        for filename in self.files:
+            staged = self._staging / filename
+            if staged.exists():
+                final = self.directory / filename
+                final.parent.mkdir(parents=True, exist_ok=True)
+                staged.replace(final)
+                written.append(final)
+        self.abort()
+        return written
+
+    def abort(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+
+@dataclass
+class PipelineResult:
+    """What a run gives back. ``model`` is exported from ``graph`` on first access."""
+
+    graph: Any
+    artifacts: dict[str, Any]
+    stats: list[tuple[str, dict[str, Any]]]
+    pipeline_text: str
+    files: list[Path] = field(default_factory=list)
+    _model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = self.graph.to_proto()
+        return self._model
+
+    def stats_for(self, pass_name: str) -> dict[str, Any]:
+        """Stats of the first pass with that name."""
+        return next(s for name, s in self.stats if name == pass_name)
+
+
+class Pipeline:
+    """An ordered, validated list of passes, runnable on any number of models."""
+
+    def __init__(self, session, spec: PipelineSpec, passes: list[Pass]) -> None:
+        self.session, self.spec, self.passes = session, spec, passes
+
+    @property
+    def text(self) -> str:
+        return format_pipeline([{"pass": p.name, "options": _explicit_options(s)}
+                                for p, s in zip(self.passes, self.spec.passes)])
+
+    def check_dataflow(self) -> None:
+        problems = _dataflow_problems(self.spec.source, self.passes)
+        if problems:
+            raise ConfigError(problems)
+
+    def run(self, model: Any, *, datasets: Mapping[str, Any] | None = None, output_dir: str | Path | None = None,
+            instruments: Sequence[PassInstrument] = (), verify_each: Any = None, progress: bool = False,
+            model_name: str | None = None) -> PipelineResult:
+        """Run on a ModelProto (never mutated) or a model path; files go to ``output_dir``."""
+        from ..ir import load_graph
+        from ..runtime.data import open_datasets
+        verify_each = self.spec.context.verify_each if verify_each is None else verify_each
+        sources = open_datasets(self.session, self.spec, datasets or {})
+        graph = load_graph(model)
+        if model_name:
+            graph.name = model_name
+        stage = OutputStage(output_dir)
+        for value in [model, *(datasets or {}).values()]:
+            if isinstance(value, (str, Path)):
+                stage.protect(value)
+        ctx = PassContext(self.session, datasets=sources, outputs=stage, seed=self.spec.context.seed,
+                          pipeline_text=self.text, model_name=graph.name, progress=progress)
+        try:
+            stats = self._run_passes(graph, ctx, list(instruments), verify_each)
+            graph.meta.metadata[PIPELINE_METADATA_KEY] = self.text
+            result = PipelineResult(graph, ctx.artifacts, stats, self.text)
+            result.files = stage.commit()
+        finally:
+            stage.abort()
+        for instrument in reversed(instruments):
+            instrument.after_pipeline(result)
+        return result
+
+    def _run_passes(self, graph, ctx: PassContext, instruments: list[PassInstrument], verify_each) -> list:
+        from ..ir.verify import verify_graph
+        for instrument in instruments:
+            instrument.before_pipeline(self)
+        stats, ran = [], []
+        for index, pass_ in enumerate(self.passes):
+            ctx.pass_name, ctx.pass_index = pass_.name, index
+            for instrument in instruments:
+                instrument.before_pass(index, pass_, graph)
+            try:
+                result = pass_.run(graph, ctx)
+                if not isinstance(result, PassResult):
+                    raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
+                if result.modified and verify_each:
+                    verify_graph(graph, where=f"the graph after passes[{index}] '{pass_.name}'",
+                                 full=verify_each == "full")
+            except Exception as exc:
+                for instrument in reversed(instruments):
+                    instrument.after_pass_failed(index, pass_, exc)
+                raise PassError(index, pass_.name, ran, exc) from exc
+            for instrument in reversed(instruments):
+                instrument.after_pass(index, pass_, graph, result)
+            stats.append((pass_.name, dict(result.stats)))
+            ran.append(pass_.name)
+        return stats
+
+
+def _explicit_options(step) -> dict[str, Any]:
+    return dict(step.options)

@@ -1,0 +1,1 @@
+"""Running models: data readers and (lazily) onnxruntime."""

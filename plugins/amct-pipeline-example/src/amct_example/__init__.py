@@ -1,0 +1,1 @@
+"""Example amct-pipeline plugin."""
