@@ -59,28 +59,42 @@ def _check_datasets(session, spec: PipelineSpec) -> list[Problem]:
 
 
 def _check_references(session, source: str, where: str, cls: type[Pass], options, datasets: set[str]) -> list[Problem]:
+    """Names in options that point into a registry (or at datasets) must exist; a list checks each."""
     problems = []
     for option, kind in cls.references.items():
         value = getattr(options, option, None)
-        if value is None:
-            continue
+        names = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
         path = f"{where}.options.{option}"
-        if kind == "datasets":
-            if value not in datasets:
-                problems.append(Problem(source, path, f"dataset '{value}' is not defined",
-                                        suggest(value, datasets) or f"define it under 'datasets' or bind it with --data {value}=PATH"))
-            continue
-        registry = session.registry(kind)
-        if value not in registry:
-            problems.append(Problem(source, path, f"unknown {registry.kind} '{value}'",
-                                    suggest(value, registry.names()) or f"known: {', '.join(registry.names())}"))
-            continue
-        algorithm_options = getattr(options, f"{option}_options", None)
-        if algorithm_options is not None:
-            _, sub = parse_options(registry.get(value).Options, algorithm_options)
-            problems += [Problem(source, f"{path}_options.{p.path}", f"{p.message} ({registry.kind} '{value}')", p.hint)
-                         for p in sub]
+        for index, name in enumerate(names):
+            at = f"{path}[{index}]" if isinstance(value, (list, tuple)) else path
+            problems += _check_name(session, source, at, kind, name, datasets)
+        if len(names) == 1 and not isinstance(value, (list, tuple)) and not problems:
+            problems += _check_algorithm_options(session, source, path, kind, value, options, option)
     return problems
+
+
+def _check_name(session, source: str, path: str, kind: str, name: str, datasets: set[str]) -> list[Problem]:
+    if kind == "datasets":
+        if name in datasets:
+            return []
+        return [Problem(source, path, f"dataset '{name}' is not defined",
+                        suggest(name, datasets) or f"define it under 'datasets' or bind it with --data {name}=PATH")]
+    registry = session.registry(kind)
+    if name in registry:
+        return []
+    return [Problem(source, path, f"unknown {registry.kind} '{name}'",
+                    suggest(name, registry.names()) or f"known: {', '.join(registry.names())}")]
+
+
+def _check_algorithm_options(session, source, path, kind, name, options, option) -> list[Problem]:
+    """``algorithm_options`` beside ``algorithm`` is validated against that algorithm's Options."""
+    algorithm_options = getattr(options, f"{option}_options", None)
+    if kind == "datasets" or algorithm_options is None:
+        return []
+    registry = session.registry(kind)
+    _, sub = parse_options(registry.get(name).Options, algorithm_options)
+    return [Problem(source, f"{path}_options.{p.path}", f"{p.message} ({registry.kind} '{name}')", p.hint)
+            for p in sub]
 
 
 def _dataflow_problems(source: str, passes: Sequence[Pass]) -> list[Problem]:
