@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -97,10 +97,56 @@ class WeightQuantizer(Algorithm):
 
 
 class DecompositionMethod(Algorithm):
-    """Factorizes one Conv layer into child layers."""
+    """Factorizes one 2-D Conv layer into a chain of child convs (numpy only; no graph access).
+
+    ``layer`` is an ``algorithms.decomposition.layer.ConvLayer`` (channels, kernel, stride, pads,
+    input size); a rank is a tuple of ints whose meaning the method defines. The ``decompose`` pass
+    does eligibility, rank budgets, data collection, the refit of the last child and the surgery;
+    ``apply_decomposition`` rebuilds a saved structure from ``structure`` alone.
+    """
+
+    preferred_rules: ClassVar[str] = "basic"    # eligibility rules when the pass does not choose
 
     @abc.abstractmethod
-    def decompose(self, weight: np.ndarray, **layer: Any) -> Any: ...
+    def mode(self, layer: Any) -> str:
+        """The info file's ``mode`` (AMCT: SCFK/FCFK for spatial SVD)."""
+
+    @abc.abstractmethod
+    def structure(self, layer: Any, rank: tuple[int, ...]) -> list:
+        """The child convs (``ChildSpec``: channels, kernel, stride, pads, groups), first to last."""
+
+    @abc.abstractmethod
+    def max_rank(self, layer: Any) -> tuple[int, ...]:
+        """The largest rank the layer allows, per rank component."""
+
+    @abc.abstractmethod
+    def default_rank(self, layer: Any, weight: np.ndarray) -> tuple[int, ...]:
+        """The rank chosen when neither an override nor a target gives one (EVBMF-based rules)."""
+
+    @abc.abstractmethod
+    def candidate_ranks(self, layer: Any) -> list[tuple[int, ...]]:
+        """Ranks a target may pick from, cheapest first."""
+
+    @abc.abstractmethod
+    def decompose(self, layer: Any, weight: np.ndarray, rank: tuple[int, ...], *,
+                  input_cov: np.ndarray | None = None) -> list[np.ndarray]:
+        """Child weights, first to last (the pass gives the last child the layer's bias).
+
+        ``input_cov``: uncentred covariance of the patches the first child reads (data-aware
+        mode); the method then minimises the response error instead of the weight error.
+        """
+
+    @abc.abstractmethod
+    def normalize_rank(self, layer: Any, rank: int | Sequence[int]) -> tuple[int, ...]:
+        """A user-given rank as the method's tuple; ValueError saying why when out of range."""
+
+    def rank_from_shapes(self, layer: Any, shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+        """The rank whose structure has these child weight shapes (re-applying an info file)."""
+        for rank in self.candidate_ranks(layer):
+            if [list(c.weight_shape) for c in self.structure(layer, rank)] == [list(s) for s in shapes]:
+                return rank
+        raise ValueError(f"no {self.name} rank of layer '{layer.name}' gives child weight shapes "
+                         f"{[list(s) for s in shapes]}")
 
 
 class LoweringTarget(Algorithm):

@@ -7,7 +7,8 @@ Accumulators (memory fixed at construction, independent of the number of batches
   bits). The grid is fixed and log-spaced (relative bin width ``2^-m`` at every magnitude), so it
   never re-bins, merges exactly, and keeps the same relative resolution at a 0.999999 percentile
   deep inside a range blown up by outliers - a linear grid would lose it. Binning is a bit shift
-  and a ``bincount``: no arithmetic on the values.
+  and a ``bincount``: no arithmetic on the values. Optionally it also keeps the K most extreme
+  values of each side exactly (a fixed-size buffer), where single values decide percentiles.
 * :class:`LinearHistogram` - AMCT's HFMG histogram (SPEC 4.5): ``num_bins`` equal bins over the
   union of all ranges seen, old counts split proportionally when the range grows.
 
@@ -18,6 +19,7 @@ the histogram (:meth:`Distribution.quant_sse`) - the one routine IFMR, HFMG and 
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import numpy as np
@@ -133,39 +135,63 @@ class FloatHistogram(RunningRange):
         upper = np.concatenate([-edges[-2::-1], edges[1:]])
         return lower, upper, np.concatenate([self.counts[half:half + n][::-1], self.counts[:n]])
 
-    def _ordered_bucket(self, v: np.ndarray) -> np.ndarray:
+    def _ordered_bucket(self, v) -> np.ndarray:
         """Position in :meth:`_ordered` of the bucket holding each float32 value."""
         raw = (np.ascontiguousarray(v, np.float32).view(np.uint32) >> np.uint32(self._shift)).astype(np.intp)
         n, half = 255 << self.mantissa_bits, self.counts.size // 2
         return np.where(raw >= half, n - 1 - (raw - half), n + raw)
+
+    def _magnitude_bucket(self, v) -> np.ndarray:
+        return (np.abs(np.ascontiguousarray(v, np.float32)).view(np.uint32) >> np.uint32(self._shift)).astype(np.intp)
+
+    def _all_values(self) -> np.ndarray:
+        """Every value seen, when the two tails hold them all (count <= 2 * tail_size)."""
+        return np.concatenate([np.sort(self.bottom)[: self.count - self.top.size], self.top])
 
     def distribution(self) -> "Distribution":
         """The signed distribution, bins in ascending value order, exact tails as point masses."""
         lower, upper, counts = self._ordered()
         if not self.tail_size:
             return Distribution(lower, upper, counts, self.min, self.max)
-        if self.count <= 2 * self.tail_size:      # the two tails hold every value
-            values = np.concatenate([np.sort(self.bottom)[: self.count - self.top.size], self.top])
-            return Distribution.of_values(values)
-        for tail in (self.top, self.bottom):
-            counts -= np.bincount(self._ordered_bucket(tail), minlength=counts.size)
-        # what is left of the boundary buckets lies between the two tails
-        jt, jb = self._ordered_bucket(self.top.min()), self._ordered_bucket(self.bottom.max())
-        upper[jt] = min(upper[jt], float(self.top.min()))
-        lower[jb] = max(lower[jb], float(self.bottom.max()))
-        values, mult = np.unique(np.concatenate([self.bottom, self.top]).astype(np.float64), return_counts=True)
-        lower, upper = np.concatenate([lower, values]), np.concatenate([upper, values])
-        order = np.lexsort((upper, lower))
-        counts = np.concatenate([counts, mult])
-        return Distribution(lower[order], upper[order], counts[order], self.min, self.max)
+        if self.count <= 2 * self.tail_size:
+            return Distribution.of_values(self._all_values())
+        return _with_tails(lower, upper, counts, self._ordered_bucket, self.top, self.bottom, self.min, self.max)
 
     def abs_distribution(self) -> "Distribution":
-        """Distribution of ``|x|`` from the buckets alone: the grid is sign-symmetric, so folding is exact."""
+        """Distribution of ``|x|``: the grid is sign-symmetric, so folding the buckets is exact."""
         edges = _magnitude_edges(self.mantissa_bits)
         n, half = edges.size - 1, self.counts.size // 2
+        counts = self.counts[:n] + self.counts[half:half + n]
         vmax = max(abs(self.min), abs(self.max))
         vmin = 0.0 if self.min <= 0.0 <= self.max else min(abs(self.min), abs(self.max))
-        return Distribution(edges[:-1], edges[1:], self.counts[:n] + self.counts[half:half + n], vmin, vmax)
+        k = self.tail_size
+        if not k:
+            return Distribution(edges[:-1], edges[1:], counts, vmin, vmax)
+        if self.count <= 2 * k:
+            return Distribution.of_values(np.abs(self._all_values()))
+        # the k largest |x| are among the k largest and the k smallest x
+        mags = np.abs(np.concatenate([self.top, self.bottom]))
+        top = np.partition(mags, mags.size - k)[mags.size - k:]
+        return _with_tails(edges[:-1], edges[1:], counts, self._magnitude_bucket, top, top[:0], vmin, vmax)
+
+
+def _with_tails(lower, upper, counts, bucket_of, top, bottom, vmin, vmax) -> "Distribution":
+    """Buckets minus the exactly kept extreme values, which are added back as point masses."""
+    lower, upper, counts = lower.copy(), upper.copy(), counts.copy()
+    for tail in (top, bottom):
+        counts -= np.bincount(bucket_of(tail), minlength=counts.size)
+    # what is left of the boundary buckets lies between the two tails
+    if top.size:
+        j = int(bucket_of(top.min()[None])[0])
+        upper[j] = min(upper[j], float(top.min()))
+    if bottom.size:
+        j = int(bucket_of(bottom.max()[None])[0])
+        lower[j] = max(lower[j], float(bottom.max()))
+    values, mult = np.unique(np.concatenate([bottom, top]).astype(np.float64), return_counts=True)
+    lower, upper = np.concatenate([lower, values]), np.concatenate([upper, values])
+    order = np.lexsort((upper, lower))
+    counts = np.concatenate([counts, mult])
+    return Distribution(lower[order], upper[order], counts[order], vmin, vmax)
 
 
 def _keep_extreme(buffer: np.ndarray, x: np.ndarray, bound: float, k: int, largest: bool) -> np.ndarray:
@@ -310,6 +336,8 @@ class Distribution:
 
     def kth_smallest(self, k: int) -> float:
         """k-th smallest value (1-based); exact for k == 1."""
+        if k >= self.total:
+            return self.vmax
         return self.vmin if k <= 1 else float(self.quantile_count(k - 0.5))
 
     def kth_largest(self, k: int) -> float:
@@ -317,12 +345,11 @@ class Distribution:
         return self.vmax if k <= 1 else float(self.quantile_count(self.total - k + 0.5))
 
     def percentile(self, q: float) -> float:
-        """Like ``np.percentile(x, q)`` (linear interpolation between order statistics)."""
-        if q <= 0:
-            return self.vmin
-        if q >= 100:
-            return self.vmax
-        return float(self.quantile_count(q / 100.0 * (self.total - 1) + 0.5))
+        """Like ``np.percentile(x, q)``: linear interpolation between neighbouring order statistics."""
+        pos = min(max(q, 0.0), 100.0) / 100.0 * (self.total - 1)
+        k = math.floor(pos)
+        low = self.kth_smallest(k + 1)
+        return low if pos == k else low + (pos - k) * (self.kth_smallest(k + 2) - low)
 
     @classmethod
     def of_values(cls, values) -> "Distribution":

@@ -21,7 +21,7 @@ class PercentileCalibrator(StreamingCalibrator):
     class Options(CalibratorOptions):
         percentile: float = Field(99.999, gt=0.0, le=100.0)
 
-    tail_size = 4096   # extreme values kept exactly per side (see FloatHistogram)
+    tail_size = 8192   # extreme values kept exactly per side (see FloatHistogram)
 
     def _new_stats(self) -> FloatHistogram:
         return FloatHistogram(tail_size=self.tail_size)
