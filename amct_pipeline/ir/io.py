@@ -64,7 +64,7 @@ def export_proto(graph, external: StubWriter | None = None) -> onnx.ModelProto:
         if not isinstance(tensor, gs.Constant):
             continue
         values = tensor._values
-        if external is not None and _nbytes(tensor) >= MIN_EXTERNAL_BYTES:
+        if external is not None and _nbytes(tensor) >= MIN_EXTERNAL_BYTES and _raw_bytes(values):
             stub = external(tensor)
         elif isinstance(values, ExternalValues):
             stub = values.inline()
@@ -79,6 +79,13 @@ def export_proto(graph, external: StubWriter | None = None) -> onnx.ModelProto:
             tensor._values = values
     _stamp(model, graph)
     return model
+
+
+def _raw_bytes(values) -> bool:
+    """Whether the values are plain fixed-size elements (strings can't go to external data)."""
+    if isinstance(values, LazyValues):
+        return values.tensor.data_type != onnx.TensorProto.STRING
+    return getattr(values, "dtype", None) is not None and values.dtype.kind not in "OSUV"
 
 
 def _nbytes(tensor: gs.Constant) -> int:
@@ -129,9 +136,10 @@ def _stub_writer(out, location: str) -> StubWriter:
         else:
             array = tensor.values
             out.write(memoryview(array.reshape(-1).view("uint8")) if array.flags.c_contiguous else array.tobytes())
-            stub = onnx.helper.make_tensor(tensor.name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                           list(array.shape), vals=b"", raw=True)
-            stub.ClearField("raw_data")
+            # a bare stub: onnx.helper.make_tensor(raw=True) insists on the bytes being there
+            stub = onnx.TensorProto()
+            stub.name, stub.data_type = tensor.name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            stub.dims.extend(array.shape)
         length = out.tell() - offset
         stub.data_location = onnx.TensorProto.EXTERNAL
         del stub.external_data[:]
