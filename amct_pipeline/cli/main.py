@@ -1,4 +1,4 @@
-"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo."""
+"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo, config."""
 from __future__ import annotations
 
 import argparse
@@ -43,13 +43,11 @@ def _error(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--no-plugins", action="store_true", help="do not autoload entry-point plugins")
-    common.add_argument("--block-plugin", action="append", default=[], metavar="NAME", help="do not load plugin NAME")
-    common.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="register a plugin module")
-    parser = argparse.ArgumentParser(prog="amct-pipeline", parents=[common],
+    parser = argparse.ArgumentParser(prog="amct-pipeline", parents=[_global_options(suppress=False)],
                                      description="Compress ONNX models with declarative pipelines (AMCT-compatible).")
+    # global options are accepted after the command too; SUPPRESS keeps a subcommand from
+    # resetting what was given before it
+    common = _global_options(suppress=True)
     sub = parser.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run a pipeline on a model")
@@ -90,7 +88,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="build a small model and data, run the demo pipeline")
     demo.add_argument("--output-dir", "-o", default="amct-demo", help="where the demo writes (default: amct-demo)")
     demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", parents=[common], help="create or check AMCT quant config files")
+    actions = config.add_subparsers(metavar="ACTION")
+    create = actions.add_parser("create", parents=[common],
+                                help="write AMCT's JSON quant config listing every quantizable layer")
+    create.add_argument("--model", required=True, help="input .onnx model")
+    create.add_argument("--output", "-o", default="quant.json", help="config file to write (default: quant.json)")
+    create.add_argument("--skip-layers", default="", metavar="A,B", help="layers written with quant_enable false")
+    create.add_argument("--batch-num", type=int, default=1, metavar="N", help="AMCT batch_num (default: 1)")
+    create.add_argument("--activation-offset", type=_flag, default=True, metavar="true|false",
+                        help="asymmetric activations (default: true)")
+    create.set_defaults(func=cmd_config_create)
+    check = actions.add_parser("check", parents=[common], help="validate a .json/.cfg quant config against a model")
+    check.add_argument("file", help="AMCT quant config (.json) or simplified config (.cfg)")
+    check.add_argument("--model", required=True, help="the .onnx model the config is for")
+    check.set_defaults(func=cmd_config_check)
+    config.set_defaults(func=lambda args: config.print_help() or EXIT_USAGE)
     return parser
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return lowered == "true"
+
+
+def _global_options(suppress: bool) -> argparse.ArgumentParser:
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--debug", action="store_true", default=default(False), help="show tracebacks")
+    options.add_argument("--no-plugins", action="store_true", default=default(False),
+                         help="do not autoload entry-point plugins")
+    options.add_argument("--block-plugin", action="append", default=default([]), metavar="NAME",
+                         help="do not load plugin NAME")
+    options.add_argument("--plugin", action="append", default=default([]), metavar="MODULE",
+                         help="register a plugin module")
+    return options
 
 
 def _session(args):
@@ -211,6 +247,52 @@ def cmd_schema(args) -> int:
             tmp.write_text(text + "\n")
     else:
         print(text)
+    return 0
+
+
+def _config_layers(session, model: str):
+    """The model's quantizable layers as AMCT lists them: after BN fusion, in graph order."""
+    result = session.build("fuse_bn,match_layers").run(model)
+    return result.artifacts["layer_map"]
+
+
+def _unwrap(exc):
+    """A pass's ConfigError without the 'passes[i] failed' frame: the file's problems, one per line."""
+    from ..errors import ConfigError
+    cause = exc.__cause__
+    return cause if isinstance(cause, ConfigError) else exc
+
+
+def cmd_config_create(args) -> int:
+    from ..amct import ConfigFileError, create_quant_config, write_quant_config
+    from ..errors import ConfigError, Problem
+    layer_map = _config_layers(_session(args), args.model)
+    skip = [name.strip() for name in args.skip_layers.split(",") if name.strip()]
+    try:
+        data = create_quant_config([(layer.name, layer.op_type) for layer in layer_map.layers()],
+                                   skip_layers=skip, batch_num=args.batch_num,
+                                   activation_offset=args.activation_offset)
+        write_quant_config(data, args.output)
+    except ConfigFileError as exc:
+        raise ConfigError([Problem(i.source, i.where, i.message) for i in exc.issues]) from None
+    print(args.output)
+    print(f"{len(layer_map)} quantizable layers ({len(skip)} skipped), batch_num {args.batch_num}, "
+          f"activation_offset {str(args.activation_offset).lower()}", file=sys.stderr)
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    from ..errors import PassError
+    session = _session(args)
+    pipeline = session.pipeline([session.make_pass("fuse_bn", amct_config=args.file),
+                                 session.make_pass("match_layers", amct_config=args.file)])
+    try:
+        result = pipeline.run(args.model)
+    except PassError as exc:
+        raise _unwrap(exc) from None
+    layer_map, config = result.artifacts["layer_map"], result.artifacts["amct_config"]
+    print(f"ok: {args.file}: {len(layer_map)} layers quantized, {len(layer_map.skipped)} skipped, "
+          f"batch_num {config.batch_num}, do_fusion {str(config.do_fusion).lower()}")
     return 0
 
 

@@ -59,17 +59,32 @@ def _check_datasets(session, spec: PipelineSpec) -> list[Problem]:
 
 
 def _check_references(session, source: str, where: str, cls: type[Pass], options, datasets: set[str]) -> list[Problem]:
-    """Names in options that point into a registry (or at datasets) must exist; a list checks each."""
+    """Names in options that point into a registry (or at datasets) must exist; a list checks each.
+
+    Options of the named algorithms are validated too: ``algorithm_options`` beside ``algorithm``,
+    and ``target_options: {name: {...}}`` beside a list ``targets``.
+    """
     problems = []
     for option, kind in cls.references.items():
         value = getattr(options, option, None)
-        names = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        is_list = isinstance(value, (list, tuple))
+        names = list(value) if is_list else [] if value is None else [value]
         path = f"{where}.options.{option}"
+        found = []
         for index, name in enumerate(names):
-            at = f"{path}[{index}]" if isinstance(value, (list, tuple)) else path
-            problems += _check_name(session, source, at, kind, name, datasets)
-        if len(names) == 1 and not isinstance(value, (list, tuple)) and not problems:
-            problems += _check_algorithm_options(session, source, path, kind, value, options, option)
+            located = _check_name(session, source, f"{path}[{index}]" if is_list else path, kind, name, datasets)
+            problems += located
+            found += [name] if not located else []
+        if kind == "datasets":
+            continue
+        companion = f"{option[:-1] if is_list else option}_options"
+        per_name = getattr(options, companion, None)
+        if per_name is None:
+            continue
+        per_name = per_name if is_list else {value: per_name}
+        for name in found:
+            problems += _check_algorithm_options(session, source, f"{where}.options.{companion}", kind, name,
+                                                 per_name.get(name), is_list)
     return problems
 
 
@@ -86,15 +101,13 @@ def _check_name(session, source: str, path: str, kind: str, name: str, datasets:
                     suggest(name, registry.names()) or f"known: {', '.join(registry.names())}")]
 
 
-def _check_algorithm_options(session, source, path, kind, name, options, option) -> list[Problem]:
-    """``algorithm_options`` beside ``algorithm`` is validated against that algorithm's Options."""
-    algorithm_options = getattr(options, f"{option}_options", None)
-    if kind == "datasets" or algorithm_options is None:
+def _check_algorithm_options(session, source, path, kind, name, values, keyed) -> list[Problem]:
+    if values is None:
         return []
     registry = session.registry(kind)
-    _, sub = parse_options(registry.get(name).Options, algorithm_options)
-    return [Problem(source, f"{path}_options.{p.path}", f"{p.message} ({registry.kind} '{name}')", p.hint)
-            for p in sub]
+    _, sub = parse_options(registry.get(name).Options, values)
+    prefix = f"{path}.{name}" if keyed else path
+    return [Problem(source, f"{prefix}.{p.path}", f"{p.message} ({registry.kind} '{name}')", p.hint) for p in sub]
 
 
 def _dataflow_problems(source: str, passes: Sequence[Pass]) -> list[Problem]:

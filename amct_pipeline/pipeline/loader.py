@@ -38,8 +38,13 @@ def load_pipeline(source: Any, *, overrides: Sequence[str] = ()) -> PipelineSpec
 
 
 def _looks_like_file(source: str | os.PathLike) -> bool:
+    """Paths exist or look like one; the textual form has commas or braces (options may hold '/')."""
     text = os.fspath(source)
-    return Path(text).suffix.lower() in SUFFIXES or os.path.sep in text or os.path.exists(text)
+    if os.path.exists(text) or not isinstance(source, str):
+        return True
+    if any(c in text for c in ",{}"):
+        return False
+    return Path(text).suffix.lower() in SUFFIXES or os.path.sep in text
 
 
 def _from_text(text: str) -> dict[str, Any]:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import importlib
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -253,7 +252,3 @@ def open_datasets(session, spec, given: Mapping[str, Any]) -> dict[str, DataSour
 
 def _reader_for(dataset: DatasetSpec, path: Any) -> str:
     return dataset.reader if dataset.reader != "python" else "npy"
-
-
-def warn_partial(name: str, dropped: int) -> None:
-    warnings.warn(f"dataset '{name}': {dropped} samples do not fill a batch and are not used", stacklevel=2)

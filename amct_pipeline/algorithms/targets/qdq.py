@@ -1,0 +1,312 @@
+"""qdq: QuantizeLinear / DequantizeLinear model laid out for onnxruntime's integer kernels.
+
+Per quantized layer: its input goes through ``QuantizeLinear -> DequantizeLinear`` with UINT8 data
+(zero point = offset_d + 128: the same quantization as AMCT's int8 offset, and the form onnxruntime's
+u8s8 kernels run fast; int8 activations made its QDQ models slower than float), the weight is an INT8
+initializer behind a ``DequantizeLinear`` (per channel with ``axis`` for Conv/ConvTranspose), and the
+bias an INT32 initializer behind ``DequantizeLinear(scale = scale_d * scale_w, zero point 0)``.
+
+onnxruntime fuses ``DQ -> Conv -> Q`` into QLinearConv only when the layer output is itself quantized
+(and read by nothing else), so, like onnxruntime's own quantizer, the layout also quantizes:
+
+* every consumer of a quantized tensor (all of them read the dequantized copy, so the producer's only
+  reader is the QuantizeLinear);
+* tensors whose factors follow from a layer input through value-preserving ops (MaxPool, Reshape,
+  Flatten, Transpose, Squeeze, Unsqueeze, Identity): ``Conv -> Relu -> MaxPool -> Conv`` quantizes the
+  Relu output with the second Conv's factors, which is exact for these ops;
+* "extra" tensors the record has no factors for (see :func:`extra_tensors`): layer outputs (after a
+  following Relu/Clip) and the outputs of Add and GlobalAveragePool nodes whose inputs are quantized.
+  Their factors come from the ``tensor_quant`` artifact (tensor name -> ActQuantParams) when a
+  calibration pass provides it, else from this target's own calibration on ``dataset``; without
+  either they stay float (slower).
+
+A Relu/Clip right before a quantized tensor is moved onto the codes (dropped when the quantizer
+saturates where it clips, else a uint8 Clip after the QuantizeLinear), which is exact and lets the
+layer before it fuse. Opsets below 13 are upgraded first (per-axis DequantizeLinear needs 13), so old models load.
+Grouped ConvTranspose with per-channel weights cannot be expressed with one DequantizeLinear axis; its
+weight is stored dequantized (float), which onnxruntime would not run in integers anyway.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from pydantic import Field, PositiveInt
+
+from ...errors import ConfigError, Problem
+from ...options import Options
+from ..base import ActQuantParams
+from .common import (LayerPlan, LoweringPlan, Namer, PlanTarget, add_node, bias_slot, constant, neutralize_gemm,
+                     normalized_act, output_node, reroute)
+
+__all__ = ["QdqTarget", "QdqOptions", "extra_tensors", "propagate_factors", "VALUE_PRESERVING_OPS"]
+
+VALUE_PRESERVING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+FOLDABLE_ACTIVATIONS = ("Relu", "Clip")       # monotone clips: movable onto the integer codes
+POOLING_OPS = ("GlobalAveragePool",)
+UINT8_SHIFT = 128                             # uint8 zero point = int8-domain offset + 128
+
+
+class QdqOptions(Options):
+    extra_tensors: bool = Field(True, description="Also quantize layer outputs, Add and pooling outputs when "
+                                                  "factors exist for them, so onnxruntime fuses whole blocks.")
+    dataset: Optional[str] = Field(None, description="Dataset to calibrate the extra tensors on when no "
+                                                     "'tensor_quant' artifact gives their factors.")
+    calibrator: str = Field("minmax", description="Calibrator for the extra tensors.")
+    calibrator_options: dict[str, Any] = Field(default_factory=dict, description="Options of that calibrator.")
+    max_batches: Optional[PositiveInt] = Field(None, description="Batches used for that calibration; default all.")
+
+
+class QdqTarget(PlanTarget):
+    name = "qdq"
+    summary = "QuantizeLinear/DequantizeLinear model (uint8 activations, int8 weights, int32 bias) for onnxruntime."
+    suffix = "qdq_model"
+    Options = QdqOptions
+
+    def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
+        _check_bits(plan)
+        factors = record_factors(plan)
+        if self.options.extra_tensors:
+            propagate_factors(graph, factors)
+            wanted = extra_tensors(graph, plan.layers, factors)
+            factors.update(self._extra_factors(graph, ctx, wanted))
+            propagate_factors(graph, factors)
+        namer = Namer(graph)
+        _quantize_activations(graph, namer, plan, factors)
+        nodes = {node.name: node for node in graph.nodes}
+        for layer_plan in plan.layers.values():
+            _quantize_constants(graph, namer, nodes, layer_plan)
+
+    def _extra_factors(self, graph, ctx, wanted: list[str]) -> dict[str, ActQuantParams]:
+        given = ctx.artifacts.get("tensor_quant") or {}
+        found = {name: given[name] for name in wanted if name in given}
+        missing = [name for name in wanted if name not in found]
+        if missing and self.options.dataset:
+            found.update(calibrate_tensors(graph, ctx, missing, self.options))
+        elif missing:
+            ctx.logger.info("qdq: %d layer/Add/pooling outputs have no factors and stay float (give the qdq "
+                            "target a dataset, or a 'tensor_quant' artifact, for full integer fusion)", len(missing))
+        return {name: normalized_act(found[name], name) for name in wanted if name in found}
+
+
+def _check_bits(plan: LoweringPlan) -> None:
+    for name, layer_plan in plan.layers.items():
+        if layer_plan.act.num_bits != 8:
+            raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
+                                       "activations cannot be expressed as uint8 QuantizeLinear",
+                                       "use 8-bit activations or only the fakequant target")])
+
+
+# -- which tensors get factors ------------------------------------------------------------------
+def record_factors(plan: LoweringPlan) -> dict[str, ActQuantParams]:
+    """Layer inputs with the record's factors (a tensor read by several layers: the first one's)."""
+    factors: dict[str, ActQuantParams] = {}
+    for layer_plan in plan.layers.values():
+        factors.setdefault(layer_plan.layer.input, layer_plan.act)
+    return factors
+
+
+def propagate_factors(graph, factors: dict[str, ActQuantParams]) -> None:
+    """Give the input of a value-preserving op the factors of its output, when the op is its only reader.
+
+    Quantizing before a MaxPool/Reshape/... with the output's factors gives the same result as after it
+    (they commute with a monotone per-tensor quantizer), and lets the producer fuse with the quantizer.
+    """
+    tensors = graph.tensors()
+    pending = list(factors)
+    while pending:
+        name = pending.pop(0)
+        producer = graph.producer(tensors[name])
+        if producer is None or producer.op not in VALUE_PRESERVING_OPS or _extra_outputs_used(graph, producer):
+            continue
+        source = producer.inputs[0]
+        if (isinstance(source, gs.Constant) or source.name in factors or len(source.outputs) != 1
+                or graph.is_graph_output(source) or graph.producer(source) is None):
+            continue
+        factors[source.name] = factors[name]
+        pending.append(source.name)
+
+
+def _extra_outputs_used(graph, node: gs.Node) -> bool:
+    return any(t.outputs or graph.is_graph_output(t) for t in node.outputs[1:])
+
+
+def extra_tensors(graph, layers, factors) -> list[str]:
+    """Tensors (graph order) whose quantization lets onnxruntime fuse more, lacking factors so far.
+
+    ``layers``: the quantized layers, name -> QuantLayer (a LayerMap) or LayerPlan. ``factors``: tensor
+    names that already have factors. A calibration pass can observe exactly these and publish them
+    as ``tensor_quant``.
+    """
+    have = set(factors)
+    wanted: list[str] = []
+    nodes = {node.name: node for node in graph.nodes}
+    for node in graph.nodes:
+        point = None
+        if node.name in layers:
+            layer = getattr(layers[node.name], "layer", layers[node.name])    # LayerPlan or QuantLayer
+            point = _activation_point(graph, output_node(nodes, layer).outputs[0])
+        elif node.op == "Add" and len(node.inputs) == 2 and all(
+                isinstance(t, gs.Variable) and t.name in have for t in node.inputs):
+            point = _activation_point(graph, node.outputs[0])
+        elif node.op in POOLING_OPS and node.inputs[0].name in have:
+            point = _activation_point(graph, node.outputs[0])
+        if point is not None and point.name not in have:
+            wanted.append(point.name)
+            have.add(point.name)
+    return wanted
+
+
+def _activation_point(graph, tensor: gs.Tensor) -> gs.Tensor | None:
+    """Follow a single-reader Relu/Clip chain; None when the result is a graph output or unread."""
+    while (len(tensor.outputs) == 1 and tensor.outputs[0].op in FOLDABLE_ACTIVATIONS
+           and not graph.is_graph_output(tensor)):
+        tensor = tensor.outputs[0].outputs[0]
+    if graph.is_graph_output(tensor) or not tensor.outputs:
+        return None
+    return tensor
+
+
+def calibrate_tensors(graph, ctx, names: list[str], options: QdqOptions) -> dict[str, ActQuantParams]:
+    """Observe ``names`` on the float graph over the dataset with a registered calibrator (streaming)."""
+    from ...runtime.collector import collect
+    from ...runtime.data import model_inputs
+    source = ctx.dataset(options.dataset)
+    calibrator = ctx.session.make_algorithm("calibrators", options.calibrator, options.calibrator_options)
+    batches = options.max_batches
+    available = source.num_batches(model_inputs(graph))
+    if batches is not None and available is not None:
+        batches = min(batches, available)
+    for values in collect(graph, source, names, batches, progress=ctx.progress, desc="qdq ranges"):
+        for name in names:
+            calibrator.observe(name, values[name])
+    found = calibrator.finalize()
+    return {name: found[name] for name in names if name in found}
+
+
+# -- emitting -------------------------------------------------------------------------------------
+def _quantize_activations(graph, namer: Namer, plan: LoweringPlan, factors: dict[str, ActQuantParams]) -> None:
+    """One Q/DQ pair per tensor; every reader takes the dequantized copy. A layer whose own record
+    factors differ from the tensor's (two layers, different settings) gets its own pair."""
+    tensors = graph.tensors()
+    for name, params in factors.items():
+        tensor = tensors[name]
+        readers = list(tensor.outputs)
+        source, code_range = _fold_activation(graph, tensor, params)
+        _, dequantized = _qdq_pair(graph, namer, source, params, name, code_range)
+        reroute(tensor, dequantized, readers)
+    nodes = {node.name: node for node in graph.nodes}
+    for layer_plan in plan.layers.values():
+        tensor = tensors[layer_plan.layer.input]
+        if factors[tensor.name] != layer_plan.act:
+            node = nodes[layer_plan.name]
+            _, dequantized = _qdq_pair(graph, namer, tensor, layer_plan.act, f"{layer_plan.name}.input")
+            node.inputs[0] = dequantized
+
+
+def _fold_activation(graph, tensor: gs.Tensor, params: ActQuantParams) -> tuple[gs.Tensor, tuple[int, int] | None]:
+    """(tensor the QuantizeLinear reads, clip range to apply to the int8-domain codes or None).
+
+    A Relu/Clip producing ``tensor`` is moved into the integer domain: ``Q(Clip(x)) ==
+    Clip(Q(x), Q(lo), Q(hi))`` for the monotone quantizer, so the layer before it reads the
+    QuantizeLinear directly and fuses. When the quantizer saturates at the clip bounds no integer clip
+    is needed at all (onnxruntime's own Clip/Relu folding misses ranges like [0, 6] by a float32 ulp,
+    and keeps ranges that IFMR widened, e.g. [0, 6.06] after Clip(0, 6)).
+    """
+    node = graph.producer(tensor)
+    if node is None or node.op not in FOLDABLE_ACTIVATIONS or graph.is_graph_output(tensor):
+        return tensor, None
+    source = node.inputs[0]
+    if len(source.outputs) != 1 or graph.is_graph_output(source) or graph.producer(source) is None:
+        return tensor, None
+    low, high = _clip_bounds(graph, node)
+    if low is None:
+        return tensor, None
+    q_low, q_high = _code(low, params), _code(high, params)
+    if q_low > q_high:
+        return tensor, None
+    if q_low <= params.qmin and q_high >= params.qmax:
+        return source, None
+    return source, (q_low, q_high)
+
+
+def _code(bound: float, params: ActQuantParams) -> int:
+    """The int8-domain code QuantizeLinear gives ``bound`` (saturated)."""
+    if np.isinf(bound):
+        return params.qmin if bound < 0 else params.qmax
+    code = np.rint(np.float32(bound) / np.float32(params.scale)) + params.offset
+    return int(np.clip(code, params.qmin, params.qmax))
+
+
+def _clip_bounds(graph, node: gs.Node) -> tuple[float | None, float | None]:
+    """(min, max) of a Relu/Clip; (None, None) when they are not constants."""
+    if node.op == "Relu":
+        return 0.0, np.inf
+    bounds = []
+    for index, default in ((1, -np.inf), (2, np.inf)):
+        if index >= len(node.inputs) or not node.inputs[index].name:
+            bounds.append(float(node.attrs.get("min" if index == 1 else "max", default)))
+            continue
+        value = graph.constant_value(node.inputs[index])
+        if value is None:
+            return None, None
+        bounds.append(float(np.asarray(value).reshape(())))
+    return bounds[0], bounds[1]
+
+
+def _qdq_pair(graph, namer: Namer, tensor: gs.Tensor, params: ActQuantParams, base: str,
+              code_range: tuple[int, int] | None = None):
+    """QuantizeLinear -> [Clip on the uint8 codes] -> DequantizeLinear; returns (Q node, DQ output)."""
+    scale = constant(namer, f"{base}_scale", np.array(params.scale, np.float32))
+    zero_point = constant(namer, f"{base}_zero_point", np.array(params.offset + UINT8_SHIFT, np.uint8))
+    quantize = add_node(graph, namer, "QuantizeLinear", f"{base}_QuantizeLinear", [tensor, scale, zero_point],
+                        [f"{base}_quantized"])
+    codes = quantize.outputs[0]
+    codes.dtype = np.uint8
+    if code_range is not None:
+        low, high = (constant(namer, f"{base}_clip_{end}", np.array(code + UINT8_SHIFT, np.uint8))
+                     for end, code in zip(("min", "max"), code_range))
+        codes = add_node(graph, namer, "Clip", f"{base}_Clip", [codes, low, high], [f"{base}_clipped"]).outputs[0]
+        codes.dtype = np.uint8
+    dequantize = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
+                          [codes, scale, zero_point], [f"{base}_dequantized"])
+    dequantize.outputs[0].dtype = np.float32
+    return quantize, dequantize.outputs[0]
+
+
+def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: LayerPlan) -> None:
+    """INT8 weight and INT32 bias initializers behind DequantizeLinear nodes."""
+    if plan.weight_q is None:
+        return
+    layer, node = plan.layer, nodes[plan.name]
+    base = node.inputs[1].name
+    if plan.per_channel and layer.op_type == "ConvTranspose" and layer.group > 1:
+        node.inputs[1] = constant(namer, f"{base}_dequantized", plan.dequantized_weight())
+    else:
+        axis = layer.channel_axis if plan.per_channel else None
+        node.inputs[1] = _dequantized_constant(graph, namer, plan.weight_q.astype(np.int8), plan.scale_w,
+                                               np.int8, axis, base)
+    slot = bias_slot(nodes, layer)
+    if slot is not None and plan.bias_q is not None:
+        bias_node, index = slot
+        axis = 0 if plan.per_channel else None
+        bias_node.inputs[index] = _dequantized_constant(graph, namer, plan.bias_q, plan.deq_scale, np.int32, axis,
+                                                        bias_node.inputs[index].name)
+    neutralize_gemm(node)
+
+
+def _dequantized_constant(graph, namer: Namer, codes: np.ndarray, scale: np.ndarray, dtype, axis: int | None,
+                          base: str) -> gs.Variable:
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    if axis is None:
+        scale_values, zero = np.array(scale[0], np.float32), np.array(0, dtype)
+    else:
+        scale_values, zero = scale, np.zeros(scale.size, dtype)
+    attrs = {} if axis is None else {"axis": int(axis)}
+    node = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
+                    [constant(namer, f"{base}_quantized", codes.astype(dtype)),
+                     constant(namer, f"{base}_scale", scale_values),
+                     constant(namer, f"{base}_zero_point", zero)], [f"{base}_dequantized"], **attrs)
+    node.outputs[0].dtype = np.float32
+    return node.outputs[0]

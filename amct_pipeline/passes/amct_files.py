@@ -1,0 +1,223 @@
+"""AMCT's files in and out of a pipeline.
+
+``export_amct`` writes the ``quant_record`` artifact as AMCT's ``record.txt`` (ScaleOffsetRecord
+protobuf text) and the JSON quant config of what was used (every quantizable layer, ``quant_enable``
+false for the ones left float, per-layer activation and weight settings).
+
+``load_record`` is AMCT's "record -> save_model": it reads a record file, checks it against the
+matched layers and re-quantizes the weights with the record's ``scale_w``, producing ``act_quant``
+and ``weight_quant`` for ``lower``::
+
+    match_layers,load_record{path=record.txt},lower
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from pydantic import Field
+
+from ..algorithms.base import ActQuantParams, WeightQuantParams
+from ..errors import ConfigError, Problem
+from ..options import Options, suggest
+from .base import Pass, PassResult
+
+__all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordOptions", "used_quant_config",
+           "quantize_with_scale"]
+
+AMCT_ACT_ALGOS = ("ifmr", "hfmg")
+USER_SKIP_PREFIXES = ("in skip_layers", "skipped by", "op type in skip_layer_types", "op type not in include",
+                      "quant_enable false", "not listed in")
+
+
+# -- export ---------------------------------------------------------------------------------------
+class ExportAmctOptions(Options):
+    record: str = Field("record.txt", description="Record file name in the output directory ({model}: input stem).")
+    quant_config: Optional[str] = Field("{model}_quant_config.json",
+                                        description="AMCT JSON quant config of the settings used; null: none.")
+
+
+class ExportAmctPass(Pass):
+    name = "export_amct"
+    summary = "Write AMCT's record.txt and the JSON quant config of the settings used."
+    Options = ExportAmctOptions
+    requires = frozenset({"quant_record", "layer_map"})
+
+    def run(self, graph, ctx) -> PassResult:
+        from ..amct.quant_config import write_quant_config
+        from ..amct.record import write_record
+        if ctx.outputs.directory is None:
+            return PassResult(False, {"written": 0})
+        record = ctx.artifacts["quant_record"]
+        files = [self.options.record.format(model=ctx.model_name)]
+        write_record(record, ctx.output_path(files[0]))
+        if self.options.quant_config:
+            files.append(self.options.quant_config.format(model=ctx.model_name))
+            write_quant_config(used_quant_config(graph, ctx.artifacts), ctx.output_path(files[1]))
+        return PassResult(False, {"written": len(files), "files": files, "layers": len(record)})
+
+
+def used_quant_config(graph, artifacts):
+    """A ``QuantConfig`` listing every quantizable layer (graph order) with the settings used."""
+    from ..amct.quant_config import LayerQuantConfig, QuantConfig, default_wts
+    layer_map, record = artifacts["layer_map"], artifacts["quant_record"]
+    base = artifacts.get("amct_config")
+    settings = artifacts.get("quant_settings") or {}
+    asymmetric = getattr(base, "activation_offset", True)
+    config = QuantConfig(batch_num=getattr(base, "batch_num", 1), activation_offset=asymmetric,
+                         do_fusion=getattr(base, "do_fusion", True),
+                         skip_fusion_layers=list(getattr(base, "skip_fusion_layers", [])))
+    act_quant = artifacts.get("act_quant") or {}
+    for name, op_type in _quantizable_layers(graph, layer_map):
+        layer = layer_map.get(name)
+        used = settings.get(name, {})
+        act = used.get("act") or _act_from_options(layer, act_quant.get(name), asymmetric)
+        wts = used.get("wts") or default_wts(op_type)
+        config.layers[name] = LayerQuantConfig(name in record, act, None if op_type == "AveragePool" else wts,
+                                               None, op_type)
+    return config
+
+
+def _quantizable_layers(graph, layer_map) -> list[tuple[str, str]]:
+    """Matched layers plus the ones the user skipped (not those refused for structural reasons)."""
+    wanted = set(layer_map) | {name for name, reason in layer_map.skipped.items()
+                               if reason.startswith(USER_SKIP_PREFIXES)}
+    seen, out = set(), []
+    for node in graph.nodes:
+        if node.name in wanted and node.name not in seen:
+            seen.add(node.name)
+            out.append((node.name, node.op))
+    return out
+
+
+def _act_from_options(layer, params: ActQuantParams | None, asymmetric: bool) -> dict[str, Any]:
+    """AMCT activation settings from the layer's calibrate options; AMCT defaults where unknown."""
+    from ..amct.quant_config import HFMG_DEFAULTS, default_act
+    per = (layer.options.get("calibrate") if layer is not None else None) or {}
+    algorithm = per.get("algorithm", "ifmr")
+    options = dict(per.get("algorithm_options") or {})
+    asymmetric = bool(per.get("asymmetric", options.get("asymmetric", asymmetric)))
+    num_bits = int(options.get("num_bits", params.num_bits if params is not None else 8))
+    if algorithm not in AMCT_ACT_ALGOS:
+        warnings.warn(f"layer '{layer.name}': activation algorithm '{algorithm}' has no AMCT spelling; the quant "
+                      "config lists AMCT's ifmr defaults for it", RuntimeWarning, stacklevel=2)
+        algorithm, options = "ifmr", {}
+    act = default_act(asymmetric, num_bits)
+    if algorithm == "hfmg":
+        act = {"algo": "hfmg", "num_bits": num_bits, "asymmetric": asymmetric, **HFMG_DEFAULTS}
+    act.update({k: v for k, v in options.items() if k in act and k not in ("algo", "asymmetric", "num_bits")})
+    return act
+
+
+# -- load -----------------------------------------------------------------------------------------
+class LoadRecordOptions(Options):
+    path: str = Field(description="AMCT record file (ScaleOffsetRecord text), e.g. record.txt.")
+    missing_layers: Literal["skip", "error"] = Field(
+        "skip", description="Matched layers the record does not list: leave them float (AMCT) or fail.")
+
+
+class LoadRecordPass(Pass):
+    name = "load_record"
+    summary = "Read an AMCT record.txt: activation factors and weights re-quantized with its scale_w."
+    Options = LoadRecordOptions
+    requires = frozenset({"layer_map"})
+    produces = frozenset({"act_quant", "weight_quant"})
+
+    def run(self, graph, ctx) -> PassResult:
+        from ..algorithms.weights import effective_weight
+        from .quantize_weights import weightless_params
+        layer_map = ctx.artifacts["layer_map"]
+        source = str(self.options.path)
+        record = _read(source)
+        self._check_names(record, layer_map, source)
+        act_quant, weight_quant = {}, {}
+        settings = ctx.artifacts.setdefault("quant_settings", {})
+        for name, rec in record.items():
+            layer = layer_map[name]
+            act_quant[name] = _act_params(rec, name, source)
+            scale_w = _scale_w(rec, layer, source)
+            if layer.weight is None:
+                weight_quant[name] = weightless_params()
+                continue
+            bits = int(rec.wts_type[3:])
+            weight_quant[name] = quantize_with_scale(effective_weight(graph, layer), scale_w, layer, bits)
+            settings.setdefault(name, {})["wts"] = {"algo": "arq", "num_bits": bits, "channel_wise": scale_w.size > 1}
+        ctx.artifacts["act_quant"], ctx.artifacts["weight_quant"] = act_quant, weight_quant
+        return PassResult(False, {"layers": len(record), "unlisted": len(layer_map) - len(record),
+                                  "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)})
+
+    def _check_names(self, record, layer_map, source: str) -> None:
+        for name in record:
+            if name in layer_map:
+                continue
+            if name in layer_map.skipped:
+                hint = f"it was not matched for quantization ({layer_map.skipped[name]})"
+            else:
+                hint = suggest(name, list(layer_map)) or "the record does not belong to this model"
+            raise ConfigError([Problem(source, f"layer '{name}'", "is in the record but not a quantizable layer "
+                                       "of the model", hint)])
+        missing = [name for name in layer_map if name not in record]
+        if missing and self.options.missing_layers == "error":
+            raise ConfigError([Problem(source, f"layer '{missing[0]}'", f"has no record entry ({len(missing)} "
+                                       "matched layers missing)", "set missing_layers: skip to leave them float")])
+        if missing:
+            warnings.warn(f"{source}: {len(missing)} matched layer(s) not in the record stay float: "
+                          f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}", RuntimeWarning,
+                          stacklevel=2)
+
+
+def _read(source: str):
+    from ..amct.errors import RecordError
+    from ..amct.record import read_record
+    if not Path(source).is_file():
+        raise ConfigError([Problem("pass 'load_record'", "path", f"no record file '{source}'")])
+    try:
+        return read_record(source)
+    except RecordError as exc:
+        raise _record_problem(exc.source, exc.layer, exc.field, exc.reason) from None
+
+
+def _record_problem(source: str, layer: str | None, field: str | None, message: str) -> ConfigError:
+    where = " ".join(part for part in (f"layer '{layer}'" if layer else "", f"field {field}" if field else "") if part)
+    return ConfigError([Problem(source, where, message)])
+
+
+def _act_params(rec, name: str, source: str) -> ActQuantParams:
+    for field in ("scale_d", "offset_d"):
+        if getattr(rec, field) is None:
+            raise _record_problem(source, name, field, "is missing; every quantized layer needs scale_d and offset_d")
+    return ActQuantParams(float(rec.scale_d), int(rec.offset_d), 16 if rec.act_type == "INT16" else 8)
+
+
+def _scale_w(rec, layer, source: str) -> np.ndarray:
+    """scale_w checked against the layer: 1 value, or one per output channel where per-channel is allowed."""
+    scale = np.asarray(rec.scale_w, dtype=np.float32)
+    if layer.weight is None:
+        if scale.size and not np.all(scale == 1.0):
+            raise _record_problem(source, layer.name, "scale_w", f"must be 1 for a {layer.op_type} layer "
+                                  f"(no weights), got {rec.scale_w}")
+        return np.ones(1, np.float32)
+    if scale.size == 0:
+        raise _record_problem(source, layer.name, "scale_w", "is missing; a layer with weights needs scale_w")
+    if scale.size > 1 and layer.channel_axis is None:
+        raise _record_problem(source, layer.name, "scale_w", f"has {scale.size} values but {layer.op_type} "
+                              "weights are quantized per tensor (1 value)")
+    if scale.size not in (1, layer.out_channels):
+        raise _record_problem(source, layer.name, "scale_w", f"has {scale.size} per-channel values but the layer "
+                              f"has {layer.out_channels} output channels; the record does not match this model")
+    return scale
+
+
+def quantize_with_scale(weight: np.ndarray, scale: np.ndarray, layer, num_bits: int = 8) -> WeightQuantParams:
+    """Integer codes ``clip(rint(w / scale_w), -2^(b-1), 2^(b-1)-1)`` for given scales (ARQ's formula)."""
+    from ..algorithms.weights import deconv_channel_view, deconv_from_channel_view
+    group = layer.group if layer.op_type == "ConvTranspose" else 1
+    view = deconv_channel_view(np.asarray(weight, np.float32), group)
+    shape = [1] * view.ndim
+    if scale.size > 1:
+        shape[layer.channel_axis] = -1
+    half = 1 << (num_bits - 1)
+    codes = np.clip(np.rint(view / scale.reshape(shape)), -half, half - 1).astype(np.int8)
+    return WeightQuantParams(scale.astype(np.float32), deconv_from_channel_view(codes, group), num_bits)

@@ -1,0 +1,145 @@
+"""quantize_weights: quantize every matched layer's constant weight offline (artifact ``weight_quant``).
+
+The float graph is not modified: lowering targets place the integer weights later. Per-layer settings
+come from ``match_layers`` (overrides or an AMCT config) as ``options: {quantize_weights: {algorithm:
+arq, algorithm_options: {num_bits: 7}}}``, the algorithm's options also accepted flattened beside
+``algorithm`` (``{channel_wise: false, num_bits: 8}``); they override the pass-level ``algorithm`` /
+``algorithm_options`` key by key. AveragePool layers get ``scale_w = [1.0]`` (SPEC 5.3).
+
+Besides ``weight_quant`` (layer -> WeightQuantParams) the pass records the settings it used per layer
+in ``ctx.artifacts["quant_settings"][layer]["wts"]`` (AMCT config spelling: algo, num_bits,
+channel_wise), which ``export_amct`` writes into AMCT's JSON quant config.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+from pydantic import Field
+
+from ..algorithms.base import WeightQuantParams
+from ..errors import ConfigError, Problem
+from ..options import Options, parse_options, suggest
+from .base import Pass, PassResult
+
+__all__ = ["QuantizeWeightsPass", "QuantizeWeightsOptions", "weightless_params", "PER_TENSOR_TYPES"]
+
+PER_TENSOR_TYPES = ("Gemm", "MatMul")
+WHERE = "pass 'quantize_weights'"
+
+
+def weightless_params() -> WeightQuantParams:
+    """AveragePool: deq_scale = scale_d, no weight codes."""
+    return WeightQuantParams(scale=np.ones(1, np.float32), quantized=np.zeros((0,), np.int8), num_bits=8)
+
+
+class QuantizeWeightsOptions(Options):
+    algorithm: str = Field("arq", description="Weight quantizer (see `amct-pipeline list quantizers`).")
+    algorithm_options: dict[str, Any] = Field(default_factory=dict,
+                                              description="Options of the weight quantizer, e.g. {channel_wise: true}.")
+
+
+class QuantizeWeightsPass(Pass):
+    name = "quantize_weights"
+    summary = "Quantize the weights of every matched layer offline (artifact 'weight_quant'); the graph is unchanged."
+    Options = QuantizeWeightsOptions
+    requires = frozenset({"layer_map"})
+    produces = frozenset({"weight_quant"})
+    references = {"algorithm": "weight_quantizers"}
+
+    def run(self, graph, ctx) -> PassResult:
+        from ..algorithms.weights import effective_weight
+        layer_map = ctx.artifacts["layer_map"]
+        quantizers: dict[str, Any] = {}
+        results: dict[str, WeightQuantParams] = {}
+        settings = ctx.artifacts.setdefault("quant_settings", {})
+        per_channel = 0
+        for layer in layer_map.layers():
+            if layer.weight is None:
+                results[layer.name] = weightless_params()
+                continue
+            name, options = self._layer_settings(layer)
+            quantizer = self._quantizer(ctx, quantizers, layer, name, options)
+            params = _quantize(quantizer, effective_weight(graph, layer), layer)
+            results[layer.name] = params
+            per_channel += params.scale.size > 1
+            settings.setdefault(layer.name, {})["wts"] = _settings_record(quantizer, params, layer)
+        ctx.artifacts["weight_quant"] = results
+        weighted = sum(1 for layer in layer_map.layers() if layer.weight is not None)
+        return PassResult(False, {"layers": weighted, "per_channel": per_channel,
+                                  "weightless": len(results) - weighted})
+
+    # -- per-layer settings ---------------------------------------------------------------------
+    def _layer_settings(self, layer) -> tuple[str, dict[str, Any]]:
+        """(algorithm, options): the layer override wins key by key over the pass options."""
+        override = layer.options.get("quantize_weights") or {}
+        if not isinstance(override, Mapping):
+            raise ConfigError([Problem(WHERE, f"layer '{layer.name}'", "per-layer 'quantize_weights' options "
+                                       f"must be a mapping, got {override!r}")])
+        override = dict(override)
+        layer_keys = set(override) | set(override.get("algorithm_options") or {})
+        name = override.pop("algorithm", self.options.algorithm)
+        options = dict(self.options.algorithm_options) if name == self.options.algorithm else {}
+        options.update(override.pop("algorithm_options", None) or {})
+        options.update(override)           # flattened keys (AMCT configs give channel_wise, num_bits)
+        # AMCT: channel_wise on a Gemm/MatMul layer is an error, not silently ignored. A pass-wide
+        # channel_wise only means "per channel where the op allows it".
+        if options.get("channel_wise") and "channel_wise" in layer_keys and layer.op_type in PER_TENSOR_TYPES:
+            raise ConfigError([Problem(WHERE, f"layer '{layer.name}'", f"channel_wise is not supported for "
+                                       f"{layer.op_type} layers", "only Conv and ConvTranspose weights can be "
+                                       "quantized per channel; set channel_wise false for this layer")])
+        return name, options
+
+    def _quantizer(self, ctx, cache: dict[str, Any], layer, name: str, options: dict[str, Any]):
+        key = json.dumps([name, options], sort_keys=True, default=str)
+        if key in cache:
+            return cache[key]
+        registry = ctx.session.registry("weight_quantizers")
+        if name not in registry:
+            hint = suggest(name, registry.names()) or f"known: {', '.join(registry.names())}"
+            raise ConfigError([Problem(WHERE, f"layer '{layer.name}'", f"unknown weight quantizer '{name}'", hint)])
+        cls = registry.get(name)
+        parsed, problems = parse_options(cls.Options, options)
+        if problems:
+            raise ConfigError([Problem(WHERE, f"layer '{layer.name}'.{p.path}", f"{p.message} (weight quantizer "
+                                       f"'{name}')", p.hint) for p in problems])
+        cache[key] = cls(parsed)
+        return cache[key]
+
+
+def _quantize(quantizer, weight: np.ndarray, layer) -> WeightQuantParams:
+    """Run the quantizer on the layer's weight (grouped ConvTranspose as a Cout-on-axis-1 view)."""
+    from ..algorithms.weights import deconv_channel_view, deconv_from_channel_view
+    regroup = layer.op_type == "ConvTranspose" and layer.group > 1
+    view = deconv_channel_view(weight, layer.group) if regroup else weight
+    try:
+        params = quantizer.quantize(view, op_type=layer.op_type, channel_axis=layer.channel_axis)
+    except ValueError as exc:
+        raise ConfigError([Problem(WHERE, f"layer '{layer.name}'", str(exc))]) from None
+    _check_result(quantizer, params, view, layer)
+    if regroup:
+        params = WeightQuantParams(params.scale, deconv_from_channel_view(params.quantized, layer.group),
+                                   params.num_bits)
+    return params
+
+
+def _check_result(quantizer, params: WeightQuantParams, weight: np.ndarray, layer) -> None:
+    """A plugin quantizer must return codes shaped like the weight and 1 or Cout finite scales."""
+    scale = np.asarray(params.scale)
+    problem = None
+    if tuple(params.quantized.shape) != tuple(weight.shape):
+        problem = f"codes of shape {tuple(params.quantized.shape)} for a weight of shape {tuple(weight.shape)}"
+    elif scale.ndim != 1 or scale.size not in (1, layer.out_channels):
+        problem = f"{scale.size} scales; expected 1 or {layer.out_channels}"
+    elif not (np.isfinite(scale).all() and (scale > 0).all()):
+        problem = "a scale that is not finite and > 0"
+    if problem:
+        raise ConfigError([Problem(WHERE, f"layer '{layer.name}'",
+                                   f"weight quantizer '{quantizer.name}' returned {problem}")])
+
+
+def _settings_record(quantizer, params: WeightQuantParams, layer) -> dict[str, Any]:
+    per_channel = getattr(quantizer.options, "channel_wise", params.scale.size > 1)
+    return {"algo": quantizer.name, "num_bits": int(params.num_bits),
+            "channel_wise": bool(per_channel and layer.channel_axis is not None)}
