@@ -12,6 +12,16 @@ Activation quantization convention (shared with the deploy reference of the ``as
 
 computed in float32: ``x * m`` is rounded to float32 first, ties go to even (ONNX ``Round``,
 AscendQuant ``round_mode=Round``). See :func:`quant_multiplier`.
+
+Tensor quantization (SPEC 3 record keys ``"<node>:<input index>"``, SPEC 6.1: MaxPool and Add inputs)
+---------------------------------------------------------------------------------------------------
+An optional artifact ``tensor_quantize`` (``{"<node>:<input index>": ActQuantParams}``) asks for an
+input tensor of a node that is *not* a quantized layer to be quantized and brought back to float
+(AscendQuant + AscendAntiQuant in the deploy model; quantize + ``Mul(scale_d)`` in float ops
+elsewhere). ``build_plan`` checks it into ``LoweringPlan.tensors``; ``PlanTarget.lower`` then calls
+``rewrite_tensors`` after ``rewrite``; the default emits the fake-quant form, so every target agrees.
+:func:`multi_output_entries` derives AMCT's multi-output layout (a tensor read by a quantized layer
+and by e.g. an Add gets the layer's factors at the Add's input, so the quantizer is shared).
 """
 from __future__ import annotations
 
@@ -49,10 +59,18 @@ __all__ = [
     "channel_shape",
     "neutralize_gemm",
     "normalized_act",
+    "TENSOR_QUANT_ARTIFACT",
+    "TENSOR_QUANT_OPS",
+    "TensorPlan",
+    "multi_output_entries",
+    "parse_tensor_key",
+    "fake_tensor_quant",
 ]
 
 QUANT_OPSET = 13          # Round/Clip-with-inputs (11) and per-axis Quantize/DequantizeLinear (13)
 PLAN_ARTIFACT = "lowering_plan"
+TENSOR_QUANT_ARTIFACT = "tensor_quantize"     # {"<node>:<input index>": ActQuantParams}
+TENSOR_QUANT_OPS = ("MaxPool", "Add")         # SPEC 6.1: tensor (activation) quantization only
 WHERE = "pass 'lower'"
 
 
@@ -112,16 +130,42 @@ class LayerPlan:
                            wts_type=f"INT{self.wts_bits}")
 
 
+@dataclass(frozen=True)
+class TensorPlan:
+    """Quantization of one input tensor of a node that stays float (record key ``"<node>:<index>"``)."""
+
+    key: str                        # "<node>:<input index>"
+    node: str
+    index: int
+    tensor: str                     # the tensor the node reads at ``index``
+    act: ActQuantParams
+
+    @property
+    def input_key(self) -> tuple:
+        """Equal to a layer's ``input_key`` when both may share one quantizer."""
+        act = self.act
+        return self.tensor, act.scale, act.offset, act.num_bits
+
+    def record(self):
+        from ...amct.record import LayerRecord
+        return LayerRecord(scale_d=self.act.scale, offset_d=self.act.offset,
+                           act_type="INT8" if self.act.num_bits <= 8 else "INT16")
+
+
 @dataclass
 class LoweringPlan:
-    """Per quantized layer (graph order) its plan; ``unquantized``: matched layers left float, with why."""
+    """Per quantized layer (graph order) its plan; ``unquantized``: matched layers left float, with why;
+    ``tensors``: tensor quantization entries (``tensor_quantize`` artifact), in graph order."""
 
     layers: dict[str, LayerPlan]
     unquantized: dict[str, str] = dataclasses.field(default_factory=dict)
+    tensors: dict[str, TensorPlan] = dataclasses.field(default_factory=dict)
 
     def record(self):
         from ...amct.record import QuantRecord
-        return QuantRecord({name: plan.record() for name, plan in self.layers.items()})
+        entries = {name: plan.record() for name, plan in self.layers.items()}
+        entries.update((key, plan.record()) for key, plan in self.tensors.items())
+        return QuantRecord(entries)
 
 
 def lowering_plan(ctx, graph) -> LoweringPlan:
@@ -144,7 +188,84 @@ def build_plan(graph, artifacts) -> LoweringPlan:
             continue
         act = normalized_act(act, layer.name)
         layers[layer.name] = _layer_plan(graph, layer, act, weight_quant.get(layer.name))
-    return LoweringPlan(layers, unquantized)
+    tensors = _tensor_plans(graph, artifacts.get(TENSOR_QUANT_ARTIFACT) or {}, layer_map, layers)
+    return LoweringPlan(layers, unquantized, tensors)
+
+
+def parse_tensor_key(key: str) -> tuple[str, int] | None:
+    """``"<node>:<input index>"`` -> (node, index); None when ``key`` is not of that form."""
+    node, sep, index = str(key).rpartition(":")
+    if not sep or not node or not index.isdigit():
+        return None
+    return node, int(index)
+
+
+def _tensor_plans(graph, entries, layer_map, layers: dict[str, LayerPlan]) -> dict[str, TensorPlan]:
+    """Check the ``tensor_quantize`` entries against the graph; errors name the node."""
+    if not entries:
+        return {}
+    nodes = {node.name: node for node in graph.nodes}
+    bias_adds = {plan.layer.bias_add: name for name, plan in layers.items() if plan.layer.bias_add}
+    found: dict[str, TensorPlan] = {}
+    for key, act in entries.items():
+        parsed = parse_tensor_key(key)
+        if parsed is None:
+            raise _problem_at(f"tensor '{key}'", "is not of the form '<node>:<input index>'")
+        name, index = parsed
+        node = nodes.get(name)
+        if node is None:
+            from ...options import suggest
+            raise _problem_at(f"tensor '{key}'", f"no node named '{name}' in the model",
+                              suggest(name, [n for n, v in nodes.items() if v.op in TENSOR_QUANT_OPS]))
+        if name in layer_map:
+            raise _problem_at(f"tensor '{key}'", f"'{name}' is a quantizable {node.op} layer; its input is "
+                              "quantized with the layer's own factors", "remove the tensor_quantize entry")
+        if name in bias_adds:
+            raise _problem_at(f"tensor '{key}'", f"'{name}' adds the bias of the quantized layer "
+                              f"'{bias_adds[name]}' (integer accumulator); it cannot be tensor-quantized")
+        if node.op not in TENSOR_QUANT_OPS:
+            raise _problem_at(f"tensor '{key}'", f"node '{name}' is a {node.op}; tensor quantization applies "
+                              f"to {', '.join(TENSOR_QUANT_OPS)} inputs only (SPEC 6.1)")
+        if index >= len(node.inputs) or not node.inputs[index].name:
+            raise _problem_at(f"tensor '{key}'", f"node '{name}' has no input {index}")
+        tensor = node.inputs[index]
+        if graph.constant_value(tensor) is not None:
+            raise _problem_at(f"tensor '{key}'", f"input {index} of node '{name}' is a constant, not an activation")
+        act = normalized_act(act, key)
+        if act.num_bits != 8:
+            raise _problem_at(f"tensor '{key}'", f"{act.num_bits}-bit tensor quantization is not allowed; "
+                              "INT16 activations only for Conv, Gemm and ConvTranspose (SPEC 6.1)")
+        found[key] = TensorPlan(key, name, index, tensor.name, act)
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    return dict(sorted(found.items(), key=lambda item: (order[item[1].node], item[1].index)))
+
+
+def multi_output_entries(graph, layer_map, act_quant, op_types: Sequence[str] = TENSOR_QUANT_OPS
+                         ) -> dict[str, ActQuantParams]:
+    """AMCT's multi-output optimisation (SPEC 5.3) as ``tensor_quantize`` entries.
+
+    A tensor read by a quantized layer and by nodes of ``op_types`` (not themselves layers) gets, at
+    each such reader's input, the factors of the first layer reading it (graph order), so the
+    deploy model quantizes the tensor once and an AscendAntiQuant feeds the float reader.
+    """
+    first: dict[str, ActQuantParams] = {}
+    for layer in layer_map.layers():
+        act = act_quant.get(layer.name)
+        if act is not None:
+            first.setdefault(layer.input, act)
+    bias_adds = {layer.bias_add for layer in layer_map.layers() if layer.bias_add}
+    entries: dict[str, ActQuantParams] = {}
+    for node in graph.nodes:
+        if node.op not in op_types or node.name in layer_map or node.name in bias_adds:
+            continue
+        for index, tensor in enumerate(node.inputs):
+            if tensor.name in first:
+                entries[f"{node.name}:{index}"] = first[tensor.name]
+    return entries
+
+
+def _problem_at(where: str, message: str, hint: str = "") -> ConfigError:
+    return ConfigError([Problem(WHERE, where, message, hint)])
 
 
 def _problem(layer: str, message: str, hint: str = "") -> ConfigError:
@@ -207,12 +328,27 @@ class PlanTarget(LoweringTarget):
         if self.min_opset is not None:
             ensure_opset(graph, self.min_opset, target=self.name)
         self.rewrite(graph, plan, ctx)
+        if plan.tensors:
+            self.rewrite_tensors(graph, plan, ctx)
         graph.finalize()
         return graph.to_proto()
 
     @abc.abstractmethod
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
         """Edit ``graph`` (a copy of the float graph) in place."""
+
+    def rewrite_tensors(self, graph, plan: LoweringPlan, ctx) -> None:
+        """Tensor quantization entries (run after ``rewrite``). Default: AMCT's fake-quant form,
+        ``Mul(1/scale_d) -> Round -> Add(offset_d) -> Clip -> Sub(offset_d) -> Mul(scale_d)`` before the
+        node's input, i.e. exactly what AscendQuant + AscendAntiQuant compute."""
+        namer = Namer(graph)
+        nodes = {node.name: node for node in graph.nodes}
+        done: dict[tuple, gs.Tensor] = {}
+        for entry in plan.tensors.values():
+            node = nodes[entry.node]
+            if entry.input_key not in done:
+                done[entry.input_key] = fake_tensor_quant(graph, namer, node.inputs[entry.index], entry)
+            node.inputs[entry.index] = done[entry.input_key]
 
 
 # -- graph helpers ------------------------------------------------------------------------------
@@ -334,6 +470,23 @@ def channel_shape(plan: LayerPlan, values: np.ndarray) -> np.ndarray:
         return values.reshape(1)
     rank = plan.weight_q.ndim if plan.layer.op_type in ("Conv", "ConvTranspose") else 2
     return values.reshape([1, -1] + [1] * (rank - 2))
+
+
+def fake_tensor_quant(graph, namer: Namer, x: gs.Tensor, entry: TensorPlan) -> gs.Tensor:
+    """Quantize-dequantize ``x`` in float ops (names ``<key>.quant.fakequant.*``, ``<key>.fakeantiquant.*``)."""
+    prefix = f"{entry.key}.quant.fakequant"
+    act = entry.act
+    offset = constant(namer, f"{prefix}.offset", np.array(act.offset, np.float32))
+    multiplier = constant(namer, f"{prefix}.scale", np.array(quant_multiplier(act.scale), np.float32))
+    y = add_node(graph, namer, "Mul", f"{prefix}.mul", [x, multiplier]).outputs[0]
+    y = add_node(graph, namer, "Round", f"{prefix}.round", [y]).outputs[0]
+    y = add_node(graph, namer, "Add", f"{prefix}.add", [y, offset]).outputs[0]
+    low = constant(namer, f"{prefix}.min_val", np.array(act.qmin, np.float32))
+    high = constant(namer, f"{prefix}.max_val", np.array(act.qmax, np.float32))
+    y = add_node(graph, namer, "Clip", f"{prefix}.clip", [y, low, high]).outputs[0]
+    y = add_node(graph, namer, "Sub", f"{prefix}.sub", [y, offset]).outputs[0]
+    scale = constant(namer, f"{entry.key}.fakeantiquant.scale", np.array(act.scale, np.float32))
+    return add_node(graph, namer, "Mul", f"{entry.key}.fakeantiquant.mul", [y, scale]).outputs[0]
 
 
 def neutralize_gemm(node: gs.Node) -> None:
