@@ -1,8 +1,9 @@
-"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo, config."""
+"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo, config, verify-deploy."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(str(exc))
         return EXIT_ERROR
+    except BrokenPipeError:           # e.g. `amct-pipeline list | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         _error("interrupted; nothing was written")
         return 130
@@ -105,7 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", required=True, help="the .onnx model the config is for")
     check.set_defaults(func=cmd_config_check)
     config.set_defaults(func=lambda args: config.print_help() or EXIT_USAGE)
+
+    verify = sub.add_parser("verify-deploy", parents=[common],
+                            help="run an Ascend deploy model (CPU reference) and its fake-quant model "
+                                 "(onnxruntime) and compare them")
+    verify.add_argument("deploy", help="the deploy model (<prefix>_deploy_model.onnx)")
+    verify.add_argument("fakequant", help="the fake-quant model (<prefix>_fake_quant_model.onnx)")
+    verify.add_argument("--data", action="append", required=True, metavar="[INPUT=]PATH",
+                        help="samples [N, ...] as .npy (INPUT=PATH.npy per input for multi-input models) or .npz")
+    verify.add_argument("--batches", type=_positive, default=None, metavar="N", help="compare at most N batches")
+    verify.add_argument("--batch-size", type=_positive, default=None, metavar="B",
+                        help="samples per batch (default: the model's fixed batch size, else 8)")
+    verify.add_argument("--quant-convention", choices=("amct", "cann"), default=None,
+                        help="AscendQuant rounding of the reference (default: the deploy model's metadata, else amct)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=cmd_verify_deploy)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _flag(text: str) -> bool:
@@ -223,7 +252,8 @@ def cmd_describe(args) -> int:
 
 def describe_entry(kind: str, entry) -> str:
     obj = entry.obj
-    lines = [f"{entry.name} ({kind[:-1] if kind.endswith('s') else kind})", f"  {getattr(obj, 'summary', '')}",
+    from ..session import SINGULAR
+    lines = [f"{entry.name} ({SINGULAR.get(kind, kind)})", f"  {getattr(obj, 'summary', '')}",
              f"  provided by: {entry.provider}"]
     for attr in ("requires", "produces"):
         values = sorted(getattr(obj, attr, ()) or ())
@@ -233,8 +263,8 @@ def describe_entry(kind: str, entry) -> str:
     if options is not None and options.model_fields:
         lines.append("  options:")
         for name, field in options.model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            lines.append(f"    {name} = {default!r}  {field.description or ''}".rstrip())
+            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"    {field.alias or name} = {default}  {field.description or ''}".rstrip())
     return "\n".join(lines)
 
 
@@ -263,6 +293,10 @@ def _unwrap(exc):
     return cause if isinstance(cause, ConfigError) else exc
 
 
+_CREATE_FLAGS = {"skip_layers": "--skip-layers", "batch_num": "--batch-num", "activation_offset": "--activation-offset",
+                 "layers": "--model"}
+
+
 def cmd_config_create(args) -> int:
     from ..amct import ConfigFileError, create_quant_config, write_quant_config
     from ..errors import ConfigError, Problem
@@ -273,8 +307,9 @@ def cmd_config_create(args) -> int:
                                    skip_layers=skip, batch_num=args.batch_num,
                                    activation_offset=args.activation_offset)
         write_quant_config(data, args.output)
-    except ConfigFileError as exc:
-        raise ConfigError([Problem(i.source, i.where, i.message) for i in exc.issues]) from None
+    except ConfigFileError as exc:   # name the command-line flags, not the API's arguments
+        raise ConfigError([Problem("config create", _CREATE_FLAGS.get(i.where.split("[")[0], i.where), i.message)
+                           for i in exc.issues]) from None
     print(args.output)
     print(f"{len(layer_map)} quantizable layers ({len(skip)} skipped), batch_num {args.batch_num}, "
           f"activation_offset {str(args.activation_offset).lower()}", file=sys.stderr)
@@ -294,6 +329,32 @@ def cmd_config_check(args) -> int:
     print(f"ok: {args.file}: {len(layer_map)} layers quantized, {len(layer_map.skipped)} skipped, "
           f"batch_num {config.batch_num}, do_fusion {str(config.do_fusion).lower()}")
     return 0
+
+
+def cmd_verify_deploy(args) -> int:
+    """Exit 0 when every output of the deploy model is within one quantization step of the fake-quant
+    model's, 1 otherwise (the report is printed either way)."""
+    from ..ascend.verify import _load, fixed_batch, npy_batches, verify_deploy
+    deploy, _ = _load(args.deploy, "deploy")
+    initializers = {t.name for t in deploy.graph.initializer}
+    inputs = [i.name for i in deploy.graph.input if i.name not in initializers]
+    sources = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        key, path = (name, path) if sep and not Path(item).is_file() else ("", item)
+        if key in sources:
+            from ..errors import ConfigError
+            raise ConfigError(f"--data given twice for {repr(key) if key else 'the model input'}")
+        sources[key] = path
+    fixed = fixed_batch(deploy, inputs)
+    batch_size = args.batch_size or fixed or 8
+    if fixed and batch_size % fixed:
+        from ..errors import ConfigError
+        raise ConfigError(f"--batch-size {batch_size} is not a multiple of the model's fixed batch size {fixed}")
+    feeds = npy_batches(sources, inputs, batch_size, args.batches, multiple_of=fixed)
+    report = verify_deploy(args.deploy, args.fakequant, feeds, quant_convention=args.quant_convention)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else EXIT_ERROR
 
 
 def cmd_demo(args) -> int:

@@ -1,7 +1,8 @@
 """fuse_bn: fold inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it.
 
 AMCT's ONNX fusions (SPEC 6.2): Conv+BatchNormalization (BN removed), BatchNormalization+Mul and
-BatchNormalization+Add; ``do_fusion`` / ``skip_fusion_layers`` are AMCT's config keys (SPEC 2.1).
+BatchNormalization+Add; ``do_fusion`` / ``skip_fusion_layers`` are AMCT's config keys (SPEC 2.1), given
+inline or read from an AMCT quant config (``amct_config``: .json or .cfg, relative to the working directory).
 
 Math, per output channel c (computed in float64, cast back to the weight's dtype)::
 
@@ -14,10 +15,11 @@ that are not folded are never loaded (external data stays on disk).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from pydantic import Field
 
 from ..errors import ConfigError, Problem
@@ -39,6 +41,10 @@ class FuseBatchNormOptions(Options):
         default_factory=list,
         description="AMCT 'skip_fusion_layers': names of Conv/ConvTranspose/Gemm/MatMul layers (or of the "
                     "BatchNormalization nodes) to leave unfused; every name must exist in the model.")
+    amct_config: Optional[str] = Field(
+        None, description="AMCT quant config (.json or simplified .cfg; a relative path resolves against the "
+                          "current working directory) supplying do_fusion and skip_fusion_layers; either option "
+                          "set explicitly in the pipeline wins over the file.")
 
 
 @dataclass
@@ -61,8 +67,9 @@ class FuseBatchNormPass(Pass):
     Options = FuseBatchNormOptions
 
     def run(self, graph, ctx) -> PassResult:
-        skip = _check_skip_names(graph, self.options.skip_fusion_layers)
-        if not self.options.do_fusion:
+        do_fusion, skip_names = self._settings(graph)
+        skip = _check_skip_names(graph, skip_names)
+        if not do_fusion:
             return PassResult(False, {"fused": 0, "refused": {}, "disabled": True})
         stats: dict[str, Any] = {"fused": 0, "bn_mul_fused": 0, "bn_add_fused": 0, "refused": {}}
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
@@ -81,6 +88,17 @@ class FuseBatchNormPass(Pass):
         if stats["refused"]:
             ctx.logger.info("fuse_bn: %d BatchNormalization left: %s", len(stats["refused"]), stats["refused"])
         return PassResult(modified, stats)
+
+    def _settings(self, graph) -> tuple[bool, list[str]]:
+        """(do_fusion, skip_fusion_layers): the options, else the AMCT config's values."""
+        opts = self.options
+        if opts.amct_config is None:
+            return opts.do_fusion, list(opts.skip_fusion_layers)
+        from .match_layers import read_amct_config
+        config = read_amct_config(graph, opts.amct_config, "pass 'fuse_bn'")
+        explicit = opts.model_fields_set
+        return (opts.do_fusion if "do_fusion" in explicit else config.do_fusion,
+                list(opts.skip_fusion_layers if "skip_fusion_layers" in explicit else config.skip_fusion_layers))
 
 
 # -- options checked against the model ---------------------------------------------------------
@@ -128,9 +146,15 @@ def _constant_node(tensor: gs.Tensor) -> gs.Node | None:
 
 
 def _const_values(tensor: gs.Tensor) -> np.ndarray:
-    """Values of an initializer or a Constant node's output (loads external data)."""
+    """Values of an initializer or a Constant node's output (loads external data).
+
+    Lazy values are read without being cached on the tensor (``tensor.values`` would cache them):
+    a folded weight's old constant sits in a reference cycle (gs tensor <-> its synchronized
+    lists), so a cached array would outlive the fold until the cyclic GC ran, doubling peak memory.
+    """
     if isinstance(tensor, gs.Constant):
-        return tensor.values
+        values = tensor._values
+        return values.load() if isinstance(values, LazyValues) else values
     attrs = _constant_node(tensor).attrs
     if "value" in attrs:
         return attrs["value"].values

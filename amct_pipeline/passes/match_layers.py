@@ -7,12 +7,22 @@ never modified.
 Weights must be constant: an initializer or a Constant node, optionally seen through a chain of
 view ops (Identity/Transpose/Reshape/Flatten/Squeeze/Unsqueeze with constant shape inputs, as in
 mnist-8's ``Reshape(Parameter193)``). :func:`weight_values` evaluates such a chain.
+
+``amct_config`` takes an AMCT quant config (JSON from ``amct-pipeline config create`` or a simplified
+``.cfg``; a relative path resolves against the current working directory): layers with
+``quant_enable: false`` (or in the .cfg's skip lists) are skipped, layers a JSON file does not list
+are skipped, and each quantized layer gets ``options["calibrate"] = {"algorithm": "ifmr"|"hfmg",
+"algorithm_options": {AMCT's option names}}`` and ``options["quantize_weights"] = {"channel_wise",
+"num_bits"}``; ``overrides`` still apply on top. The parsed ``QuantConfig`` becomes the
+``amct_config`` artifact (calibrate takes its ``batch_num``).
 """
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
@@ -32,6 +42,8 @@ __all__ = [
     "LayerMap",
     "SUPPORTED_OP_TYPES",
     "weight_values",
+    "read_amct_config",
+    "amct_layer_options",
 ]
 
 SUPPORTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool")
@@ -156,6 +168,10 @@ class MatchLayersOptions(Options):
                                                     + ", ".join(SUPPORTED_OP_TYPES) + ".")
     overrides: list[LayerOverride] = Field(default_factory=list,
                                            description="Per-layer options/skips, resolved in order; last match wins.")
+    amct_config: Optional[str] = Field(
+        None, description="AMCT quant config file (.json or simplified .cfg; a relative path resolves against "
+                          "the current working directory): its skips and per-layer activation/weight settings "
+                          "become per-layer options (overrides apply on top); stored as artifact 'amct_config'.")
 
     @field_validator("skip_layer_types", "include_op_types")
     @classmethod
@@ -172,12 +188,17 @@ class MatchLayersPass(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         _check_names(graph, self.options)
+        config = None
+        if self.options.amct_config is not None:
+            config = read_amct_config(graph, self.options.amct_config, WHERE)
+            _warn_unsupported(config)
+            ctx.artifacts["amct_config"] = config
         layers: list[QuantLayer] = []
         skipped: dict[str, str] = {}
         for node in graph.nodes:
             if node.op not in SUPPORTED_OP_TYPES:
                 continue
-            layer = self._match(graph, node)
+            layer = self._match(graph, node, config)
             if isinstance(layer, str):
                 skipped[node.name] = layer
             else:
@@ -186,7 +207,7 @@ class MatchLayersPass(Pass):
         ctx.artifacts["layer_map"] = layer_map
         return PassResult(False, {"matched": len(layer_map), "skipped": len(skipped), "by_type": layer_map.by_type()})
 
-    def _match(self, graph, node: gs.Node) -> QuantLayer | str:
+    def _match(self, graph, node: gs.Node, config=None) -> QuantLayer | str:
         opts = self.options
         if node.op not in opts.include_op_types:
             return "op type not in include_op_types"
@@ -194,9 +215,13 @@ class MatchLayersPass(Pass):
             return "op type in skip_layer_types"
         if node.name in opts.skip_layers:
             return "in skip_layers"
-        skip_by, layer_options = _resolve_overrides(opts.overrides, node)
+        config_options, config_skip = _from_config(config, node.name)
+        skip_by, layer_options, explicit = _resolve_overrides(opts.overrides, node)
         if skip_by is not None:
             return f"skipped by overrides[{skip_by}]"
+        if config_skip and not explicit:
+            return config_skip
+        layer_options = _deep_merge(config_options, layer_options)
         found = MATCHERS[node.op](graph, node)
         if isinstance(found, str):
             return found
@@ -225,17 +250,88 @@ def _preview(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _resolve_overrides(overrides: list[LayerOverride], node: gs.Node) -> tuple[int | None, dict[str, Any]]:
-    """(index of the override that skips the layer or None, merged options). Later entries win."""
+def _resolve_overrides(overrides: list[LayerOverride], node: gs.Node) -> tuple[int | None, dict[str, Any], bool]:
+    """(index of the override that skips the layer or None, merged options, whether any override
+    set ``skip`` explicitly - an explicit false un-skips a layer the AMCT config skips). Later entries win."""
     skip_by: int | None = None
+    explicit = False
     merged: dict[str, Any] = {}
     for index, override in enumerate(overrides):
         if not override.match.matches(node.name, node.op):
             continue
         if "skip" in override.model_fields_set:
             skip_by = index if override.skip else None
+            explicit = True
         merged = _deep_merge(merged, override.options)
-    return skip_by, merged
+    return skip_by, merged, explicit
+
+
+# -- AMCT quant config files -------------------------------------------------------------------
+def read_amct_config(graph, path: str, where: str):
+    """Read an AMCT JSON quant config or .cfg (by suffix, relative to the working directory),
+    checked against the graph's nodes; every problem of the file becomes one line of a ConfigError."""
+    from ..amct import ConfigFileError, read_cfg, read_quant_config
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".cfg"):
+        raise ConfigError([Problem(where, "amct_config", f"'{path}' is neither a .json nor a .cfg file",
+                                   "give AMCT's JSON quant config (.json) or its simplified config (.cfg)")])
+    if not Path(path).is_file():
+        raise ConfigError([Problem(where, "amct_config", f"file '{path}' not found",
+                                   f"relative paths resolve against the current directory {Path.cwd()}")])
+    layers = _node_types(graph)
+    try:
+        return read_quant_config(path, layers) if suffix == ".json" else read_cfg(path, layers)
+    except ConfigFileError as exc:
+        raise ConfigError([Problem(i.source if i.line is None else f"{i.source}:{i.line}:{i.col}", i.where,
+                                   i.message) for i in exc.issues]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(where, "amct_config", f"cannot read '{path}': {exc}")]) from None
+
+
+def _node_types(graph) -> dict[str, str]:
+    """{node name: op type}, first occurrence of a repeated name (the readers need unique names)."""
+    types: dict[str, str] = {}
+    for node in graph.nodes:
+        types.setdefault(node.name, node.op)
+    return types
+
+
+def amct_layer_options(layer_config) -> dict[str, Any]:
+    """Per-layer options for later passes from one ``LayerQuantConfig`` (AMCT's option names)."""
+    act = dict(layer_config.act)
+    options: dict[str, Any] = {"calibrate": {"algorithm": act.pop("algo"), "algorithm_options": act}}
+    wts = layer_config.wts
+    if wts is not None:
+        options["quantize_weights"] = {"channel_wise": wts["channel_wise"], "num_bits": wts["num_bits"]}
+    return options
+
+
+def _from_config(config, name: str) -> tuple[dict[str, Any], str | None]:
+    """(options the config gives the layer, reason it skips the layer or None)."""
+    if config is None:
+        return {}, None
+    entry = config.layers.get(name)
+    source = Path(config.source).name if config.source else "the AMCT config"
+    if entry is None:
+        return {}, f"not listed in {source}"
+    if not entry.quant_enable:
+        return {}, f"quant_enable false in {source}"
+    return amct_layer_options(entry), None
+
+
+def _warn_unsupported(config) -> None:
+    """Settings this pipeline does not implement are reported, never silently dropped."""
+    unsupported = []
+    if any(layer.wts and layer.wts.get("algo") == "ada" for layer in config.layers.values()):
+        unsupported.append("wts_algo ada_quantize (ARQ is used)")
+    if any(layer.dmq_balancer is not None for layer in config.layers.values()):
+        unsupported.append("dmq_balancer")
+    for key, present in (("tensor_quantize", config.tensor_quantize), ("joint_quant", config.joint_quant),
+                         ("weight_offset", config.weight_offset), ("nuq_config", config.nuq)):
+        if present:
+            unsupported.append(key)
+    if unsupported:
+        warnings.warn(f"{config.source}: not supported, ignored: {', '.join(unsupported)}", UserWarning, stacklevel=3)
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

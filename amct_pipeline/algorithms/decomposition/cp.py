@@ -11,7 +11,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from .common import ConvDecomposition, MethodOptions
+from .common import ConvDecomposition, MethodOptions, thin_svd
 from .evbmf import mode_ranks
 from .layer import ChildSpec, ConvLayer, Rank, horizontal, pointwise, vertical
 
@@ -22,7 +22,7 @@ class CpOptions(MethodOptions):
     rank_rule: Literal["vbmf"] = Field(
         "vbmf", description="Rank when no override or target applies: the larger VBMF rank of the channel "
                             "unfoldings (a heuristic: CP has no closed-form rank rule; prefer a target).")
-    n_iter_max: int = Field(200, ge=1, description="ALS iterations of tensorly's parafac.")
+    n_iter_max: int = Field(100, ge=1, description="ALS iterations of tensorly's parafac.")
     seed: int = Field(0, description="random_state given to tensorly (ALS initialisation beyond the SVD).")
 
 
@@ -57,7 +57,7 @@ class Cp(ConvDecomposition):
         w = np.asarray(weight, np.float64)
         root, inverse = self.whiten(input_cov, layer.cin)
         target = w if root is None else np.einsum("oihw,ij->ojhw", w, root)
-        cp = parafac(target, r, init="svd", n_iter_max=self.options.n_iter_max, normalize_factors=True,
+        cp = parafac(target, r, init="svd", svd=thin_svd, n_iter_max=self.options.n_iter_max, normalize_factors=True,
                      random_state=self.options.seed)
         lam, (a_out, a_in, a_h, a_w) = np.asarray(cp.weights), [np.asarray(f) for f in cp.factors]
         first = a_in.T if inverse is None else a_in.T @ inverse

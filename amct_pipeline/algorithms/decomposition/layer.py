@@ -7,7 +7,7 @@ Everything here is numpy only. Conventions: 2-D convs, weights ``[Cout, Cin/grou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -178,10 +178,3 @@ def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
     norm = float(np.linalg.norm(weight))
     diff = float(np.linalg.norm(weight - approx))
     return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
-
-
-def with_bias(spec: ChildSpec, bias: bool) -> ChildSpec:
-    return replace(spec, has_bias=bias)
-
-
-__all__ += ["with_bias"]

@@ -56,8 +56,10 @@ class SpatialSvd(ConvDecomposition):
             raise ValueError(f"spatial_svd needs a square kernel, '{layer.name}' has {layer.kernel}")
         (r,) = rank
         if self._first_channel(layer):
-            return [horizontal(layer, "first", layer.cin, r), vertical(layer, "last", r, layer.cout, bias=layer.has_bias)]
-        return [vertical(layer, "first", layer.cin, r), horizontal(layer, "last", r, layer.cout, bias=layer.has_bias)]
+            return [horizontal(layer, "first", layer.cin, r),
+                    vertical(layer, "last", r, layer.cout, bias=layer.has_bias)]
+        return [vertical(layer, "first", layer.cin, r),
+                horizontal(layer, "last", r, layer.cout, bias=layer.has_bias)]
 
     def matrix(self, layer: ConvLayer, weight: np.ndarray) -> np.ndarray:
         """Rows: the first child's input patch (channel, tap); columns: (output channel, other tap)."""

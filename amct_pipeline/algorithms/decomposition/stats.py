@@ -20,7 +20,7 @@ from .layer import ChildSpec
 
 __all__ = ["whitening", "gather_patches", "sample_positions", "CovarianceAccumulator", "LeastSquaresRefit"]
 
-WHITEN_FLOOR = 1e-4       # eigenvalues below this fraction of the mean are raised to it (dead channels)
+WHITEN_FLOOR = 1e-3       # eigenvalues below this fraction of the mean are raised to it (dead channels)
 
 
 def whitening(cov: np.ndarray, floor: float = WHITEN_FLOOR) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from .common import ConvDecomposition, MethodOptions, proportional_ranks
+from .common import ConvDecomposition, MethodOptions, proportional_ranks, thin_svd
 from .evbmf import mode_ranks
 from .layer import ChildSpec, ConvLayer, Rank, pointwise
 
@@ -60,7 +60,7 @@ class Tucker2(ConvDecomposition):
         w = np.asarray(weight, np.float64)
         root, inverse = self.whiten(input_cov, layer.cin)
         target = w if root is None else np.einsum("oihw,ij->ojhw", w, root)
-        (core, (u_out, u_in)), _ = partial_tucker(target, rank=[r_out, r_in], modes=[0, 1], init="svd",
+        (core, (u_out, u_in)), _ = partial_tucker(target, rank=[r_out, r_in], modes=[0, 1], init="svd", svd=thin_svd,
                                                   n_iter_max=self.options.n_iter_max,
                                                   random_state=self.options.seed)
         first = u_in.T if inverse is None else u_in.T @ inverse

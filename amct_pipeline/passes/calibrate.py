@@ -1,0 +1,200 @@
+"""calibrate: stream the calibration dataset through the float model and calibrate every layer input.
+
+Produces ``act_quant``: ``{layer name: ActQuantParams}`` for every layer of the ``layer_map``. Each
+layer's configuration is the pass's ``algorithm``/``algorithm_options``, overridden per layer by
+``layer.options["calibrate"]`` (from match_layers ``overrides`` or an AMCT config file) with the keys
+``algorithm``, ``algorithm_options`` and ``asymmetric``. Layers are grouped by their resolved
+configuration, one calibrator instance per group; a tensor read by several layers of one group is
+observed once and those layers share one ``ActQuantParams`` object.
+
+The model runs once per batch (one onnxruntime session, every needed tensor exposed) and each batch
+is handed to the calibrators and dropped: memory does not grow with ``batch_num``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from ..errors import CalibrationError, ConfigError, Problem
+from ..options import Options, parse_options, suggest
+from .base import Pass, PassResult
+
+__all__ = ["CalibratePass", "CalibrateOptions", "LAYER_KEYS", "resolve_layer_calibration"]
+
+LAYER_KEYS = ("algorithm", "algorithm_options", "asymmetric")
+WHERE = "pass 'calibrate'"
+
+
+class CalibrateOptions(Options):
+    algorithm: str = Field("ifmr", description="Activation calibrator (see `amct-pipeline list calibrators`); "
+                                               "per-layer options.calibrate.algorithm overrides it.")
+    algorithm_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the calibrator, e.g. {asymmetric: false} (AMCT activation_offset) or "
+                    "{max_percentile: 0.99999}; checked before any model is loaded.")
+    dataset: str = Field("calib", description="Name of the calibration dataset.")
+    batch_num: Optional[PositiveInt] = Field(
+        None, description="AMCT batch_num: batches to calibrate on. Default: the AMCT config's batch_num when "
+                          "match_layers read one, else every batch the dataset yields.")
+
+
+@dataclass
+class _Group:
+    """Layers sharing one calibrator configuration; ``tensors``: tensor -> layers reading it."""
+
+    algorithm: str
+    options: dict[str, Any]
+    calibrator: Any = None
+    tensors: dict[str, list[str]] = field(default_factory=dict)
+
+
+class CalibratePass(Pass):
+    name = "calibrate"
+    summary = "Run the float model on the calibration data and calibrate each layer's input (artifact 'act_quant')."
+    Options = CalibrateOptions
+    requires = frozenset({"layer_map"})
+    produces = frozenset({"act_quant"})
+    references = {"algorithm": "calibrators", "dataset": "datasets"}
+
+    def run(self, graph, ctx) -> PassResult:
+        from ..runtime.collector import collect
+        layer_map = ctx.artifacts["layer_map"]
+        groups = _make_groups(ctx.session, layer_map, self.options)
+        batch_num = self._batch_num(ctx)
+        tensors = list(dict.fromkeys(t for g in groups for t in g.tensors))
+        batches = 0
+        if tensors:
+            source = ctx.dataset(self.options.dataset)
+            for acts in collect(graph, source, tensors, batch_num, progress=ctx.progress, desc="calibrate"):
+                for group in groups:
+                    for tensor, layers in group.tensors.items():
+                        _observe(group, tensor, layers, acts[tensor], batches)
+                batches += 1
+                del acts
+        act_quant = _finalize(groups, layer_map)
+        ctx.artifacts["act_quant"] = act_quant
+        return PassResult(False, _stats(self.options, groups, act_quant, tensors, batches))
+
+    def _batch_num(self, ctx) -> int | None:
+        """Ours, else the AMCT config's (AMCT: batch_num batches, default 1), else all batches."""
+        if self.options.batch_num is not None:
+            return self.options.batch_num
+        config = ctx.artifacts.get("amct_config")
+        return getattr(config, "batch_num", None)
+
+
+# -- configuration per layer -------------------------------------------------------------------
+def resolve_layer_calibration(session, layer, options: CalibrateOptions) -> tuple[str, dict[str, Any]]:
+    """(algorithm, validated calibrator options as a plain dict) for one layer."""
+    per = layer.options.get("calibrate") or {}
+    where = f"layer '{layer.name}'.options.calibrate"
+    if not isinstance(per, Mapping):
+        raise ConfigError([Problem(WHERE, where, f"must be a mapping of {', '.join(LAYER_KEYS)}")])
+    for key in per:
+        if key not in LAYER_KEYS:
+            raise ConfigError([Problem(WHERE, f"{where}.{key}", "unknown key",
+                                       suggest(key, LAYER_KEYS) or f"known keys: {', '.join(LAYER_KEYS)}")])
+    algorithm = per.get("algorithm", options.algorithm)
+    registry = session.registry("calibrators")
+    if algorithm not in registry:
+        raise ConfigError([Problem(WHERE, f"{where}.algorithm", f"unknown calibrator '{algorithm}'",
+                                   suggest(algorithm, registry.names()) or f"known: {', '.join(registry.names())}")])
+    cls = registry.get(algorithm)
+    merged = _inherited(options, algorithm, cls)
+    merged.update(per.get("algorithm_options") or {})
+    if "asymmetric" in per:
+        merged["asymmetric"] = per["asymmetric"]
+    parsed, problems = parse_options(cls.Options, merged)
+    if problems:
+        raise ConfigError([Problem(WHERE, f"{where}.algorithm_options.{p.path}", f"{p.message} (calibrator "
+                                   f"'{algorithm}')", p.hint) for p in problems])
+    return algorithm, parsed.model_dump()
+
+
+def _inherited(options: CalibrateOptions, algorithm: str, cls) -> dict[str, Any]:
+    """The pass's algorithm_options; for a layer on another algorithm only the keys it accepts
+    (asymmetric, num_bits, ...), so switching one layer to hfmg keeps the pipeline's asymmetry."""
+    if algorithm == options.algorithm:
+        return dict(options.algorithm_options)
+    accepted = set(cls.Options.model_fields)
+    return {k: v for k, v in options.algorithm_options.items() if k in accepted}
+
+
+def _make_groups(session, layer_map, options: CalibrateOptions) -> list[_Group]:
+    groups: dict[tuple[str, str], _Group] = {}
+    for layer in layer_map.layers():
+        algorithm, algo_options = resolve_layer_calibration(session, layer, options)
+        key = (algorithm, json.dumps(algo_options, sort_keys=True, default=str))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = _Group(algorithm, algo_options,
+                                         session.make_algorithm("calibrators", algorithm, algo_options))
+        group.tensors.setdefault(layer.input, []).append(layer.name)
+    return list(groups.values())
+
+
+# -- observing and finalizing ------------------------------------------------------------------
+def _layers_text(layers: list[str]) -> str:
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(f"'{n}'" for n in layers)
+
+
+def _observe(group: _Group, tensor: str, layers: list[str], batch: np.ndarray, index: int) -> None:
+    try:
+        group.calibrator.observe(tensor, batch)
+    except ValueError as exc:
+        if not np.isfinite(batch).all():
+            raise CalibrationError(f"{_layers_text(layers)}: input activation '{tensor}' has NaN or Inf values "
+                                   f"in calibration batch {index}; check the data and the float model") from None
+        raise CalibrationError(f"{_layers_text(layers)}: calibrator '{group.algorithm}' failed on input "
+                               f"'{tensor}' (batch {index}): {exc}") from exc
+
+
+_TENSOR_IN_MESSAGE = re.compile(r"tensor '([^']*)'")
+
+
+def _finalize(groups: list[_Group], layer_map) -> dict[str, Any]:
+    by_layer: dict[str, Any] = {}
+    for group in groups:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                params = group.calibrator.finalize()
+            except ValueError as exc:
+                raise CalibrationError(f"calibrator '{group.algorithm}' failed: {exc}") from exc
+        _rewarn(caught, group)
+        for tensor, layers in group.tensors.items():
+            if tensor not in params:
+                raise CalibrationError(f"{_layers_text(layers)}: calibrator '{group.algorithm}' returned no "
+                                       f"factors for input '{tensor}'")
+            for name in layers:
+                by_layer[name] = params[tensor]   # the same object for layers sharing the tensor
+    return {name: by_layer[name] for name in layer_map if name in by_layer}
+
+
+def _rewarn(caught, group: _Group) -> None:
+    """Calibrators warn about tensors; users think in layers, so name them."""
+    for w in caught:
+        text = str(w.message)
+        match = _TENSOR_IN_MESSAGE.search(text)
+        layers = group.tensors.get(match.group(1)) if match else None
+        if layers:
+            text = f"{_layers_text(layers)}: {text}"
+        warnings.warn(text, w.category if issubclass(w.category, Warning) else RuntimeWarning, stacklevel=4)
+
+
+def _stats(options: CalibrateOptions, groups: list[_Group], act_quant, tensors: list[str], batches: int):
+    stats: dict[str, Any] = {"layers": len(act_quant), "tensors": len(tensors), "batches": batches,
+                             "algorithm": options.algorithm}
+    algorithms: dict[str, int] = {}
+    for group in groups:
+        algorithms[group.algorithm] = algorithms.get(group.algorithm, 0) + sum(map(len, group.tensors.values()))
+    if len(groups) > 1:
+        stats["calibrations"] = sum(len(g.tensors) for g in groups)
+        stats["algorithms"] = algorithms
+    return stats

@@ -1,0 +1,504 @@
+"""decompose: replace Conv layers by chains of cheaper child convs (SPEC 7), data-free or data-aware.
+
+Methods are registered algorithms (``spatial_svd``, ``tucker2``, ``cp``; plugins may add more). The
+pass chooses layers (eligibility rules, include/exclude, every refusal reported with its reason),
+ranks (explicit per layer, a global FLOPs/params target, or the method's rule), then rewrites:
+
+* data-free: the children come from the weights alone;
+* data-aware: with a calibration dataset, layers are decomposed one after the other; each uses the
+  covariance of the inputs it receives in the partly decomposed model (input whitening), then its
+  last child is refit by least squares against the float layer's output (see
+  ``algorithms.decomposition.stats``).
+
+Outputs: the decomposed graph; ``<model>_decompose_info.json`` (AMCT's info shape, see
+``algorithms.decomposition.info``) when there is an output directory; the ``decomposition`` artifact
+(info, report, AMCT-style ``changes``); a report table on the terminal; optionally a JSON report and
+a PNG of output SQNR versus FLOPs kept.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from pydantic import Field, field_validator, model_validator
+
+from ..algorithms.decomposition import info as info_file
+from ..algorithms.decomposition.layer import ChildSpec, ConvLayer, Rank, compose_kernels, relative_error
+from ..algorithms.decomposition.planning import allocate, cost_of, eligibility_problem
+from ..algorithms.decomposition.sampling import CalibrationData, sqnr_db
+from ..algorithms.decomposition.stats import (CovarianceAccumulator, LeastSquaresRefit, gather_patches,
+                                              sample_positions)
+from ..errors import ConfigError, Problem
+from ..options import Options, suggest
+from ..reports.decomposition import DecompositionReport, LayerReport
+from .base import Pass, PassResult
+
+__all__ = ["DecomposePass", "DecomposeOptions", "Decomposition", "conv_layer", "replace_conv", "spatial_shapes",
+           "weight_of", "bias_of"]
+
+WHERE = "pass 'decompose'"
+
+
+# -- options -----------------------------------------------------------------------------------
+class DecomposeOptions(Options):
+    method: str = Field("tucker2", description="Decomposition method (see `amct-pipeline list decompositions`).")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="Options of the method.")
+    rules: Optional[Literal["basic", "amct"]] = Field(
+        None, description="Eligibility: 'basic' = group 1, dilation 1, kernel_h = kernel_w > 2; 'amct' adds "
+                          "stride <= 2, k·min(Cin,Cout) >= 16, k >= 7 or min(Cin,Cout) >= 64. Default: the "
+                          "method's preference (spatial_svd: amct, others: basic).")
+    include: list[str] = Field(default_factory=list, description="Only these Conv layers (default: all eligible); "
+                                                                  "naming an ineligible layer is an error.")
+    exclude: list[str] = Field(default_factory=list, description="Conv layers to leave alone.")
+    ranks: dict[str, Union[int, list[int]]] = Field(
+        default_factory=dict, description="Per-layer rank: spatial_svd/cp an int, tucker2 [rank_in, rank_out] "
+                                          "(an int sets both). Named layers are decomposed.")
+    target: Optional[float] = Field(None, description="Fraction (0, 1] of the decomposed layers' FLOPs (or "
+                                                      "params) to keep, met across layers; default: method rule.")
+    target_metric: Literal["flops", "params"] = Field("flops", description="What target counts.")
+    require_reduction: bool = Field(True, description="Leave a layer alone when its rank (from the rule) "
+                                                      "would not reduce FLOPs (params when sizes are unknown).")
+    data_aware: bool = Field(False, description="Minimise each layer's response error on 'dataset' (input "
+                                                "whitening + least-squares refit of the last child).")
+    dataset: Optional[str] = Field(None, description="Calibration dataset: needed by data_aware and plot; "
+                                                     "when given, the report has the model output SQNR on it.")
+    num_batches: Optional[int] = Field(None, gt=0, description="Use at most this many batches of the dataset.")
+    samples_per_image: int = Field(2048, gt=0, description="Positions sampled per image for the statistics.")
+    info_file: Optional[str] = Field("{model}_decompose_info.json",
+                                     description="Info file written in the output directory when a layer "
+                                                 "was decomposed (null: none).")
+    report: bool = Field(True, description="Print the report table on the terminal (not in quiet runs).")
+    report_file: Optional[str] = Field(None, description="Also write the report as JSON (e.g. "
+                                                         "'{model}_decompose_report.json').")
+    plot: Optional[str] = Field(None, description="Write a PNG of output SQNR vs FLOPs kept, sweeping "
+                                                  "plot_targets (needs dataset and matplotlib).")
+    plot_targets: list[float] = Field(default_factory=lambda: [0.15, 0.25, 0.4, 0.6, 0.8],
+                                      description="Targets the plot sweeps (besides the chosen point).")
+
+    @field_validator("target")
+    @classmethod
+    def _target_range(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not (0 < value <= 1):
+            raise ValueError(f"target must be in (0, 1] (the fraction of FLOPs or params to keep), got {value}")
+        return value
+
+    @field_validator("plot_targets")
+    @classmethod
+    def _plot_range(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"plot_targets must be in (0, 1], got {bad}")
+        return values
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "DecomposeOptions":
+        for flag in ("data_aware", "plot"):
+            if getattr(self, flag) and self.dataset is None:
+                raise ValueError(f"{flag} needs a calibration dataset: set dataset: NAME")
+        clash = sorted(set(self.exclude) & (set(self.include) | set(self.ranks)))
+        if clash:
+            raise ValueError(f"layer(s) {clash} are both excluded and included/ranked")
+        return self
+
+
+# -- the artifact ------------------------------------------------------------------------------
+@dataclass
+class Decomposition:
+    """What ``decompose`` leaves in ``ctx.artifacts['decomposition']``."""
+
+    info: dict[str, Any]                                   # the info file's content
+    report: DecompositionReport
+    changes: dict[str, list[str]] = field(default_factory=dict)   # AMCT: layer -> child names
+
+
+@dataclass
+class _Item:
+    node: gs.Node
+    layer: ConvLayer
+    rank: Rank
+    children: list[ChildSpec]
+    names: list[str] = field(default_factory=list)    # child node names, once rewritten
+
+
+# -- the pass ----------------------------------------------------------------------------------
+class DecomposePass(Pass):
+    name = "decompose"
+    summary = ("Decompose Conv layers (spatial_svd / tucker2 / cp) into cheaper child convs; rank rules, "
+               "targets, data-aware refit; AMCT info file and a report.")
+    Options = DecomposeOptions
+    produces = frozenset({"decomposition"})
+    references = {"method": "decompositions", "dataset": "datasets"}
+
+    def run(self, graph, ctx) -> PassResult:
+        opts = self.options
+        if "layer_map" in ctx.artifacts:
+            raise ConfigError([Problem(WHERE, "", "decompose replaces layers that 'layer_map' already names",
+                                       "put decompose before match_layers")])
+        if opts.plot:
+            from ..reports.plot import require_matplotlib
+            require_matplotlib()
+        method = ctx.session.make_algorithm("decompositions", opts.method, opts.method_options)
+        original = graph.to_proto() if opts.plot else None
+        items, skipped = make_plan(graph, method, opts)
+        data = self._data(graph, ctx) if opts.dataset else None
+        report = decompose_graph(graph, items, method, opts, data, seed=ctx.seed)
+        report.skipped = skipped
+        result = Decomposition(self._info(method, items), report, {i.layer.name: list(i.names) for i in items})
+        self._write(ctx, result, method, original, data)
+        ctx.artifacts["decomposition"] = result
+        if opts.report and ctx.progress:
+            print(report.table(), file=sys.stderr, flush=True)
+        return PassResult(bool(items), _stats(report))
+
+    def _data(self, graph, ctx) -> CalibrationData:
+        from ..runtime.data import model_inputs
+        return CalibrationData(ctx.dataset(self.options.dataset), model_inputs(graph), self.options.num_batches)
+
+    def _info(self, method, items: list[_Item]) -> dict[str, Any]:
+        return {i.layer.name: info_file.info_entry(i.layer, method.name, method.mode(i.layer), i.rank, i.children,
+                                                   i.names)
+                for i in items}
+
+    def _write(self, ctx, result: Decomposition, method, original, data) -> None:
+        opts = self.options
+        if ctx.outputs.directory is None:
+            return
+        if opts.info_file and result.info:
+            path = ctx.output_path(opts.info_file.format(model=ctx.model_name))
+            path.write_text(json.dumps(result.info, indent=2) + "\n")
+        if opts.report_file:
+            path = ctx.output_path(opts.report_file.format(model=ctx.model_name))
+            path.write_text(json.dumps(result.report.to_json(), indent=2) + "\n")
+        if opts.plot:
+            _plot(ctx, opts, method, original, data, result.report)
+
+
+def _stats(report: DecompositionReport) -> dict[str, Any]:
+    stats: dict[str, Any] = {"decomposed": len(report.layers), "skipped": dict(report.skipped),
+                             "ranks": {layer.name: list(layer.rank) for layer in report.layers}}
+    if report.flops_reduction is not None:
+        stats["flops_reduction"] = round(report.flops_reduction, 3)
+    if report.output_sqnr_db is not None:
+        stats["output_sqnr_db"] = round(report.output_sqnr_db, 2)
+    return stats
+
+
+# -- reading Conv layers -----------------------------------------------------------------------
+def spatial_shapes(graph) -> dict[str, tuple]:
+    """Tensor name -> shape from ONNX shape inference (empty when inference fails)."""
+    try:
+        model = onnx.shape_inference.infer_shapes(graph.to_proto())
+    except Exception:          # inference is best effort: without sizes FLOPs are simply unknown
+        return {}
+    shapes = {}
+    for value in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return shapes
+
+
+def _const_shape(tensor: gs.Tensor) -> Optional[tuple[int, ...]]:
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape)
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
+        return tuple(producer.attrs["value"].shape)
+    return None
+
+
+def weight_of(node: gs.Node) -> np.ndarray:
+    from ..ir.graph import Graph
+    return np.asarray(Graph.constant_value(node.inputs[1]))
+
+
+def bias_of(node: gs.Node) -> Optional[np.ndarray]:
+    from ..ir.graph import Graph
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        return np.asarray(Graph.constant_value(node.inputs[2]))
+    return None
+
+
+def conv_layer(node: gs.Node, shapes: dict[str, tuple]) -> ConvLayer | str:
+    """The facts of a Conv node, or why it cannot be decomposed at all."""
+    if len(node.inputs) < 2 or _const_shape(node.inputs[1]) is None:
+        return "weight is not a constant"
+    wshape = _const_shape(node.inputs[1])
+    if len(wshape) != 4:
+        return f"{len(wshape) - 2}-D conv: only 2-D convs are decomposed"
+    if len(node.inputs) > 2 and node.inputs[2].name and _const_shape(node.inputs[2]) is None:
+        return "bias is not a constant"
+    dtype = node.inputs[1].dtype if isinstance(node.inputs[1], gs.Constant) else np.float32
+    if np.dtype(dtype).kind != "f":
+        return f"weight is {np.dtype(dtype)}, not floating point"
+    attrs = node.attrs
+    group = int(attrs.get("group", 1))
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape", wshape[2:]))
+    stride = tuple(int(s) for s in attrs.get("strides", (1, 1)))
+    dilation = tuple(int(d) for d in attrs.get("dilations", (1, 1)))
+    in_shape = shapes.get(node.inputs[0].name) or tuple(node.inputs[0].shape or ())
+    in_hw = tuple(in_shape[2:4]) if len(in_shape) == 4 and all(isinstance(d, int) and d for d in in_shape[2:4]) \
+        else None
+    pads = _pads(attrs, kernel, stride, dilation, in_hw)
+    if isinstance(pads, str):
+        return pads
+    return ConvLayer(node.name, wshape[1] * group, wshape[0], kernel, stride, pads, dilation, group,
+                     len(node.inputs) > 2 and bool(node.inputs[2].name), in_hw, np.dtype(dtype).name)
+
+
+def _pads(attrs, kernel, stride, dilation, in_hw) -> tuple[int, int, int, int] | str:
+    """Explicit ONNX pads (auto_pad resolved: the children need their own explicit padding)."""
+    auto = attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        pads = [int(p) for p in attrs.get("pads", (0, 0, 0, 0))]
+        return tuple(pads) if len(pads) == 4 else (0, 0, 0, 0)
+    if auto == "VALID":
+        return (0, 0, 0, 0)
+    begin, end = [], []
+    for axis in range(2):
+        span = (kernel[axis] - 1) * dilation[axis] + 1
+        if in_hw is None and stride[axis] != 1:
+            return f"auto_pad {auto} with stride {stride[axis]} and an unknown input size"
+        size = in_hw[axis] if in_hw is not None else 1
+        out = -(-size // stride[axis])
+        total = max((out - 1) * stride[axis] + span - size, 0) if in_hw is not None else span - 1
+        small = total // 2
+        begin.append(small if auto == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return (begin[0], begin[1], end[0], end[1])
+
+
+# -- planning ----------------------------------------------------------------------------------
+def _problem(path: str, message: str, hint: str = "") -> ConfigError:
+    return ConfigError([Problem(WHERE, path, message, hint)])
+
+
+def _check_names(opts: DecomposeOptions, convs: dict[str, Any], ops: dict[str, str]) -> None:
+    """Every named layer must be a Conv; include/ranks must name eligible ones (error says why not)."""
+    named = [("include", n) for n in opts.include] + [("exclude", n) for n in opts.exclude] + \
+            [(f"ranks.{n}", n) for n in opts.ranks]
+    for path, name in named:
+        if name not in ops:
+            raise _problem(path, f"no layer named '{name}' in the model",
+                           suggest(name, list(convs)) or f"Conv layers: {', '.join(list(convs)[:8]) or 'none'}")
+        if ops[name] != "Conv":
+            raise _problem(path, f"'{name}' is a {ops[name]}, not a Conv layer")
+        if not path.startswith("exclude") and isinstance(convs[name], str):
+            raise _problem(path, f"'{name}' cannot be decomposed: {convs[name]}")
+
+
+def make_plan(graph, method, opts: DecomposeOptions) -> tuple[list[_Item], dict[str, str]]:
+    """Layers with ranks and child structures, plus the reason for every Conv left alone."""
+    shapes = spatial_shapes(graph)
+    rules = opts.rules or method.preferred_rules
+    convs: dict[str, ConvLayer | str] = {}
+    nodes = {}
+    for node in graph.nodes:
+        if node.op == "Conv":
+            layer = conv_layer(node, shapes)
+            problem = layer if isinstance(layer, str) else eligibility_problem(layer, rules)
+            convs[node.name], nodes[node.name] = problem or layer, node
+    _check_names(opts, convs, {n.name: n.op for n in graph.nodes})
+    wanted = set(opts.include) | set(opts.ranks)
+    skipped = {name: (v if isinstance(v, str) else "in exclude" if name in opts.exclude else "not in include")
+               for name, v in convs.items()
+               if isinstance(v, str) or name in opts.exclude or (opts.include and name not in wanted)}
+    layers = [v for name, v in convs.items() if name not in skipped]
+    ranks = _ranks(method, opts, layers, nodes, skipped)
+    items = []
+    for layer in layers:
+        if layer.name in ranks:
+            rank = ranks[layer.name]
+            items.append(_Item(nodes[layer.name], layer, rank, method.structure(layer, rank)))
+    return items, skipped
+
+
+def _ranks(method, opts, layers: list[ConvLayer], nodes, skipped: dict[str, str]) -> dict[str, Rank]:
+    explicit: dict[str, Rank] = {}
+    for layer in layers:
+        if layer.name in opts.ranks:
+            try:
+                explicit[layer.name] = method.normalize_rank(layer, opts.ranks[layer.name])
+            except ValueError as exc:
+                raise _problem(f"ranks.{layer.name}", str(exc)) from None
+    free = [layer for layer in layers if layer.name not in explicit]
+    chosen = dict(explicit)
+    if opts.target is not None:
+        fixed = {layer.name: (layer, explicit[layer.name]) for layer in layers if layer.name in explicit}
+        try:
+            choices = allocate(method, free, fixed, opts.target, opts.target_metric)
+        except ValueError as exc:
+            raise _problem("target", str(exc)) from None
+        for name, choice in choices.items():
+            if choice.rank is None:
+                skipped[name] = choice.reason
+            else:
+                chosen[name] = choice.rank
+        return chosen
+    for layer in free:
+        rank = method.default_rank(layer, weight_of(nodes[layer.name]))
+        unprofitable = _no_gain(method, layer, rank) if opts.require_reduction else None
+        if unprofitable:
+            skipped[layer.name] = unprofitable
+        else:
+            chosen[layer.name] = rank
+    return chosen
+
+
+def _no_gain(method, layer: ConvLayer, rank: Rank) -> Optional[str]:
+    before, after = cost_of(method, layer, None), cost_of(method, layer, rank)
+    metric = "flops" if before.flops is not None else "params"
+    if after.metric(metric) >= before.metric(metric):
+        return f"rank {list(rank)} from the {method.name} rule would not reduce {metric} " \
+               f"({before.metric(metric):,} -> {after.metric(metric):,})"
+    return None
+
+
+# -- rewriting ---------------------------------------------------------------------------------
+def replace_conv(graph, node: gs.Node, children: list[ChildSpec], weights: list[np.ndarray],
+                 bias: Optional[np.ndarray], names: Optional[list[str]] = None) -> list[gs.Node]:
+    """Put the chain of child convs where ``node`` was; the last child takes over its output tensor."""
+    x, y = node.inputs[0], node.outputs[0]
+    dtype = np.dtype(node.inputs[1].dtype) if isinstance(node.inputs[1], gs.Constant) else np.dtype(np.float32)
+    names = names or [graph.unique_name(f"{node.name}.{i}") for i in range(len(children))]
+    position = graph.nodes.index(node)
+    node.inputs.clear()
+    node.outputs.clear()
+    new, current = [], x
+    for index, (spec, weight, name) in enumerate(zip(children, weights, names)):
+        last = index == len(children) - 1
+        inputs = [current, gs.Constant(f"{name}.weight", np.ascontiguousarray(weight, dtype=dtype))]
+        if spec.has_bias:
+            inputs.append(gs.Constant(f"{name}.bias", np.ascontiguousarray(bias, dtype=dtype)))
+        out = y if last else gs.Variable(f"{name}.out", dtype=x.dtype)
+        attrs = {"kernel_shape": list(spec.kernel), "strides": list(spec.stride), "pads": list(spec.pads),
+                 "dilations": list(spec.dilation), "group": spec.group}
+        new.append(gs.Node("Conv", name=name, attrs=attrs, inputs=inputs, outputs=[out]))
+        current = out
+    graph.gs.nodes[position:position + 1] = new
+    return new
+
+
+# -- decomposition, data-free and data-aware ---------------------------------------------------
+def decompose_graph(graph, items: list[_Item], method, opts: DecomposeOptions, data: Optional[CalibrationData],
+                    *, seed: int = 0) -> DecompositionReport:
+    report = DecompositionReport(method.name, opts.data_aware, opts.target, opts.target_metric,
+                                 dataset=data.name if data else None, samples=data.samples if data else 0)
+    aware = opts.data_aware and data is not None
+    targets, reference = _reference(graph, items if aware else [], data, opts, seed) if data else ({}, None)
+    for index, item in enumerate(items):
+        weight, bias = weight_of(item.node), bias_of(item.node)
+        cov = _input_covariance(graph, item, index, data, opts, seed) if aware else None
+        with warnings.catch_warnings():       # tensorly warns when a CP rank exceeds a mode size
+            warnings.simplefilter("ignore", UserWarning)
+            child_weights = method.decompose(item.layer, weight, item.rank, input_cov=cov)
+        nodes = replace_conv(graph, item.node, item.children, child_weights, bias)
+        item.names = [n.name for n in nodes]
+        response = _refit_last(graph, item, nodes, index, targets[index], data, opts, seed) if aware else None
+        report.layers.append(_layer_report(method, item, nodes, weight, response))
+    if items:
+        graph.finalize()
+    if reference is not None:
+        outputs = [t.name for t in graph.gs.outputs]
+        approx = [out for _, batch in data.run(graph.to_proto(), outputs) for out in batch.values()]
+        report.output_sqnr_db = sqnr_db(reference, approx)
+    return report
+
+
+def _positions(seed: int, layer: int, batch: int, purpose: int, count: int, out_hw, per_image: int):
+    """Sample positions, reproducible per (layer, batch, purpose) so separate runs line up."""
+    rng = np.random.default_rng([seed, layer, batch, purpose])
+    return sample_positions(rng, count, tuple(out_hw), per_image)
+
+
+def _reference(graph, items: list[_Item], data: CalibrationData, opts, seed: int):
+    """One run of the float model: sampled layer outputs (refit targets) and the model outputs."""
+    layer_outputs = [item.node.outputs[0].name for item in items]
+    model_outputs = [t.name for t in graph.gs.outputs]
+    targets: dict[int, list[np.ndarray]] = {i: [] for i in range(len(items))}
+    reference = []
+    for batch, values in data.run(graph.to_proto(), list(dict.fromkeys(layer_outputs + model_outputs))):
+        for index, name in enumerate(layer_outputs):
+            y = values[name]
+            image, row, col = _positions(seed, index, batch, 0, len(y), y.shape[2:], opts.samples_per_image)
+            targets[index].append(y[image, :, row, col])
+        reference.extend(values[name] for name in model_outputs)
+    return targets, reference
+
+
+def _input_covariance(graph, item: _Item, index: int, data: CalibrationData, opts, seed: int) -> np.ndarray:
+    """Covariance of the first child's input patches, as the partly decomposed model feeds them."""
+    first = item.children[0]
+    name = item.node.inputs[0].name
+    acc = CovarianceAccumulator(first.cin * first.kernel[0] * first.kernel[1])
+    for batch, values in data.run(graph.to_proto(), [name]):
+        x = values[name]
+        positions = _positions(seed, index, batch, 1, len(x), first.out_hw(x.shape[2:]), opts.samples_per_image)
+        acc.add(gather_patches(x, first, positions))
+    return acc.covariance()
+
+
+def _refit_last(graph, item: _Item, nodes: list[gs.Node], index: int, targets: list[np.ndarray],
+                data: CalibrationData, opts, seed: int) -> tuple[Optional[float], Optional[float]]:
+    """Least-squares refit of the last child on its real inputs; (response SQNR before, after)."""
+    last, spec = nodes[-1], item.children[-1]
+    weight = last.inputs[1].values
+    bias = last.inputs[2].values if spec.has_bias else None
+    w0 = weight.reshape(weight.shape[0], -1).T.astype(np.float64)
+    acc = LeastSquaresRefit(w0.shape[0], w0.shape[1], intercept=spec.has_bias)
+    name = last.inputs[0].name
+    for batch, values in data.run(graph.to_proto(), [name]):
+        z = values[name]
+        positions = _positions(seed, index, batch, 0, len(z), spec.out_hw(z.shape[2:]), opts.samples_per_image)
+        acc.add(gather_patches(z, spec, positions), targets[batch])
+    before = acc.sqnr_db(w0, bias)
+    w, b = acc.solve(w0, bias)
+    last.inputs[1].values = np.ascontiguousarray(w.T.reshape(weight.shape), dtype=weight.dtype)
+    if spec.has_bias:
+        last.inputs[2].values = np.ascontiguousarray(b, dtype=bias.dtype)
+    return before, acc.sqnr_db(w, b)
+
+
+def _layer_report(method, item: _Item, nodes: list[gs.Node], weight: np.ndarray, response) -> LayerReport:
+    before, after = cost_of(method, item.layer, None), cost_of(method, item.layer, item.rank)
+    composed = compose_kernels(item.children, [n.inputs[1].values for n in nodes])
+    return LayerReport(item.layer.name, method.mode(item.layer), item.rank, [n.name for n in nodes],
+                       before.flops, after.flops, before.params, after.params,
+                       relative_error(weight, composed), response[1] if response else None,
+                       response[0] if response else None)
+
+
+# -- the optional trade-off plot ---------------------------------------------------------------
+def _plot(ctx, opts: DecomposeOptions, method, original: onnx.ModelProto, data, chosen: DecompositionReport) -> None:
+    """Re-run the decomposition from the original model at each plot target; plot SQNR vs FLOPs kept."""
+    from ..ir.graph import Graph
+    from ..reports.plot import plot_tradeoff
+    points = []
+    for target in sorted(set(opts.plot_targets)):
+        graph = Graph.from_proto(_copy(original), name=ctx.model_name)
+        sweep = opts.model_copy(update={"target": target})
+        try:
+            items, _ = make_plan(graph, method, sweep)
+        except ConfigError:
+            continue                       # e.g. explicit ranks above this target: no point there
+        report = decompose_graph(graph, items, method, sweep, data, seed=ctx.seed)
+        if report.flops_reduction and report.output_sqnr_db is not None:
+            points.append((1 / report.flops_reduction, report.output_sqnr_db))
+    label = f"{method.name} ({'data-aware' if opts.data_aware else 'data-free'})"
+    series = {label: points}
+    if chosen.flops_reduction and chosen.output_sqnr_db is not None:
+        series["chosen"] = [(1 / chosen.flops_reduction, chosen.output_sqnr_db)]
+    plot_tradeoff(series, ctx.output_path(opts.plot.format(model=ctx.model_name)),
+                  title=f"{ctx.model_name}: output SQNR on '{chosen.dataset}' vs FLOPs kept")
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy

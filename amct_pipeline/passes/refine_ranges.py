@@ -1,0 +1,364 @@
+"""refine_ranges: output-aware refinement of the activation ranges any calibrator chose.
+
+Calibrators minimise each tensor's own quantization error; the network cares about its outputs.
+This pass adjusts the ranges to minimise the error of the quantized model's outputs against the
+float model's, on a bounded subset of the calibration data (``num_batches``, ``max_samples``):
+coordinate descent over the quantized tensors, noisiest first (lowest own SQNR in the quantized
+model), trying ``factors`` of clip_max (and separately of clip_min for asymmetric ranges that reach
+below zero; symmetric ranges shrink both ends), keeping a change only when the output error drops.
+
+Evaluation is fast because the pass builds ONE onnxruntime model emulating AMCT's fake-quant layout
+(SPEC 5.4): weights replaced by their fake-quantized values (``int8 * scale_w`` from
+``weight_quant``) and before each quantized layer AMCT's ``Mul(1/scale) -> Round -> Add(offset) ->
+Clip(qmin, qmax) -> Sub(offset) -> Mul(scale)``, folded to the identical
+``Mul(1/scale) -> Round -> Clip(qmin - offset, qmax - offset) -> Mul(scale)`` (integers are exact in
+float, so adding then subtracting the offset around the clip only moves the clip bounds; 4 ops run in
+half the time of 6). ``1/scale``, both clip bounds and ``scale`` are graph INPUTS: trying a candidate
+is one more run of the same session. Biases stay float (their int32 rounding error is negligible next
+to the activations'). The final model is not written here.
+
+Units: layers that read the same tensor with the same ``ActQuantParams`` object share one
+fake-quant branch and are refined together; the refined object replaces theirs in ``act_quant``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from pydantic import Field, PositiveInt, field_validator
+
+from ..algorithms.base import ActQuantParams
+from ..errors import CalibrationError
+from ..options import Options
+from .base import Pass, PassResult
+
+__all__ = ["RefineRangesPass", "RefineRangesOptions", "build_eval_model", "dequantize_weight"]
+
+PREFIX = "amct_refine"
+MIN_OPSET = 13       # Round and Clip-with-inputs need 11; 13 is what the converter targets reliably
+
+
+class RefineRangesOptions(Options):
+    dataset: str = Field("calib", description="Dataset whose first batches are the refinement data.")
+    num_batches: PositiveInt = Field(2, description="Batches of the dataset used to measure the output error.")
+    max_samples: Optional[PositiveInt] = Field(
+        64, description="At most this many samples in all (a batch with a free batch dimension is cut).")
+    factors: list[float] = Field(
+        default_factory=lambda: [1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5],
+        description="Multipliers tried for clip_max (and clip_min); 1.0 = the current range.")
+    sweeps: int = Field(1, ge=1, le=5, description="Passes over all tensors (a sweep without change stops).")
+    refine_min: bool = Field(True, description="Also shrink clip_min of asymmetric ranges that reach below zero.")
+    min_improvement: float = Field(
+        1e-3, ge=0.0, lt=1.0, description="Keep a change only if it lowers the output error by this fraction.")
+    patience: int = Field(
+        2, ge=1, description="Stop trying further factors of one range after this many candidates in a row "
+                             "each worse than the one before (the error curve has turned up).")
+
+    @field_validator("factors")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+            raise ValueError("factors must be a non-empty list of positive numbers")
+        return values
+
+
+@dataclass
+class _Unit:
+    """One fake-quant branch: the layers reading ``tensor`` with the same params object."""
+
+    tensor: str
+    layers: list[str]
+    params: ActQuantParams
+    index: int = 0
+    changed: bool = False
+    noise: float = 0.0
+
+    @property
+    def names(self) -> tuple[str, str, str, str]:
+        """Graph inputs: 1/scale, clip low and high (integer domain minus offset), scale."""
+        base = f"{PREFIX}.{self.index}"
+        return f"{base}.inv_scale", f"{base}.low", f"{base}.high", f"{base}.scale"
+
+
+class RefineRangesPass(Pass):
+    name = "refine_ranges"
+    summary = ("Output-aware range refinement: shrink activation ranges where that lowers the quantized "
+               "model's output error (updates 'act_quant').")
+    Options = RefineRangesOptions
+    requires = frozenset({"act_quant", "weight_quant", "layer_map"})
+    produces = frozenset({"act_quant"})
+    references = {"dataset": "datasets"}
+
+    def run(self, graph, ctx) -> PassResult:
+        act_quant = ctx.artifacts["act_quant"]
+        layer_map = ctx.artifacts["layer_map"]
+        units = _units(layer_map, act_quant)
+        if not units:
+            return PassResult(False, {"tensors": 0, "tensors_changed": 0, "sweeps": 0})
+        feeds = _subset(graph, ctx.dataset(self.options.dataset), self.options)
+        model = build_eval_model(graph, layer_map, ctx.artifacts["weight_quant"], units)
+        evaluator = _Evaluator(graph, model, feeds, units)
+        stats = _coordinate_descent(evaluator, units, self.options, ctx.progress)
+        for unit in units:
+            for name in unit.layers:
+                act_quant[name] = unit.params
+        return PassResult(False, stats)
+
+
+# -- units and data ----------------------------------------------------------------------------
+def _units(layer_map, act_quant) -> list[_Unit]:
+    units: dict[tuple[str, int], _Unit] = {}
+    for layer in layer_map.layers():
+        params = act_quant.get(layer.name)
+        if params is None:
+            continue
+        key = (layer.input, id(params))
+        if key not in units:
+            units[key] = _Unit(layer.input, [], params, index=len(units))
+        units[key].layers.append(layer.name)
+    return list(units.values())
+
+
+def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.ndarray]]:
+    """The first batches, cut to ``max_samples`` where the batch dimension is free."""
+    from ..runtime.collector import planned_batches
+    plan = planned_batches(graph, source, None)
+    fixed = any(i.fixed_batch for i in plan.inputs)
+    budget = options.max_samples if options.max_samples is not None else math.inf
+    feeds = []
+    for index, feed in enumerate(source.batches(plan.inputs)):
+        if index >= options.num_batches or budget <= 0:
+            break
+        size = len(next(iter(feed.values())))
+        if size > budget and not fixed:
+            feed = {k: v[: int(budget)] for k, v in feed.items()}
+            size = int(budget)
+        feeds.append(feed)
+        budget -= size
+    if not feeds:
+        raise CalibrationError(f"dataset '{source.name}' yields no batch")
+    return feeds
+
+
+# -- the fake-quant evaluation model ------------------------------------------------------------
+def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit]) -> onnx.ModelProto:
+    """The float graph with fake-quantized weights and input-driven activation fake-quant branches.
+
+    Extra outputs ``<prefix>.<i>.noise`` / ``.power``: sum of squared quantization error and of the
+    signal of each unit (used once, to order the units).
+    """
+    model = _at_least_opset(graph.to_proto(), MIN_OPSET)
+    nodes = {n.name: n for n in model.graph.node}
+    _fake_quant_weights(graph, model, nodes, layer_map, weight_quant)
+    branches: dict[str, list[onnx.NodeProto]] = {}
+    for unit in units:
+        branches.setdefault(unit.tensor, []).extend(_insert_fake_quant(model, nodes, unit))
+    _place_after_producers(model, branches)
+    return model
+
+
+def _place_after_producers(model: onnx.ModelProto, branches: dict[str, list[onnx.NodeProto]]) -> None:
+    """Put each branch right after the node producing its tensor: the node list stays topological."""
+    produced = {t for node in model.graph.node for t in node.output}
+    ordered = [n for tensor, extra in branches.items() if tensor not in produced for n in extra]
+    for node in list(model.graph.node):
+        ordered.append(node)
+        for tensor in node.output:
+            ordered.extend(branches.get(tensor, ()))
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
+def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
+        return model
+    from onnx import version_converter
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors with C++ text
+        raise CalibrationError(f"refine_ranges needs opset >= {opset} for Round/Clip; converting the model "
+                               f"from opset {current} failed: {str(exc).splitlines()[0]}") from exc
+
+
+def _fake_quant_weights(graph, model: onnx.ModelProto, nodes, layer_map, weight_quant) -> None:
+    """Point each quantized layer's weight input at a new initializer holding ``q * scale_w``."""
+    from .match_layers import weight_values
+    for layer in layer_map.layers():
+        params = weight_quant.get(layer.name) if layer.weight is not None else None
+        if params is None:
+            continue
+        seen = weight_values(graph, layer)
+        values = dequantize_weight(params.quantized, params.scale, layer)
+        if values.shape != seen.shape:
+            raise CalibrationError(f"layer '{layer.name}': weight_quant holds a {values.shape} weight, the layer "
+                                   f"reads {seen.shape}")
+        name = f"{PREFIX}.{layer.name}.weight"
+        model.graph.initializer.append(numpy_helper.from_array(values.astype(seen.dtype, copy=False), name))
+        node = nodes[layer.name]
+        node.input[list(node.input).index(layer.weight)] = name
+
+
+def dequantize_weight(quantized: np.ndarray, scale: np.ndarray, layer) -> np.ndarray:
+    """``q * scale_w`` with the scales along the layer's output channels (float32, AMCT fake-quant)."""
+    q = np.asarray(quantized).astype(np.float32)
+    s = np.asarray(scale, dtype=np.float32).reshape(-1)
+    if s.size == 1:
+        return q * s[0]
+    axis = _scale_axis(q.shape, s.size, layer)
+    if axis is not None:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        return q * s.reshape(shape)
+    if layer.op_type == "ConvTranspose" and layer.group > 1 and s.size == q.shape[1] * layer.group:
+        g = layer.group                     # [Cin, Cout/g, ...]: output channel = group * Cout/g + j
+        grouped = q.reshape(g, q.shape[0] // g, *q.shape[1:])
+        return (grouped * s.reshape(g, 1, -1, *([1] * (q.ndim - 2)))).reshape(q.shape)
+    raise CalibrationError(f"layer '{layer.name}': {s.size} weight scales do not match a weight of shape {q.shape}")
+
+
+def _scale_axis(shape: tuple[int, ...], channels: int, layer) -> int | None:
+    if layer.channel_axis is not None and shape[layer.channel_axis] == channels:
+        return layer.channel_axis
+    if layer.op_type == "Gemm":
+        axis = 0 if layer.transB else 1
+        return axis if shape[axis] == channels else None
+    if layer.op_type == "MatMul" and shape[-1] == channels:
+        return len(shape) - 1
+    return None
+
+
+def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.NodeProto]:
+    """AMCT's fake quant (SPEC 5.4, offset folded into the clip bounds) in front of the unit's layers."""
+    inv, low, high, scale = unit.names
+    base = f"{PREFIX}.{unit.index}"
+    for name in unit.names:
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+    steps = [("Mul", [unit.tensor, inv]), ("Round", None), ("Clip", [None, low, high]), ("Mul", [None, scale])]
+    previous = None
+    new_nodes = []
+    for i, (op, inputs) in enumerate(steps):
+        inputs = [previous] if inputs is None else [previous if x is None else x for x in inputs]
+        out = f"{base}.{op.lower()}{i}"
+        new_nodes.append(helper.make_node(op, inputs, [out], name=out))
+        previous = out
+    new_nodes += [helper.make_node("Sub", [previous, unit.tensor], [f"{base}.err"], name=f"{base}.err"),
+                  helper.make_node("ReduceSumSquare", [f"{base}.err"], [f"{base}.noise"], keepdims=0,
+                                   name=f"{base}.noise"),
+                  helper.make_node("ReduceSumSquare", [unit.tensor], [f"{base}.power"], keepdims=0,
+                                   name=f"{base}.power")]
+    for layer in unit.layers:
+        nodes[layer].input[0] = previous
+    model.graph.output.extend([helper.make_tensor_value_info(f"{base}.{k}", TensorProto.FLOAT, [])
+                               for k in ("noise", "power")])
+    return new_nodes
+
+
+# -- evaluation --------------------------------------------------------------------------------
+class _Evaluator:
+    """Output error of the fake-quant model for a set of unit params, on the stored feeds."""
+
+    def __init__(self, graph, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], units: list[_Unit]) -> None:
+        from ..runtime.ort import make_session
+        self.feeds, self.units = feeds, units
+        self.outputs = [o.name for o in graph.to_proto().graph.output]
+        self.session = make_session(model)
+        reference = make_session(graph.to_proto())
+        self.refs = [reference.run(self.outputs, feed) for feed in feeds]
+        self.power = [sum(float(np.square(r[k], dtype=np.float64).sum()) for r in self.refs)
+                      for k in range(len(self.outputs))]
+        self.count = [sum(r[k].size for r in self.refs) for k in range(len(self.outputs))]
+        self.evaluations = 0
+
+    def run(self, params: Sequence[ActQuantParams], probe: bool = False) -> tuple[float, float]:
+        """(objective = mean over outputs of SSE / signal energy, plain MSE over all output values)."""
+        factors = {}
+        for unit, p in zip(self.units, params):
+            inv, low, high, scale = unit.names
+            factors[inv] = np.array(1.0 / np.float32(p.scale), dtype=np.float32)   # 0-d: ORT takes arrays only
+            factors[low] = np.array(p.qmin - p.offset, dtype=np.float32)
+            factors[high] = np.array(p.qmax - p.offset, dtype=np.float32)
+            factors[scale] = np.array(p.scale, dtype=np.float32)
+        fetch = self.outputs + ([f"{PREFIX}.{u.index}.{k}" for u in self.units for k in ("noise", "power")]
+                                if probe else [])
+        sse = [0.0] * len(self.outputs)
+        probes = np.zeros(2 * len(self.units))
+        for feed, ref in zip(self.feeds, self.refs):
+            got = self.session.run(fetch, {**feed, **factors})
+            for k in range(len(self.outputs)):
+                sse[k] += float(np.square(got[k] - ref[k], dtype=np.float64).sum())
+            if probe:
+                probes += np.asarray(got[len(self.outputs):], dtype=np.float64)
+        self.evaluations += 1
+        if probe:
+            for i, unit in enumerate(self.units):
+                unit.noise = probes[2 * i] / max(probes[2 * i + 1], 1e-30)
+        objective = float(np.mean([e / max(p, 1e-30) for e, p in zip(sse, self.power)]))
+        return objective, sum(sse) / max(sum(self.count), 1)
+
+
+# -- the search --------------------------------------------------------------------------------
+def _candidates(params: ActQuantParams, factors: Sequence[float], refine_min: bool) -> list[list[ActQuantParams]]:
+    """Per side, the candidate params (current range scaled by each factor != 1)."""
+    from ..quant.math import scale_offset_from_range
+    others = [f for f in factors if f != 1.0]
+    if params.offset == 0:      # symmetric: [-A, A] shrinks as a whole
+        return [[ActQuantParams(params.scale * f, 0, params.num_bits) for f in others]]
+    lo, hi = params.clip_min, params.clip_max
+    sides = [[scale_offset_from_range(lo, hi * f, params.num_bits) for f in others]]
+    if refine_min and lo < 0 and -lo > 1e-3 * max(hi, 0.0):
+        sides.append([scale_offset_from_range(lo * f, hi, params.num_bits) for f in others])
+    return sides
+
+
+def _coordinate_descent(evaluator: _Evaluator, units: list[_Unit], options: RefineRangesOptions,
+                        progress: bool) -> dict[str, Any]:
+    current = [u.params for u in units]
+    best, mse_before = evaluator.run(current, probe=True)
+    before = best
+    order = sorted(range(len(units)), key=lambda i: -units[i].noise)     # noisiest first
+    sweeps = 0
+    with _bar(progress, len(units) * options.sweeps) as bar:
+        for _ in range(options.sweeps):
+            sweeps += 1
+            changed = 0
+            for i in order:
+                for side in _candidates(current[i], options.factors, options.refine_min):
+                    trial = list(current)
+                    found, previous, rising = None, best, 0
+                    for candidate in side:
+                        trial[i] = candidate
+                        error, _ = evaluator.run(trial)
+                        if error < best * (1.0 - options.min_improvement) and (found is None or error < found[0]):
+                            found = (error, candidate)
+                        rising = rising + 1 if error > previous else 0
+                        previous = error
+                        if rising >= options.patience:
+                            break
+                    if found is not None:
+                        best, current[i] = found
+                        units[i].changed, changed = True, changed + 1
+                bar.update(1)
+            if not changed:
+                break
+    for unit, params in zip(units, current):
+        unit.params = params
+    after, mse_after = evaluator.run(current)
+    return {"tensors": len(units), "tensors_changed": sum(u.changed for u in units), "sweeps": sweeps,
+            "evaluations": evaluator.evaluations, "samples": sum(len(next(iter(f.values()))) for f in evaluator.feeds),
+            "mse_before": mse_before, "mse_after": mse_after,
+            "sqnr_db_before": _db(before), "sqnr_db_after": _db(after)}
+
+
+def _db(relative_error: float) -> float:
+    return float("inf") if relative_error <= 0 else round(-10.0 * math.log10(relative_error), 3)
+
+
+def _bar(enabled: bool, total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="refine_ranges", unit="tensor", disable=not enabled, file=sys.stderr, leave=False)
