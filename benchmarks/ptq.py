@@ -366,7 +366,7 @@ def main() -> int:
             rows += evaluate_case(case, args.quick)
             for row in rows[-1:]:
                 print(row, file=sys.stderr)
-        print(markdown(rows, ["model", "variant", "top1", "agreement", "sqnr_db", "calib_s", "speedup_b1",
+        print(markdown(rows, ["model", "variant", "top1", "top1_float", "agreement", "sqnr_db", "calib_s", "speedup_b1",
                               "speedup_b8", "error"]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -375,5 +375,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import logging
+    logging.disable(logging.WARNING)      # onnxruntime.quantization logs every step at WARNING
     os.environ.setdefault("AMCT_PIPELINE_DISABLE_PLUGIN_AUTOLOAD", "1")
     sys.exit(main())

@@ -45,9 +45,12 @@ MIN_OPSET = 13       # Round and Clip-with-inputs need 11; 13 is what the conver
 
 class RefineRangesOptions(Options):
     dataset: str = Field("calib", description="Dataset whose first batches are the refinement data.")
-    num_batches: PositiveInt = Field(2, description="Batches of the dataset used to measure the output error.")
+    num_batches: Optional[PositiveInt] = Field(
+        None, description="At most this many batches of the dataset measure the output error; default: as many "
+                          "as max_samples needs (a model with a fixed batch of 1 then still sees max_samples).")
     max_samples: Optional[PositiveInt] = Field(
-        64, description="At most this many samples in all (a batch with a free batch dimension is cut).")
+        32, description="At most this many samples in all (a batch with a free batch dimension is cut); "
+                        "evaluation time grows linearly with it.")
     factors: list[float] = Field(
         default_factory=lambda: [1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5],
         description="Multipliers tried for clip_max (and clip_min); 1.0 = the current range.")
@@ -131,8 +134,11 @@ def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.nd
     fixed = any(i.fixed_batch for i in plan.inputs)
     budget = options.max_samples if options.max_samples is not None else math.inf
     feeds = []
+    limit = options.num_batches if options.num_batches is not None else math.inf
+    if limit == math.inf and budget == math.inf:
+        limit = 2      # neither bound given: two batches, as a calibration pass would start with
     for index, feed in enumerate(source.batches(plan.inputs)):
-        if index >= options.num_batches or budget <= 0:
+        if index >= limit or budget <= 0:
             break
         size = len(next(iter(feed.values())))
         if size > budget and not fixed:

@@ -153,7 +153,7 @@ def test_non_quantizable_name_is_an_error(session):
     ("match_layers{overrides=[{match={name=a op_type=Conv}}]}", "exactly one"),
     ("match_layers{overrides=[{match={}}]}", "exactly one"),
     ("match_layers{overrides=[{match={name_regex=\"(\"}}]}", "not a regular expression"),
-    ("match_layers{amct_config=x.json}", "unknown option"),
+    ("match_layers{amct_confg=x.json}", "did you mean .amct_config."),
 ])
 def test_bad_options_fail_at_build(session, text, message):
     with pytest.raises(ConfigError, match=message):
