@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from amct_pipeline.demo import build_demo_data, build_demo_model

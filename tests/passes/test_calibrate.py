@@ -63,15 +63,13 @@ def _assert_same(ours: dict, reference: dict) -> None:
                                                ("minmax", {}), ("percentile", {"percentile": 99.9})])
 def test_demo_layers_equal_direct_calibration(session, algorithm, options):
     source = _source(build_demo_data(48), 16)
-    text = f"fuse_bn,match_layers,calibrate{{algorithm={algorithm}}}"
-    pipeline = session.make_pass("calibrate", algorithm=algorithm, algorithm_options=options)
-    result = session.pipeline([session.make_pass("fuse_bn"), session.make_pass("match_layers"), pipeline]).run(
+    calibrate = session.make_pass("calibrate", algorithm=algorithm, algorithm_options=options)
+    result = session.pipeline([session.make_pass("fuse_bn"), session.make_pass("match_layers"), calibrate]).run(
         build_demo_model(), datasets={"calib": source})
     layers = result.artifacts["layer_map"].layers()
     assert [layer.name for layer in layers] == ["conv1", "conv2", "fc"]
     _assert_same(result.artifacts["act_quant"], _direct(session, result.model, source, layers, algorithm, options))
     assert result.stats_for("calibrate") == {"layers": 3, "tensors": 3, "batches": 3, "algorithm": algorithm}
-    assert text  # the textual form names the same pass
 
 
 def test_mobilenetv2_ifmr_equals_direct(session):
