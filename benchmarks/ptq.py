@@ -141,7 +141,8 @@ def predict(model, case: Case) -> list[np.ndarray]:
     sess = session_for(model)
     size = 1 if case.fixed_batch else 25
     outs: list[list[np.ndarray]] = []
-    for feed in batches(case.evaluate, size, case.input_name):
+    for start in range(0, len(case.evaluate), size):
+        feed = {case.input_name: case.evaluate[start:start + size]}
         for i, value in enumerate(sess.run(None, feed)):
             if len(outs) <= i:
                 outs.append([])

@@ -202,7 +202,8 @@ def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _fake_quant_weights(graph, model: onnx.ModelProto, nodes, layer_map, weight_quant) -> None:
-    """Point each quantized layer's weight input at a new initializer holding ``q * scale_w``."""
+    """Point each quantized layer's weight input at a new initializer holding ``q * scale_w`` (the
+    codes of the weight as the layer applies it, Gemm's alpha included)."""
     from .match_layers import weight_values
     for layer in layer_map.layers():
         params = weight_quant.get(layer.name) if layer.weight is not None else None
@@ -217,6 +218,10 @@ def _fake_quant_weights(graph, model: onnx.ModelProto, nodes, layer_map, weight_
         model.graph.initializer.append(numpy_helper.from_array(values.astype(seen.dtype, copy=False), name))
         node = nodes[layer.name]
         node.input[list(node.input).index(layer.weight)] = name
+        if layer.op_type == "Gemm":     # the codes quantize alpha * B (effective_weight): alpha is in them
+            for attr in node.attribute:
+                if attr.name == "alpha":
+                    attr.f = 1.0
 
 
 def dequantize_weight(quantized: np.ndarray, scale: np.ndarray, layer) -> np.ndarray:
