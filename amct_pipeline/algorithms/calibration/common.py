@@ -28,13 +28,20 @@ class StreamingCalibrator(ActivationCalibrator):
     ``observe`` rejects NaN/Inf (naming the tensor). A tensor whose values are all equal gets the
     SPEC 4.2 factors of its degenerate range (which represent the constant exactly; an all-zero
     tensor gets the sanitised scale 1.0) and a warning, whatever the algorithm.
+
+    Small batches of statistics whose result does not depend on how the stream is cut
+    (``stats.order_independent``) are pooled up to ``pool_size`` values per tensor before they are
+    added: on a tiny model the fixed cost of each ``add`` would otherwise dominate calibration. The
+    pool is bounded, so memory still does not grow with the number of batches.
     """
 
     Options = CalibratorOptions
+    pool_size = 1 << 16
 
     def __init__(self, options: Options | Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
         self._stats: dict[str, RunningRange] = {}
+        self._pools: dict[str, _Pool] = {}
 
     @property
     def symmetric(self) -> bool:
@@ -62,9 +69,20 @@ class StreamingCalibrator(ActivationCalibrator):
         stats = self._stats.get(tensor_name)
         if stats is None:
             stats = self._stats[tensor_name] = self._new_stats()
-        stats.add(x, mn, mx)
+        if x.size >= self.pool_size or not stats.order_independent:
+            stats.add(x, mn, mx)
+            return
+        pool = self._pools.setdefault(tensor_name, _Pool())
+        pool.put(x, mn, mx)
+        if pool.size >= self.pool_size:
+            pool.drain_into(stats)
+
+    def _drain(self) -> None:
+        for name, pool in self._pools.items():
+            pool.drain_into(self._stats[name])
 
     def finalize(self) -> dict[str, ActQuantParams]:
+        self._drain()
         return {name: self._finalize_one(name, stats) for name, stats in self._stats.items()}
 
     def _finalize_one(self, name: str, stats: RunningRange) -> ActQuantParams:
@@ -80,9 +98,28 @@ class StreamingCalibrator(ActivationCalibrator):
 
     def statistics(self, tensor_name: str) -> RunningRange:
         """The statistics object kept for one tensor (for merging or inspection)."""
+        self._drain()
         return self._stats[tensor_name]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by all statistics arrays: constant in the number of batches."""
-        return sum(s.nbytes for s in self._stats.values())
+        return sum(s.nbytes for s in self._stats.values()) + sum(4 * p.size for p in self._pools.values())
+
+
+class _Pool:
+    """Small flat float32 batches of one tensor waiting to be added together."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.size, self.min, self.max = 0, np.inf, -np.inf
+
+    def put(self, x: np.ndarray, mn: float, mx: float) -> None:
+        self.parts.append(x.copy())   # the caller may reuse its buffer
+        self.size += x.size
+        self.min, self.max = min(self.min, mn), max(self.max, mx)
+
+    def drain_into(self, stats: RunningRange) -> None:
+        if self.parts:
+            stats.add(np.concatenate(self.parts), self.min, self.max)
+            self.__init__()

@@ -33,6 +33,8 @@ _SSE_POINTS = 1 << 20     # boundary evaluations per quant_sse chunk: bounds its
 class RunningRange:
     """Element count and exact min/max of a stream."""
 
+    order_independent = True   # adding a stream in any cut gives the same statistics
+
     def __init__(self) -> None:
         self.count = 0
         self.min = np.inf
@@ -211,6 +213,8 @@ class LinearHistogram(RunningRange):
     Integer counts; on range growth each old bin's count moves to the new bin(s) it overlaps, a
     straddling bin split proportionally with truncation, as ``hfmg_merge_inter`` does.
     """
+
+    order_independent = False   # re-binning on range growth depends on where the stream is cut
 
     def __init__(self, num_bins: int = 4096) -> None:
         super().__init__()
