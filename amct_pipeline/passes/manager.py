@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from ..errors import AmctError, ConfigError, PassError, Problem
+from ..errors import ConfigError, PassError, Problem
 from ..options import parse_options, suggest
 from ..pipeline.spec import PipelineSpec
 from ..pipeline.textual import format_pipeline
