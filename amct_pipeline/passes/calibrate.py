@@ -7,6 +7,12 @@ layer's configuration is the pass's ``algorithm``/``algorithm_options``, overrid
 configuration, one calibrator instance per group; a tensor read by several layers of one group is
 observed once and those layers share one ``ActQuantParams`` object.
 
+With ``block_outputs`` it also calibrates, with the pass's calibrator, the tensors a QDQ model
+quantizes beyond the layer inputs (layer outputs after a Relu/Clip, Add and pooling outputs; see
+``targets.qdq.extra_tensors``) and publishes them as ``tensor_quant`` (tensor name ->
+ActQuantParams): the qdq target then fuses whole blocks into integer kernels and ``refine_ranges``
+refines those ranges too, all from the same run of the model.
+
 The model runs once per batch (one onnxruntime session, every needed tensor exposed) and each batch
 is handed to the calibrators and dropped: memory does not grow with ``batch_num``.
 """
@@ -42,6 +48,10 @@ class CalibrateOptions(Options):
     batch_num: Optional[PositiveInt] = Field(
         None, description="AMCT batch_num: batches to calibrate on. Default: the AMCT config's batch_num when "
                           "match_layers read one, else every batch the dataset yields.")
+    block_outputs: bool = Field(
+        False, description="Also calibrate the tensors a QDQ model quantizes beyond the layer inputs (layer "
+                           "outputs, Add and pooling outputs) into artifact 'tensor_quant', so onnxruntime "
+                           "fuses whole blocks and refine_ranges can refine them.")
 
 
 @dataclass
@@ -52,6 +62,7 @@ class _Group:
     options: dict[str, Any]
     calibrator: Any = None
     tensors: dict[str, list[str]] = field(default_factory=dict)
+    params: Optional[dict[str, Any]] = None       # the calibrator's result, once finalized
 
 
 class CalibratePass(Pass):
@@ -59,13 +70,16 @@ class CalibratePass(Pass):
     summary = "Run the float model on the calibration data and calibrate each layer's input (artifact 'act_quant')."
     Options = CalibrateOptions
     requires = frozenset({"layer_map"})
-    produces = frozenset({"act_quant"})
+    produces = frozenset({"act_quant", "tensor_quant"})
     references = {"algorithm": "calibrators", "dataset": "datasets"}
 
     def run(self, graph, ctx) -> PassResult:
         from ..runtime.collector import collect
         layer_map = ctx.artifacts["layer_map"]
         groups = _make_groups(ctx.session, layer_map, self.options)
+        blocks = _block_group(ctx.session, graph, layer_map, self.options) if self.options.block_outputs else None
+        if blocks is not None:
+            groups.append(blocks)
         batch_num = self._batch_num(ctx)
         tensors = list(dict.fromkeys(t for g in groups for t in g.tensors))
         batches = 0
@@ -79,7 +93,11 @@ class CalibratePass(Pass):
                 del acts
         act_quant = _finalize(groups, layer_map)
         ctx.artifacts["act_quant"] = act_quant
-        return PassResult(False, _stats(self.options, groups, act_quant, tensors, batches))
+        stats = _stats(self.options, [g for g in groups if g is not blocks], act_quant, tensors, batches)
+        if blocks is not None:
+            ctx.artifacts["tensor_quant"] = {t: _finalize_group(blocks)[t] for t in blocks.tensors}
+            stats["block_outputs"] = len(blocks.tensors)
+        return PassResult(False, stats)
 
     def _batch_num(self, ctx) -> int | None:
         """Ours, else the AMCT config's (AMCT: batch_num batches, default 1), else all batches."""
@@ -139,8 +157,25 @@ def _make_groups(session, layer_map, options: CalibrateOptions) -> list[_Group]:
     return list(groups.values())
 
 
+def _block_group(session, graph, layer_map, options: CalibrateOptions) -> _Group:
+    """The pass's own calibrator over the block outputs a QDQ layout quantizes (no layers read them
+    as a layer input; ``tensors`` maps each to an empty layer list)."""
+    from ..algorithms.targets.qdq import extra_tensors, propagate_factors
+    algorithm = options.algorithm
+    parsed, problems = parse_options(session.registry("calibrators").get(algorithm).Options, options.algorithm_options)
+    if problems:   # the manager validated these before the run; kept as a guard for direct use
+        raise ConfigError([Problem(WHERE, f"algorithm_options.{p.path}", p.message, p.hint) for p in problems])
+    covered = {layer.input: None for layer in layer_map.layers()}
+    propagate_factors(graph, covered)
+    group = _Group(algorithm, parsed.model_dump(), session.make_algorithm("calibrators", algorithm, parsed.model_dump()))
+    group.tensors = {name: [] for name in extra_tensors(graph, layer_map, covered)}
+    return group
+
+
 # -- observing and finalizing ------------------------------------------------------------------
 def _layers_text(layers: list[str]) -> str:
+    if not layers:
+        return "block output"
     return ("layer " if len(layers) == 1 else "layers ") + ", ".join(f"'{n}'" for n in layers)
 
 
@@ -158,16 +193,23 @@ def _observe(group: _Group, tensor: str, layers: list[str], batch: np.ndarray, i
 _TENSOR_IN_MESSAGE = re.compile(r"tensor '([^']*)'")
 
 
-def _finalize(groups: list[_Group], layer_map) -> dict[str, Any]:
-    by_layer: dict[str, Any] = {}
-    for group in groups:
+def _finalize_group(group: _Group) -> dict[str, Any]:
+    """The group's factors per tensor (computed once; warnings re-issued naming the layers)."""
+    if group.params is None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                params = group.calibrator.finalize()
+                group.params = group.calibrator.finalize()
             except ValueError as exc:
                 raise CalibrationError(f"calibrator '{group.algorithm}' failed: {exc}") from exc
         _rewarn(caught, group)
+    return group.params
+
+
+def _finalize(groups: list[_Group], layer_map) -> dict[str, Any]:
+    by_layer: dict[str, Any] = {}
+    for group in groups:
+        params = _finalize_group(group)
         for tensor, layers in group.tensors.items():
             if tensor not in params:
                 raise CalibrationError(f"{_layers_text(layers)}: calibrator '{group.algorithm}' returned no "

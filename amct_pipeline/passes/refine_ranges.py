@@ -19,13 +19,19 @@ to the activations'). The final model is not written here.
 
 Units: layers that read the same tensor with the same ``ActQuantParams`` object share one
 fake-quant branch and are refined together; the refined object replaces theirs in ``act_quant``.
+
+Layouts: the fake-quant and Ascend models quantize only the layer inputs, the QDQ model also every
+other reader of those tensors (a residual Add reads the quantized copy) and the block outputs of
+``tensor_quant`` (``calibrate{block_outputs: true}``). ``layout`` picks the model whose output error
+is minimised; ``auto`` takes the QDQ layout exactly when ``tensor_quant`` exists, whose refined
+ranges are then written back there.
 """
 from __future__ import annotations
 
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -61,6 +67,10 @@ class RefineRangesOptions(Options):
         0.02, ge=0.0, lt=1.0,
         description="Keep a change only if it lowers the output error by this fraction: re-rounding one tensor "
                     "moves the error by a few percent either way, and chasing that fits the subset, not the data.")
+    layout: Literal["auto", "fakequant", "qdq"] = Field(
+        "auto", description="Model whose output error is minimised: 'fakequant' (layer inputs quantized: "
+                            "fake-quant and Ascend models) or 'qdq' (also the other readers of those tensors and "
+                            "the block outputs in 'tensor_quant'); auto: qdq when 'tensor_quant' exists.")
     patience: int = Field(
         2, ge=1, description="Stop trying further factors of one range after this many candidates in a row "
                              "each worse than the one before (the error curve has turned up).")
@@ -83,6 +93,7 @@ class _Unit:
     index: int = 0
     changed: bool = False
     noise: float = 0.0
+    all_readers: bool = False     # every reader of the tensor reads the branch, not only ``layers``
 
     @property
     def names(self) -> tuple[str, str, str, str]:
@@ -97,13 +108,15 @@ class RefineRangesPass(Pass):
                "model's output error (updates 'act_quant').")
     Options = RefineRangesOptions
     requires = frozenset({"act_quant", "weight_quant", "layer_map"})
-    produces = frozenset({"act_quant"})
+    produces = frozenset({"act_quant", "tensor_quant"})
     references = {"dataset": "datasets"}
 
     def run(self, graph, ctx) -> PassResult:
         act_quant = ctx.artifacts["act_quant"]
         layer_map = ctx.artifacts["layer_map"]
-        units = _units(layer_map, act_quant)
+        blocks = ctx.artifacts.get("tensor_quant")
+        qdq = self.options.layout == "qdq" or (self.options.layout == "auto" and blocks is not None)
+        units = _units(layer_map, act_quant, (blocks or {}) if qdq else None)
         if not units:
             return PassResult(False, {"tensors": 0, "tensors_changed": 0, "sweeps": 0})
         feeds = _subset(graph, ctx.dataset(self.options.dataset), self.options)
@@ -114,12 +127,17 @@ class RefineRangesPass(Pass):
         for unit in units:
             for name in unit.layers:
                 act_quant[name] = unit.params      # layers of one unit keep sharing one object
+            if not unit.layers:
+                blocks[unit.tensor] = unit.params
         ctx.artifacts["act_quant"] = act_quant
+        stats["layout"] = "qdq" if qdq else "fakequant"
         return PassResult(False, stats)
 
 
 # -- units and data ----------------------------------------------------------------------------
-def _units(layer_map, act_quant) -> list[_Unit]:
+def _units(layer_map, act_quant, blocks: dict[str, ActQuantParams] | None = None) -> list[_Unit]:
+    """One unit per (layer input, params object); with ``blocks`` (the QDQ layout) the first unit of
+    each tensor also takes its other readers, and every block output is a unit of its own."""
     units: dict[tuple[str, int], _Unit] = {}
     for layer in layer_map.layers():
         params = act_quant.get(layer.name)
@@ -129,6 +147,14 @@ def _units(layer_map, act_quant) -> list[_Unit]:
         if key not in units:
             units[key] = _Unit(layer.input, [], params, index=len(units))
         units[key].layers.append(layer.name)
+    if blocks is None:
+        return list(units.values())
+    first: dict[str, _Unit] = {}
+    for unit in units.values():
+        first.setdefault(unit.tensor, unit).all_readers = True
+    for tensor, params in blocks.items():
+        if tensor not in first:
+            units[(tensor, id(params))] = _Unit(tensor, [], params, index=len(units), all_readers=True)
     return list(units.values())
 
 
@@ -272,6 +298,11 @@ def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.
                                    name=f"{base}.noise"),
                   helper.make_node("ReduceSumSquare", [unit.tensor], [f"{base}.power"], keepdims=0,
                                    name=f"{base}.power")]
+    if unit.all_readers:     # the graph's own nodes: branches join model.graph.node only at the end
+        for node in model.graph.node:
+            for k, name in enumerate(node.input):
+                if name == unit.tensor:
+                    node.input[k] = previous
     for layer in unit.layers:
         nodes[layer].input[0] = previous
     model.graph.output.extend([helper.make_tensor_value_info(f"{base}.{k}", TensorProto.FLOAT, [])

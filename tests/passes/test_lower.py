@@ -511,6 +511,31 @@ def test_qdq_extra_tensors_fuse_everything(session, tmp_path):
     assert (q.argmax(1) == float_out.argmax(1)).mean() >= 0.8
 
 
+def test_calibrate_block_outputs_equal_the_qdq_targets_own_calibration(session, tmp_path):
+    """calibrate{block_outputs} observes the extra tensors in its own run, with its own calibrator:
+    the QDQ model is the one the target would build calibrating them itself with that calibrator."""
+    from amct_pipeline.algorithms.targets.qdq import extra_tensors, propagate_factors
+    path, data = demo_model_and_data(tmp_path)
+
+    def run(calibrate: str, lower: str):
+        text = f"fuse_bn,match_layers,{calibrate},quantize_weights,{lower}"
+        return session.build(text, datasets=["calib"]).run(path, datasets={"calib": str(data)})
+
+    ours = run("calibrate{algorithm=ifmr block_outputs=true}", "lower{targets=[qdq]}")
+    own = run("calibrate{algorithm=ifmr}", "lower{targets=[qdq] target_options={qdq={dataset=calib calibrator=ifmr}}}")
+    layer_map = ours.artifacts["layer_map"]
+    covered = {layer.input: None for layer in layer_map.layers()}
+    propagate_factors(ours.graph, covered)
+    wanted = extra_tensors(ours.graph, layer_map, covered)
+    assert wanted and list(ours.artifacts["tensor_quant"]) == wanted
+    assert ours.stats_for("calibrate")["block_outputs"] == len(wanted)
+    assert "tensor_quant" not in own.artifacts
+    assert (ours.artifacts["lowered"]["qdq"].graph.SerializeToString()      # metadata names the pipeline
+            == own.artifacts["lowered"]["qdq"].graph.SerializeToString())
+    ops = _optimized_ops(ours.artifacts["lowered"]["qdq"], tmp_path)
+    assert ops.get("QLinearConv") == 2 and ops.get("QLinearAdd") == 1 and "Conv" not in ops
+
+
 def test_qdq_folds_clip_into_integer_range(session, tmp_path):
     """Conv -> Clip(0, 6) -> Conv: the Clip moves onto the uint8 codes when the range is wider than it."""
     rng = np.random.default_rng(1)

@@ -146,3 +146,45 @@ def test_with_quantize_weights_and_gemm_alpha(session):
     stats = result.stats_for("refine_ranges")
     # only the 8-bit activation error is left: ~40 dB, not the -10 dB of a doubled alpha
     assert stats["sqnr_db_before"] > 30
+
+
+def _output_sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
+    return float(-10 * np.log10(np.square(got - reference, dtype=np.float64).sum()
+                                / np.square(reference, dtype=np.float64).sum()))
+
+
+@pytest.mark.parametrize("layout", ["fakequant", "qdq"])
+def test_layout_evaluates_the_model_that_is_lowered(session, tmp_path, layout):
+    """refine's own error estimate (sqnr_db_before, nothing changed) is the error of the model of its
+    layout: the fake-quant model for 'fakequant', the QDQ model (block outputs too) for 'qdq'."""
+    from amct_pipeline.demo import build_demo_model
+    x = build_demo_data(32)
+    source = ArraySource("calib", {"x": x}, DatasetSpec(batch_size=16), "test")
+    text = ("fuse_bn,match_layers,calibrate{algorithm=ifmr block_outputs=true},test_arq_weights,"
+            f"refine_ranges{{factors=[1.0] layout={layout}}},lower{{targets=[fakequant,qdq]}}")
+    result = session.build(text, datasets=["calib"]).run(build_demo_model(), datasets={"calib": source})
+    stats = result.stats_for("refine_ranges")
+    assert stats["layout"] == layout
+    assert stats["tensors"] == 3 + (len(result.artifacts["tensor_quant"]) if layout == "qdq" else 0)
+    reference = make_session(result.model).run(None, {"input": x})[0]
+    sqnr = {target: _output_sqnr_db(reference, make_session(result.artifacts["lowered"][target]).run(None, {"input": x})[0])
+            for target in ("fakequant", "qdq")}
+    assert abs(sqnr[layout] - stats["sqnr_db_before"]) < 0.3
+    other = "qdq" if layout == "fakequant" else "fakequant"
+    assert abs(sqnr[other] - stats["sqnr_db_before"]) > abs(sqnr[layout] - stats["sqnr_db_before"])
+
+
+def test_qdq_layout_refines_block_outputs(session):
+    from amct_pipeline.demo import build_demo_model
+    source = _demo_source()
+    text = ("fuse_bn,match_layers,calibrate{algorithm=minmax block_outputs=true},test_arq_weights,"
+            "refine_ranges{min_improvement=0}")
+    result = session.build(text, datasets=["calib"]).run(build_demo_model(), datasets={"calib": source})
+    calibrated = session.build(text.rsplit(",", 1)[0], datasets=["calib"]).run(
+        build_demo_model(), datasets={"calib": _demo_source()}).artifacts["tensor_quant"]
+    refined = result.artifacts["tensor_quant"]
+    assert list(refined) == list(calibrated)
+    stats = result.stats_for("refine_ranges")
+    assert stats["layout"] == "qdq" and stats["sqnr_db_after"] >= stats["sqnr_db_before"]
+    for name, params in refined.items():
+        assert params.clip_max <= calibrated[name].clip_max * (1 + 1e-6)
