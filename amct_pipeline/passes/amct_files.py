@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from ..algorithms.base import ActQuantParams, WeightQuantParams
+from ..algorithms.targets.common import TENSOR_QUANT_ARTIFACT, parse_tensor_key
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
 from .base import Pass, PassResult
@@ -123,7 +124,7 @@ class LoadRecordPass(Pass):
     summary = "Read an AMCT record.txt: activation factors and weights re-quantized with its scale_w."
     Options = LoadRecordOptions
     requires = frozenset({"layer_map"})
-    produces = frozenset({"act_quant", "weight_quant"})
+    produces = frozenset({"act_quant", "weight_quant", TENSOR_QUANT_ARTIFACT})
 
     def run(self, graph, ctx) -> PassResult:
         from ..algorithms.weights import effective_weight
@@ -131,6 +132,12 @@ class LoadRecordPass(Pass):
         layer_map = ctx.artifacts["layer_map"]
         source = str(self.options.path)
         record = _read(source)
+        tensors = {key: _act_params(record[key], key, source) for key in list(record)
+                   if key not in layer_map and parse_tensor_key(key) is not None}
+        for key in tensors:    # "<node>:<input>" entries: tensor quantization, checked when lowered
+            del record[key]
+        if tensors:
+            ctx.artifacts[TENSOR_QUANT_ARTIFACT] = tensors
         self._check_names(record, layer_map, source)
         act_quant, weight_quant = {}, {}
         settings = ctx.artifacts.setdefault("quant_settings", {})
@@ -145,7 +152,7 @@ class LoadRecordPass(Pass):
             weight_quant[name] = quantize_with_scale(effective_weight(graph, layer), scale_w, layer, bits)
             settings.setdefault(name, {})["wts"] = {"algo": "arq", "num_bits": bits, "channel_wise": scale_w.size > 1}
         ctx.artifacts["act_quant"], ctx.artifacts["weight_quant"] = act_quant, weight_quant
-        return PassResult(False, {"layers": len(record), "unlisted": len(layer_map) - len(record),
+        return PassResult(False, {"layers": len(record), "tensors": len(tensors), "unlisted": len(layer_map) - len(record),
                                   "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)})
 
     def _check_names(self, record, layer_map, source: str) -> None:

@@ -550,6 +550,26 @@ def test_maxpool_tensor_quantization_mnist(session, tmp_path):
     assert compare(result, x[:4]).max_steps <= 1e-3
 
 
+def test_record_with_tensor_entries_reproduces_the_deploy_model(session, tmp_path):
+    """record.txt's "<node>:<input>" entries come back through load_record as tensor quantization."""
+    path = shared_path("models/mnist-8.onnx")
+    data = tmp_path / "x.npy"
+    np.save(data, real_inputs("mnist-8.onnx", 8))
+    entries = {"pass": "tensor_quantize_test", "options": {"entries": ["Pooling66:0", "Plus30:0"]}}
+    lower = {"targets": ["fakequant", "ascend"]}
+    first = session.build(ptq(lower, extra_before_lower=[entries])).run(
+        path, datasets={"calib": str(data)}, output_dir=tmp_path / "out")
+    spec = {"schema_version": 1, "name": "from-record", "passes": [
+        {"pass": "match_layers"}, {"pass": "load_record", "options": {"path": str(tmp_path / "out" / "record.txt")}},
+        {"pass": "lower", "options": lower}]}
+    second = session.build(spec).run(path)
+    assert second.stats_for("load_record")["tensors"] == 2
+    assert second.artifacts["quant_record"] == first.artifacts["quant_record"]
+    for target in ("fakequant", "ascend"):
+        assert (second.artifacts["lowered"][target].graph.SerializeToString()
+                == first.artifacts["lowered"][target].graph.SerializeToString()), target
+
+
 def test_multi_output_shares_the_quant_resnet8(session, tmp_path):
     """AMCT's multi-output layout: a tensor read by a conv and by an Add is quantized once; the Add
     reads it back through an AscendAntiQuant."""

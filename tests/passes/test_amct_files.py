@@ -92,7 +92,7 @@ def test_load_record_runs_from_the_text_form(session, tmp_path, monkeypatch):
     result = session.build("fuse_bn,match_layers,load_record{path=record.txt},lower{targets=[fakequant]}").run(
         model, output_dir=tmp_path / "o2")
     assert (tmp_path / "o2" / "demo_fake_quant_model.onnx").is_file()
-    assert result.stats_for("load_record") == {"layers": 3, "unlisted": 0, "per_channel": 2}
+    assert result.stats_for("load_record") == {"layers": 3, "tensors": 0, "unlisted": 0, "per_channel": 2}
     x = np.load(data)[:4]
     assert np.isfinite(run_ort(result.artifacts["lowered"]["fakequant"], x)[0]).all()
 
