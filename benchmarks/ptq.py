@@ -301,8 +301,8 @@ def _row(case, label, got, reference) -> dict:
 def speed_table(case: Case, rounds: int = 60) -> list[dict]:
     """Speed-up over float of our default QDQ model and ORT's QDQ models at batch 1 and 8.
 
-    Every model runs once per round, in turn, so load drifts hit all alike; each ratio uses the
-    same float timings. Also counts the integer kernels in onnxruntime's optimized graph."""
+    Every model runs once per round, in a shuffled order, so load drifts hit all alike; each ratio
+    uses the same float timings. Also counts the integer kernels in onnxruntime's optimized graph."""
     models = {"ours ifmr (default)": run_ours(case, "ifmr", False)["qdq"]}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("MinMax", "Percentile"):
@@ -323,8 +323,13 @@ def speed_table(case: Case, rounds: int = 60) -> list[dict]:
         for sess in sessions.values():
             for _ in range(3):
                 sess.run(None, feed)
+        order = list(sessions.items())
+        rng = np.random.default_rng(0)
         for _ in range(rounds):
-            for label, sess in sessions.items():
+            # a session's threads spin for a while after its run and slow whichever runs next:
+            # a fresh order each round spreads that evenly
+            rng.shuffle(order)
+            for label, sess in order:
                 start = time.perf_counter()
                 sess.run(None, feed)
                 times[label].append(time.perf_counter() - start)
@@ -424,10 +429,11 @@ def main() -> int:
     parser.add_argument("--no-refine", action="store_true", help="skip the (slow) output-aware refinement rows")
     parser.add_argument("--memory", action="store_true", help="measure calibration peak RSS (16 vs 128 images)")
     parser.add_argument("--speed", action="store_true", help="QDQ speed-ups of ours and ORT's in one interleaved loop")
+    parser.add_argument("--rounds", type=int, default=60, help="timed runs of each model in --speed")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
     if args.speed:
-        rows = [row for case in load_cases(args.models.split(",")) for row in speed_table(case)]
+        rows = [row for case in load_cases(args.models.split(",")) for row in speed_table(case, args.rounds)]
         print(markdown(rows, ["model", "variant", "speedup_b1", "speedup_b8", "ms_b1", "ms_b8", "float_ms_b1",
                               "float_ms_b8", "nodes", "ops"]))
     elif args.memory:

@@ -48,6 +48,10 @@ class CalibrateOptions(Options):
     batch_num: Optional[PositiveInt] = Field(
         None, description="AMCT batch_num: batches to calibrate on. Default: the AMCT config's batch_num when "
                           "match_layers read one, else every batch the dataset yields.")
+    fit_activation_bounds: bool = Field(
+        True, description="Narrow a range reaching beyond the bounds of the Relu/Clip producing the tensor "
+                          "(e.g. [0, 6.06] after Relu6) to those bounds: no value lies outside them, the grid gets "
+                          "finer, and the QDQ model needs no integer Clip. false: the calibrator's ranges as they are.")
     block_outputs: bool = Field(
         False, description="Also calibrate the tensors a QDQ model quantizes beyond the layer inputs (layer "
                            "outputs, Add and pooling outputs) into artifact 'tensor_quant', so onnxruntime "
@@ -91,6 +95,9 @@ class CalibratePass(Pass):
                         _observe(group, tensor, layers, acts[tensor], batches)
                 batches += 1
                 del acts
+        if self.options.fit_activation_bounds:
+            for group in groups:
+                _fit_bounds(graph, group, _finalize_group(group))
         act_quant = _finalize(groups, layer_map)
         ctx.artifacts["act_quant"] = act_quant
         stats = _stats(self.options, [g for g in groups if g is not blocks], act_quant, tensors, batches)
@@ -204,6 +211,28 @@ def _finalize_group(group: _Group) -> dict[str, Any]:
                 raise CalibrationError(f"calibrator '{group.algorithm}' failed: {exc}") from exc
         _rewarn(caught, group)
     return group.params
+
+
+def _fit_bounds(graph, group: _Group, params: dict[str, Any]) -> None:
+    """Narrow each tensor's range to the bounds of the Relu/Clip producing it (in place)."""
+    from ..algorithms.targets.qdq import activation_bounds
+    from ..quant.math import scale_offset_from_range
+    tensors = graph.tensors()
+    for name in group.tensors:
+        producer = graph.producer(tensors[name]) if name in tensors else None
+        p = params.get(name)
+        if p is None or producer is None or producer.op not in ("Relu", "Clip"):
+            continue
+        low, high = activation_bounds(graph, producer)
+        if low is None:
+            continue
+        symmetric = not group.options.get("asymmetric", True)
+        slack = 1e-6 * max(abs(p.clip_max), abs(p.clip_min))     # float32 scale rounding is not "wider"
+        too_wide = p.clip_max > high + slack or (not symmetric and p.clip_min < min(low, 0.0) - slack)
+        if too_wide:
+            top = min(p.clip_max, high)
+            bottom = -top if symmetric else max(p.clip_min, min(low, 0.0))
+            params[name] = scale_offset_from_range(bottom, top, p.num_bits, symmetric)
 
 
 def _finalize(groups: list[_Group], layer_map) -> dict[str, Any]:

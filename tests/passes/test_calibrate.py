@@ -75,12 +75,28 @@ def test_demo_layers_equal_direct_calibration(session, algorithm, options):
 def test_mobilenetv2_ifmr_equals_direct(session):
     images = np.load(shared_path("data/imagenet_dev250_224_uint8.npz"))["images_nhwc_uint8"][:8]
     source = _source(images, 4, IMAGENET)
-    result = _run(session, shared_path("models/mobilenetv2_fp32.onnx"), "match_layers,calibrate", source)
+    result = _run(session, shared_path("models/mobilenetv2_fp32.onnx"),
+                  "match_layers,calibrate{fit_activation_bounds=false}", source)
     layers = result.artifacts["layer_map"].layers()
     assert len(layers) == 53
-    _assert_same(result.artifacts["act_quant"], _direct(session, result.model, source, layers, "ifmr"))
+    direct = _direct(session, result.model, source, layers, "ifmr")
+    _assert_same(result.artifacts["act_quant"], direct)
     stats = result.stats_for("calibrate")
     assert (stats["layers"], stats["batches"]) == (53, 2) and stats["tensors"] <= 53
+    # by default a range beyond a Relu6's 6 is narrowed to [0, 6]; the others are left alone
+    fitted = _run(session, shared_path("models/mobilenetv2_fp32.onnx"), "match_layers,calibrate", source)
+    graph = fitted.graph
+    tensors = graph.tensors()
+    narrowed = 0
+    for layer in layers:
+        got, raw = fitted.artifacts["act_quant"][layer.name], direct[layer.name]
+        producer = graph.producer(tensors[layer.input])
+        if producer is not None and producer.op == "Clip" and raw.clip_max > 6 * (1 + 1e-6):
+            narrowed += 1
+            assert got.offset == -128 and got.scale == pytest.approx(6 / 255, rel=1e-6), layer.name
+        else:
+            assert (got.scale, got.offset) == (raw.scale, raw.offset), layer.name
+    assert narrowed > 0
 
 
 def test_mnist8_hfmg_equals_direct_fixed_batch_of_one(session):

@@ -40,7 +40,7 @@ from ..base import ActQuantParams
 from .common import (LayerPlan, LoweringPlan, Namer, PlanTarget, add_node, bias_slot, constant, neutralize_gemm,
                      normalized_act, output_node, reroute)
 
-__all__ = ["QdqTarget", "QdqOptions", "extra_tensors", "propagate_factors", "VALUE_PRESERVING_OPS"]
+__all__ = ["QdqTarget", "QdqOptions", "extra_tensors", "propagate_factors", "activation_bounds", "VALUE_PRESERVING_OPS"]
 
 VALUE_PRESERVING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")       # monotone clips: movable onto the integer codes
@@ -220,7 +220,7 @@ def _fold_activation(graph, tensor: gs.Tensor, params: ActQuantParams) -> tuple[
     source = node.inputs[0]
     if len(source.outputs) != 1 or graph.is_graph_output(source) or graph.producer(source) is None:
         return tensor, None
-    low, high = _clip_bounds(graph, node)
+    low, high = activation_bounds(graph, node)
     if low is None:
         return tensor, None
     q_low, q_high = _code(low, params), _code(high, params)
@@ -239,7 +239,7 @@ def _code(bound: float, params: ActQuantParams) -> int:
     return int(np.clip(code, params.qmin, params.qmax))
 
 
-def _clip_bounds(graph, node: gs.Node) -> tuple[float | None, float | None]:
+def activation_bounds(graph, node: gs.Node) -> tuple[float | None, float | None]:
     """(min, max) of a Relu/Clip; (None, None) when they are not constants."""
     if node.op == "Relu":
         return 0.0, np.inf
