@@ -500,3 +500,28 @@ def test_registry_and_option_validation():
     assert PercentileCalibrator.Options().percentile == 99.999
     with pytest.raises(ValidationError):
         PercentileCalibrator.Options(percentile=101)
+
+
+@pytest.mark.parametrize("kind", ["relu", "pixels", "heavy_tails", "negative"])
+def test_hfmg_pruned_search_picks_the_full_searchs_window(kind):
+    """HFMG skips windows whose edge-clipping error alone exceeds the best loss: same pick as all."""
+    from amct_pipeline.algorithms.calibration.hfmg import _window_losses, hfmg_windows
+    rng = np.random.default_rng(len(kind))
+    hist = LinearHistogram(4096)
+    for _ in range(20):
+        x = {"relu": lambda: np.maximum(rng.normal(0, 1, 5000), 0),
+             "pixels": lambda: rng.integers(0, 256, 5000).astype(float),
+             "heavy_tails": lambda: rng.standard_t(2, 5000),
+             "negative": lambda: -np.abs(rng.laplace(0, 1, 5000))}[kind]().astype(np.float32)
+        hist.add(x, float(x.min()), float(x.max()))
+    dist, n = hist.distribution(), hist.num_bins
+    windows = np.array(hfmg_windows(hist.counts), dtype=np.float64)
+    width = (hist.max - hist.min) / n
+    lo, hi = hist.min + windows[:, 0] * width, hist.min + (windows[:, 1] + 1) * width
+    dst = (hi - lo) / 256
+    full = dist.quant_sse(lo + dst / 2, dst, 256)
+    pruned = _window_losses(dist, lo, hi, dst, 256)
+    assert int(np.argmin(pruned)) == int(np.argmin(full))
+    evaluated = np.isfinite(pruned)
+    np.testing.assert_array_equal(pruned[evaluated], full[evaluated])
+    assert evaluated.sum() < evaluated.size or kind == "pixels"

@@ -45,11 +45,43 @@ def hfmg_search(hist: LinearHistogram, num_bits: int = 8, symmetric: bool = Fals
     left, right = windows[:, 0], windows[:, 1]
     levels = 1 << num_bits
     dst = (right + 1 - left) * width / levels           # 2^b equal destination bins, values at centres
-    loss = dist.quant_sse(hist.min + left * width + dst / 2, dst, levels)
+    loss = _window_losses(dist, hist.min + left * width, hist.min + (right + 1) * width, dst, levels)
     best = int(np.argmin(loss))
     lo = hist.min + left[best] * width
     hi = hist.min + (right[best] + 1) * width
     return scale_offset_from_range(lo, hi, num_bits, symmetric)
+
+
+def _window_losses(dist, lo: np.ndarray, hi: np.ndarray, dst: np.ndarray, levels: int, chunk: int = 64) -> np.ndarray:
+    """Each window's L2 loss, skipping windows that cannot beat the best one found (loss inf there).
+
+    The windows nest (each inside the one before), so the error of clipping at the window edges alone,
+    a lower bound of a window's loss (its end levels lie inside the edges), never decreases along the
+    list: once it reaches the best loss so far, no later window can win and the search stops. The
+    argmin is the full search's; only losing windows go unevaluated."""
+    bound = _clip_sse(dist, lo, hi)
+    slack = 1e-9 * float(dist.cumulative(np.array([np.inf]), order=2)[2][0])   # rounding of the moment sums
+    loss = np.full(lo.size, np.inf)
+    best = np.inf
+    for start in range(0, lo.size, chunk):
+        if bound[start] > best * (1 + 1e-9) + slack:
+            break
+        end = start + chunk
+        loss[start:end] = dist.quant_sse(lo[start:end] + dst[start:end] / 2, dst[start:end], levels)
+        best = min(best, float(loss[start:end].min()))
+    return loss
+
+
+def _clip_sse(dist, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Squared error of moving every value below ``lo`` to ``lo`` and above ``hi`` to ``hi``."""
+    o = dist.origin
+    below = dist.cumulative(lo, order=2)
+    total = [c[0] for c in dist.cumulative(np.array([np.inf]), order=2)]
+    upto = dist.cumulative(hi, order=2)
+    above = [t - c for t, c in zip(total, upto)]
+    low_err = below[2] - 2 * (lo - o) * below[1] + (lo - o) ** 2 * below[0]
+    high_err = above[2] - 2 * (hi - o) * above[1] + (hi - o) ** 2 * above[0]
+    return np.maximum(low_err, 0.0) + np.maximum(high_err, 0.0)
 
 
 class HfmgCalibrator(StreamingCalibrator):
