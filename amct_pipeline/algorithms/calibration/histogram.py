@@ -179,15 +179,16 @@ class FloatHistogram(RunningRange):
 
 def _with_tails(lower, upper, counts, bucket_of, top, bottom, vmin, vmax) -> "Distribution":
     """Buckets minus the exactly kept extreme values, which are added back as point masses."""
-    lower, upper, counts = lower.copy(), upper.copy(), counts.copy()
+    used = np.flatnonzero(counts)                 # empty buckets would only be dropped later: skip them now
+    lower, upper, counts = lower[used], upper[used], counts[used]
     for tail in (top, bottom):
-        counts -= np.bincount(bucket_of(tail), minlength=counts.size)
+        counts -= np.bincount(np.searchsorted(used, bucket_of(tail)), minlength=counts.size)
     # what is left of the boundary buckets lies between the two tails
     if top.size:
-        j = int(bucket_of(top.min()[None])[0])
+        j = int(np.searchsorted(used, bucket_of(top.min()[None])[0]))
         upper[j] = min(upper[j], float(top.min()))
     if bottom.size:
-        j = int(bucket_of(bottom.max()[None])[0])
+        j = int(np.searchsorted(used, bucket_of(bottom.max()[None])[0]))
         lower[j] = max(lower[j], float(bottom.max()))
     values, mult = np.unique(np.concatenate([bottom, top]).astype(np.float64), return_counts=True)
     lower, upper = np.concatenate([lower, values]), np.concatenate([upper, values])
