@@ -96,8 +96,7 @@ class CalibratePass(Pass):
                 batches += 1
                 del acts
         if self.options.fit_activation_bounds:
-            for group in groups:
-                _fit_bounds(graph, group, _finalize_group(group))
+            _fit_bounds(graph, groups)
         act_quant = _finalize(groups, layer_map)
         ctx.artifacts["act_quant"] = act_quant
         stats = _stats(self.options, [g for g in groups if g is not blocks], act_quant, tensors, batches)
@@ -125,6 +124,11 @@ def resolve_layer_calibration(session, layer, options: CalibrateOptions) -> tupl
         if key not in LAYER_KEYS:
             raise ConfigError([Problem(WHERE, f"{where}.{key}", "unknown key",
                                        suggest(key, LAYER_KEYS) or f"known keys: {', '.join(LAYER_KEYS)}")])
+    return _resolve(session, per, options, where)
+
+
+def _resolve(session, per: Mapping[str, Any], options: CalibrateOptions, where: str) -> tuple[str, dict[str, Any]]:
+    """(algorithm, validated options) of the pass's configuration overridden by ``per``."""
     algorithm = per.get("algorithm", options.algorithm)
     registry = session.registry("calibrators")
     if algorithm not in registry:
@@ -158,23 +162,22 @@ def _make_groups(session, layer_map, options: CalibrateOptions) -> list[_Group]:
         key = (algorithm, json.dumps(algo_options, sort_keys=True, default=str))
         group = groups.get(key)
         if group is None:
-            group = groups[key] = _Group(algorithm, algo_options,
-                                         session.make_algorithm("calibrators", algorithm, algo_options))
+            group = groups[key] = _new_group(session, algorithm, algo_options)
         group.tensors.setdefault(layer.input, []).append(layer.name)
     return list(groups.values())
+
+
+def _new_group(session, algorithm: str, algo_options: dict[str, Any]) -> _Group:
+    return _Group(algorithm, algo_options, session.make_algorithm("calibrators", algorithm, algo_options))
 
 
 def _block_group(session, graph, layer_map, options: CalibrateOptions) -> _Group:
     """The pass's own calibrator over the block outputs a QDQ layout quantizes (no layers read them
     as a layer input; ``tensors`` maps each to an empty layer list)."""
     from ..algorithms.targets.qdq import extra_tensors, propagate_factors
-    algorithm = options.algorithm
-    parsed, problems = parse_options(session.registry("calibrators").get(algorithm).Options, options.algorithm_options)
-    if problems:   # the manager validated these before the run; kept as a guard for direct use
-        raise ConfigError([Problem(WHERE, f"algorithm_options.{p.path}", p.message, p.hint) for p in problems])
+    group = _new_group(session, *_resolve(session, {}, options, "calibrate"))
     covered = {layer.input: None for layer in layer_map.layers()}
     propagate_factors(graph, covered)
-    group = _Group(algorithm, parsed.model_dump(), session.make_algorithm("calibrators", algorithm, parsed.model_dump()))
     group.tensors = {name: [] for name in extra_tensors(graph, layer_map, covered)}
     return group
 
@@ -213,26 +216,27 @@ def _finalize_group(group: _Group) -> dict[str, Any]:
     return group.params
 
 
-def _fit_bounds(graph, group: _Group, params: dict[str, Any]) -> None:
-    """Narrow each tensor's range to the bounds of the Relu/Clip producing it (in place)."""
+def _fit_bounds(graph, groups: list[_Group]) -> None:
+    """Narrow each tensor's range to the bounds of the Relu/Clip producing it (in the groups' params)."""
     from ..algorithms.targets.qdq import activation_bounds
     from ..quant.math import scale_offset_from_range
     tensors = graph.tensors()
-    for name in group.tensors:
-        producer = graph.producer(tensors[name]) if name in tensors else None
-        p = params.get(name)
-        if p is None or producer is None or producer.op not in ("Relu", "Clip"):
-            continue
-        low, high = activation_bounds(graph, producer)
-        if low is None:
-            continue
+    for group in groups:
+        params = _finalize_group(group)
         symmetric = not group.options.get("asymmetric", True)
-        slack = 1e-6 * max(abs(p.clip_max), abs(p.clip_min))     # float32 scale rounding is not "wider"
-        too_wide = p.clip_max > high + slack or (not symmetric and p.clip_min < min(low, 0.0) - slack)
-        if too_wide:
-            top = min(p.clip_max, high)
-            bottom = -top if symmetric else max(p.clip_min, min(low, 0.0))
-            params[name] = scale_offset_from_range(bottom, top, p.num_bits, symmetric)
+        for name in group.tensors:
+            producer = graph.producer(tensors[name]) if name in tensors else None
+            p = params.get(name)
+            if p is None or producer is None or producer.op not in ("Relu", "Clip"):
+                continue
+            low, high = activation_bounds(graph, producer)
+            if low is None:
+                continue
+            slack = 1e-6 * max(abs(p.clip_max), abs(p.clip_min))     # float32 scale rounding is not "wider"
+            if p.clip_max > high + slack or (not symmetric and p.clip_min < min(low, 0.0) - slack):
+                top = min(p.clip_max, high)
+                bottom = -top if symmetric else max(p.clip_min, min(low, 0.0))
+                params[name] = scale_offset_from_range(bottom, top, p.num_bits, symmetric)
 
 
 def _finalize(groups: list[_Group], layer_map) -> dict[str, Any]:

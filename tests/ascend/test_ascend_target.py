@@ -697,17 +697,22 @@ def test_int4_weights_are_refused(session, tmp_path):
 
 
 # -- bad records through the ascend pipeline -------------------------------------------------------
+def _resnet8_record_fails(session, record_path, out) -> str:
+    """The error of lowering resnet8 to Ascend from ``record_path``; nothing may be written to ``out``."""
+    with pytest.raises(AmctError) as info:
+        session.build(from_record(record_path, ["ascend"], fuse=True)).run(
+            shared_path("models/resnet8_cifar10_bn.onnx"), output_dir=out)
+    assert not out.exists() or not any(out.iterdir())
+    return str(info.value)
+
+
 def test_record_naming_a_missing_layer(session, tmp_path, lowered):
     low = lowered("resnet8_cifar10_bn.onnx")
     text = (low.out / "record.txt").read_text().replace('key: "conv2d_3"', 'key: "conv2d_99"')
     bad = tmp_path / "record.txt"
     bad.write_text(text)
-    out = tmp_path / "o"
-    with pytest.raises(AmctError) as info:
-        session.build(from_record(bad, ["ascend"], fuse=True)).run(
-            shared_path("models/resnet8_cifar10_bn.onnx"), output_dir=out)
-    assert "layer 'conv2d_99'" in str(info.value) and "not a quantizable layer" in str(info.value)
-    assert not out.exists() or not any(out.iterdir())
+    message = _resnet8_record_fails(session, bad, tmp_path / "o")
+    assert "layer 'conv2d_99'" in message and "not a quantizable layer" in message
 
 
 def test_record_missing_factors(session, tmp_path, lowered):
@@ -717,21 +722,14 @@ def test_record_missing_factors(session, tmp_path, lowered):
     record["conv2d_3"].scale_d = None
     bad = tmp_path / "record.txt"
     write_record(record, bad)
-    out = tmp_path / "o"
-    with pytest.raises(AmctError) as info:
-        session.build(from_record(bad, ["ascend"], fuse=True)).run(
-            shared_path("models/resnet8_cifar10_bn.onnx"), output_dir=out)
-    assert "layer 'conv2d_3'" in str(info.value) and "scale_d" in str(info.value)
-    assert not out.exists() or not any(out.iterdir())
+    message = _resnet8_record_fails(session, bad, tmp_path / "o")
+    assert "layer 'conv2d_3'" in message and "scale_d" in message
     record = read_record(low.out / "record.txt")
     record["dense"].scale_w = []
     record["dense"].offset_w = []
     write_record(record, bad)
-    with pytest.raises(AmctError) as info:
-        session.build(from_record(bad, ["ascend"], fuse=True)).run(
-            shared_path("models/resnet8_cifar10_bn.onnx"), output_dir=out)
-    assert "layer 'dense'" in str(info.value) and "scale_w" in str(info.value)
-    assert not out.exists() or not any(out.iterdir())
+    message = _resnet8_record_fails(session, bad, tmp_path / "o")
+    assert "layer 'dense'" in message and "scale_w" in message
 
 
 def test_record_round_trip_gives_the_same_deploy_model(session, lowered, tmp_path):

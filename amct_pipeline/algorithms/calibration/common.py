@@ -111,6 +111,9 @@ class _Pool:
     """Small flat float32 batches of one tensor waiting to be added together."""
 
     def __init__(self) -> None:
+        self._empty()
+
+    def _empty(self) -> None:
         self.parts: list[np.ndarray] = []
         self.size, self.min, self.max = 0, np.inf, -np.inf
 
@@ -122,4 +125,4 @@ class _Pool:
     def drain_into(self, stats: RunningRange) -> None:
         if self.parts:
             stats.add(np.concatenate(self.parts), self.min, self.max)
-            self.__init__()
+            self._empty()
