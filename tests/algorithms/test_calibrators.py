@@ -113,7 +113,7 @@ def test_ifmr_matches_exact_all_data(kind, symmetric, pct):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_ifmr_identical_when_tails_hold_all_data(kind, symmetric):
     """<= 2 * tail_size values: every value is kept exactly, so IFMR must reproduce the reference."""
-    data = batches(kind, seed=SEEDS[kind], n=3, size=4000)
+    data = batches(kind, seed=SEEDS[kind], n=3, size=2 * IfmrCalibrator.tail_size // 15 * 5)
     got = run(IfmrCalibrator({"asymmetric": not symmetric, "max_percentile": 0.9995}), data)
     scale, offset = exact_ifmr(np.concatenate([d.ravel() for d in data]), symmetric, max_p=0.9995)
     assert got.scale == pytest.approx(scale, rel=1e-9) and got.offset == offset
@@ -474,6 +474,38 @@ def test_float_histogram_merge_equals_single_stream():
     assert np.array_equal(np.sort(one.bottom), np.sort(left.bottom))
     x = np.sort(np.concatenate([d.ravel() for d in data]))
     assert np.array_equal(np.sort(one.top), x[-32:]) and np.array_equal(np.sort(one.bottom), x[:32])
+
+
+def _signed_zeros(rng, n):
+    x = np.maximum(rng.normal(0.0, 1.0, n), 0.0)
+    x[(x == 0) & (rng.random(n) < 0.5)] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["relu6", "negative", "one_bucket", "outliers", "signed_zeros"])
+def test_float_histogram_tails_exact_with_ties_and_any_batch_size(kind):
+    """The kept tails are the exact K extremes of the stream whatever the batch sizes: ties at the
+    extreme (ReLU6's 0 and 6, zeros of both signs), all-negative data, many distinct values inside
+    the extreme bucket, the K-th extreme many octaves from the extreme (outliers)."""
+    rng = np.random.default_rng(21)
+    k = 64
+    draw = {
+        "relu6": lambda n: np.clip(rng.normal(2.0, 3.0, n), 0.0, 6.0),
+        "negative": lambda n: -np.abs(rng.laplace(0.0, 1.0, n)) - 1e-3,
+        "one_bucket": lambda n: rng.uniform(1.0, 1.0 + 2.0 ** -9, n),
+        "outliers": lambda n: np.concatenate([rng.normal(0.0, 1.0, n - 3), [1e6, -3e7, 5e5]]),
+        "signed_zeros": lambda n: _signed_zeros(rng, n),
+    }[kind]
+    hist, seen = FloatHistogram(tail_size=k), []
+    for n in (10, 50, 3000, 7, 20_000, 500):
+        x = draw(n).astype(np.float32)
+        hist.add(x, float(x.min()), float(x.max()))
+        seen.append(x)
+    x = np.sort(np.concatenate(seen))
+    assert np.array_equal(np.sort(hist.top), x[-k:]) and np.array_equal(np.sort(hist.bottom), x[:k])
+    dist = hist.distribution()
+    assert dist.total == x.size == hist.counts.sum()
+    assert dist.kth_largest(k) == x[-k] and dist.kth_smallest(k) == x[k - 1]
 
 
 def test_registry_and_option_validation():

@@ -2,8 +2,8 @@
 
 AMCT concatenates every batch in memory; here the same formulas run on bounded statistics: a
 log-spaced float histogram plus the ``tail_size`` largest/smallest values kept exactly. The
-percentiles are exact while ``N * (1 - percentile) <= tail_size`` (N up to 8e9 at the default
-0.999999), and each candidate's MSE is integrated exactly over the bins, so the pick matches the
+percentiles are exact while ``N * (1 - percentile) <= tail_size`` (N up to 1e9 values per tensor
+at the default 0.999999, beyond what AMCT itself can hold in memory), and each candidate's MSE is integrated exactly over the bins, so the pick matches the
 all-data search (it can differ by one candidate only where the all-data loss curve has near-ties
 at the level of its own sampling noise).
 """
@@ -90,15 +90,17 @@ class IfmrCalibrator(StreamingCalibrator):
                 raise ValueError("search_step must be in (0, search_range_end - search_range_start]")
             return self
 
-    tail_size = 8192   # extreme values kept exactly per side (see FloatHistogram)
+    tail_size = 1024   # extreme values kept exactly per side (see FloatHistogram); the cost per batch grows with it
 
     def _new_stats(self) -> FloatHistogram:
         return FloatHistogram(tail_size=self.tail_size)
 
     def _params(self, stats: FloatHistogram) -> ActQuantParams:
         o = self.options
+        # only the two percentile order statistics need exact values; the rest stay binned
+        ranks = (ifmr_percentile_rank(p, stats.count) for p in (o.max_percentile, o.min_percentile))
         return ifmr_search(
-            stats.distribution(),
+            stats.distribution(exact=max(ranks)),
             num_bits=o.num_bits,
             symmetric=not o.asymmetric,
             max_percentile=o.max_percentile,
