@@ -41,6 +41,7 @@ from pydantic import Field, PositiveInt, field_validator
 from ..algorithms.base import ActQuantParams
 from ..errors import CalibrationError
 from ..options import Options
+from ..runtime.ort import make_session
 from .base import Pass, PassResult
 
 __all__ = ["RefineRangesPass", "RefineRangesOptions", "build_eval_model", "dequantize_weight"]
@@ -121,8 +122,10 @@ class RefineRangesPass(Pass):
             return PassResult(False, {"tensors": 0, "tensors_changed": 0, "sweeps": 0})
         feeds = _subset(graph, ctx.dataset(self.options.dataset), self.options)
         float_model = graph.to_proto()
-        model = build_eval_model(graph, layer_map, ctx.artifacts["weight_quant"], units, float_model)
-        evaluator = _Evaluator(float_model, model, feeds, units)
+        weights = ctx.artifacts["weight_quant"]
+        evaluator = _Evaluator(float_model, feeds, units,
+                               model=build_eval_model(graph, layer_map, weights, units, float_model),
+                               probe_model=build_eval_model(graph, layer_map, weights, units, float_model, probes=True))
         stats = _coordinate_descent(evaluator, units, self.options, ctx.progress)
         for unit in units:
             for name in unit.layers:
@@ -184,12 +187,13 @@ def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.nd
 
 # -- the fake-quant evaluation model ------------------------------------------------------------
 def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit],
-                     float_model: onnx.ModelProto | None = None) -> onnx.ModelProto:
+                     float_model: onnx.ModelProto | None = None, probes: bool = False) -> onnx.ModelProto:
     """The float graph with fake-quantized weights and input-driven activation fake-quant branches.
 
-    Extra outputs ``<prefix>.<i>.noise`` / ``.power``: sum of squared quantization error and of the
-    signal of each unit (used once, to order the units). ``float_model`` (the graph's export) is
-    copied, never changed.
+    With ``probes``, extra outputs ``<prefix>.<i>.noise`` / ``.power``: sum of squared quantization
+    error and of the signal of each unit (used once, to order the units; onnxruntime runs every
+    node whatever is fetched, so the search runs a model without them, twice as fast).
+    ``float_model`` (the graph's export) is copied, never changed.
     """
     model = onnx.ModelProto()
     model.CopyFrom(float_model if float_model is not None else graph.to_proto())
@@ -198,7 +202,7 @@ def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit],
     _fake_quant_weights(graph, model, nodes, layer_map, weight_quant)
     branches: dict[str, list[onnx.NodeProto]] = {}
     for unit in units:
-        branches.setdefault(unit.tensor, []).extend(_insert_fake_quant(model, nodes, unit))
+        branches.setdefault(unit.tensor, []).extend(_insert_fake_quant(model, nodes, unit, probes))
     _place_after_producers(model, branches)
     return model
 
@@ -279,7 +283,7 @@ def _scale_axis(shape: tuple[int, ...], channels: int, layer) -> int | None:
     return None
 
 
-def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.NodeProto]:
+def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit, probes: bool) -> list[onnx.NodeProto]:
     """AMCT's fake quant (SPEC 5.4, offset folded into the clip bounds) in front of the unit's layers."""
     inv, low, high, scale = unit.names
     base = f"{PREFIX}.{unit.index}"
@@ -293,11 +297,14 @@ def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.
         out = f"{base}.{op.lower()}{i}"
         new_nodes.append(helper.make_node(op, inputs, [out], name=out))
         previous = out
-    new_nodes += [helper.make_node("Sub", [previous, unit.tensor], [f"{base}.err"], name=f"{base}.err"),
-                  helper.make_node("ReduceSumSquare", [f"{base}.err"], [f"{base}.noise"], keepdims=0,
-                                   name=f"{base}.noise"),
-                  helper.make_node("ReduceSumSquare", [unit.tensor], [f"{base}.power"], keepdims=0,
-                                   name=f"{base}.power")]
+    if probes:
+        new_nodes += [helper.make_node("Sub", [previous, unit.tensor], [f"{base}.err"], name=f"{base}.err"),
+                      helper.make_node("ReduceSumSquare", [f"{base}.err"], [f"{base}.noise"], keepdims=0,
+                                       name=f"{base}.noise"),
+                      helper.make_node("ReduceSumSquare", [unit.tensor], [f"{base}.power"], keepdims=0,
+                                       name=f"{base}.power")]
+        model.graph.output.extend([helper.make_tensor_value_info(f"{base}.{k}", TensorProto.FLOAT, [])
+                                   for k in ("noise", "power")])
     if unit.all_readers:     # the graph's own nodes: branches join model.graph.node only at the end
         for node in model.graph.node:
             for k, name in enumerate(node.input):
@@ -305,8 +312,6 @@ def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.
                     node.input[k] = previous
     for layer in unit.layers:
         nodes[layer].input[0] = previous
-    model.graph.output.extend([helper.make_tensor_value_info(f"{base}.{k}", TensorProto.FLOAT, [])
-                               for k in ("noise", "power")])
     return new_nodes
 
 
@@ -314,15 +319,12 @@ def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.
 class _Evaluator:
     """Output error of the fake-quant model for a set of unit params, on the stored feeds."""
 
-    def __init__(self, float_model: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                 units: list[_Unit]) -> None:
-        from ..runtime.ort import make_session
+    def __init__(self, float_model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], units: list[_Unit], *,
+                 model: onnx.ModelProto, probe_model: onnx.ModelProto) -> None:
         self.feeds, self.units = feeds, units
         self.outputs = [o.name for o in float_model.graph.output]
-        reference = make_session(float_model)
-        self.refs = [reference.run(self.outputs, feed) for feed in feeds]
-        del reference
-        self.session = make_session(model)
+        self.refs = list(self._runs(make_session(float_model), self.outputs, {}))
+        self.probe_model, self.session = probe_model, make_session(model)
         self.power = [sum(float(np.square(r[k], dtype=np.float64).sum()) for r in self.refs)
                       for k in range(len(self.outputs))]
         self.count = [sum(r[k].size for r in self.refs) for k in range(len(self.outputs))]
@@ -345,8 +347,8 @@ class _Evaluator:
                                 if probe else [])
         sse = [0.0] * len(self.outputs)
         probes = np.zeros(2 * len(self.units))
-        for feed, ref in zip(self.feeds, self.refs):
-            got = self.session.run(fetch, {**feed, **factors})
+        session = make_session(self.probe_model) if probe else self.session    # probes: once, not kept
+        for got, ref in zip(self._runs(session, fetch, factors), self.refs):
             for k in range(len(self.outputs)):
                 sse[k] += float(np.square(got[k] - ref[k], dtype=np.float64).sum())
             if probe:
@@ -357,6 +359,10 @@ class _Evaluator:
                 unit.noise = probes[2 * i] / max(probes[2 * i + 1], 1e-30)
         objective = float(np.mean([e / max(p, 1e-30) for e, p in zip(sse, self.power)]))
         return objective, sum(sse) / max(sum(self.count), 1)
+
+    def _runs(self, session, fetch: list[str], factors: dict[str, np.ndarray]):
+        for feed in self.feeds:
+            yield session.run(fetch, {**feed, **factors})
 
 
 # -- the search --------------------------------------------------------------------------------
