@@ -89,8 +89,9 @@ class FloatHistogram(RunningRange):
 
     With ``tail_size = K > 0`` it also keeps the K largest and K smallest values exactly: order
     statistics and clipping errors in sparse tails - where single values matter, as for IFMR's
-    0.999999 percentile - are then exact instead of interpolated. Per batch that costs one
-    comparison pass per side: the batch's own counts say which of its values can enter a tail.
+    0.999999 percentile - are then exact instead of interpolated. Per batch that costs at most one
+    comparison pass per side (none when the batch's extreme cannot enter): the batch's own counts
+    say which of its values can.
     """
 
     def __init__(self, mantissa_bits: int = 7, tail_size: int = 0) -> None:
