@@ -48,7 +48,8 @@ class Case:
     labels: np.ndarray | None
     batch: int               # calibration batch size (a fixed model batch wins)
     fixed_batch: bool
-    calib_count: int = 0     # memory mode: how many images to calibrate on
+    calib_count: int = 0     # memory mode: how many images to calibrate on (0: the calibration batches)
+    key: str = ""            # the --models name
 
 
 def _imagenet(count: int | None = None):
@@ -89,6 +90,7 @@ def load_cases(names: list[str]) -> list[Case]:
     for name in names:
         try:
             cases.append(builders[name]())
+            cases[-1].key = name
         except FileNotFoundError as exc:
             print(f"skipping {name}: missing {exc.filename}", file=sys.stderr)
     return cases
@@ -280,6 +282,13 @@ def evaluate_case(case: Case, quick: bool, refine: bool = True) -> list[dict]:
     variants = [(a, {}, False) for a in (["ifmr", "percentile"] if quick else OURS)]
     variants += [(a, o, False) for a, o in TUNED]
     variants += [(a, o, True) for a, o in REFINED] if refine else []
+    peaks: dict[str, dict] = {}       # calibration peak RSS per calibrator, measured once in a child process
+
+    def peak_mb(algorithm: str):
+        if algorithm not in peaks:
+            peaks[algorithm] = measure_memory(case.key, algorithm, 0, block_outputs=True)
+        return peaks[algorithm].get("peak_rss_mb")
+
     for algorithm, options, refine in variants:
         label = (f"ours {algorithm}" + "".join(f" {k}={v}" for k, v in options.items()) + (" + refine" if refine else "")
                  + (" (default)" if algorithm == "ifmr" and not refine else ""))
@@ -291,6 +300,8 @@ def evaluate_case(case: Case, quick: bool, refine: bool = True) -> list[dict]:
             rows.append({"model": case.name, "variant": label, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
         rows.append(_row(case, label, got, reference))
+        if not refine:               # options such as the percentile do not change what is kept
+            rows[-1]["peak_mb"] = peak_mb(algorithm)
         print(rows[-1], file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for method in (["MinMax", "Percentile"] if quick else ORT_METHODS):
@@ -299,6 +310,7 @@ def evaluate_case(case: Case, quick: bool, refine: bool = True) -> list[dict]:
                 try:
                     got = run_ort(case, method, per_channel, Path(tmp))
                     rows.append(_row(case, label, got, reference))
+                    rows[-1]["peak_mb"] = peak_mb(f"ORT {method}")
                     print(rows[-1], file=sys.stderr, flush=True)
                 except Exception as exc:
                     rows.append({"model": case.name, "variant": label, "error": f"{type(exc).__name__}: {exc}"[:200]})
@@ -377,15 +389,16 @@ def integer_ops(model: onnx.ModelProto, tmp: Path) -> dict:
 # -------------------------------------------------------------------------------------------
 # memory: each measurement in a fresh child process
 
-def measure_memory(case_name: str, algorithm: str, images: int) -> dict:
-    code = [sys.executable, __file__, "--_child", case_name, algorithm, str(images)]
+def measure_memory(case_name: str, algorithm: str, images: int, block_outputs: bool = False) -> dict:
+    """Peak RSS and time of one calibration in a fresh process; ``images`` 0: the case's own batches."""
+    code = [sys.executable, __file__, "--_child", case_name, algorithm, str(images), str(int(block_outputs))]
     done = subprocess.run(code, capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child_memory(case_name: str, algorithm: str, images: int) -> None:
+def child_memory(case_name: str, algorithm: str, images: int, block_outputs: bool) -> None:
     (case,) = load_cases([case_name])
     case.calib_count = images       # batches cycle over the calibration images: data memory stays flat
     start = time.perf_counter()
@@ -393,17 +406,18 @@ def child_memory(case_name: str, algorithm: str, images: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ort_calibration_time(case, algorithm.split()[1], Path(tmp))
     else:
-        run_ours_calibration_only(case, algorithm)
+        run_ours_calibration_only(case, algorithm, block_outputs)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mb": round(peak, 1), "seconds": round(time.perf_counter() - start, 2)}))
 
 
-def run_ours_calibration_only(case: Case, algorithm: str) -> None:
+def run_ours_calibration_only(case: Case, algorithm: str, block_outputs: bool) -> None:
     import amct_pipeline as ap
     session = ap.Session(load_entrypoints=False)
-    feeds = cycled_batches(case)
-    session.build(f"fuse_bn,match_layers,calibrate{{algorithm={algorithm} dataset=calib}}", datasets=["calib"]).run(
-        str(case.model), datasets={"calib": feeds})
+    feeds = cycled_batches(case) if case.calib_count else batches(case.calib, case.batch, case.input_name)
+    calibrate = f"calibrate{{algorithm={algorithm} dataset=calib block_outputs={str(block_outputs).lower()}}}"
+    session.build(f"fuse_bn,match_layers,{calibrate}", datasets=["calib"]).run(str(case.model),
+                                                                              datasets={"calib": feeds})
 
 
 def memory_table(case_name: str) -> list[dict]:
@@ -438,7 +452,7 @@ def _cell(value) -> str:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
-        child_memory(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        child_memory(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mobilenetv2,mnist,resnet8,superres,ultraface")
@@ -461,8 +475,8 @@ def main() -> int:
         for case in load_cases(args.models.split(",")):
             print(f"== {case.name}", file=sys.stderr)
             rows += evaluate_case(case, args.quick, refine=not args.no_refine)
-        print(markdown(rows, ["model", "variant", "top1", "top1_float", "agreement", "sqnr_db", "calib_s", "speedup_b1",
-                              "speedup_b8", "error"]))
+        print(markdown(rows, ["model", "variant", "top1", "top1_float", "agreement", "sqnr_db", "calib_s", "peak_mb",
+                              "speedup_b1", "speedup_b8", "error"]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     print(json.dumps(rows))
