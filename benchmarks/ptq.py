@@ -6,8 +6,9 @@
     python benchmarks/ptq.py --speed --models mobilenetv2   # QDQ speed-ups, every model in one loop
 
 Per model and variant: top-1 accuracy (where labels exist), top-1 agreement with the float
-model, output SQNR (dB), calibration wall time, and the QDQ model's onnxruntime latency against
-the float model at batch 1 and 8. Reads models and data from ../shared (skips what is missing).
+model, output SQNR (dB), calibration wall time (median of 5 when under 1 s), peak calibration
+memory (a fresh process per calibrator), and the QDQ model's onnxruntime latency against the float
+model at batch 1 and 8. Reads models and data from ../shared (skips what is missing).
 """
 from __future__ import annotations
 
