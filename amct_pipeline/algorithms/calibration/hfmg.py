@@ -1,7 +1,6 @@
 """HFMG (SPEC 4.5): AMCT's histogram calibrator - greedy window shrink scored by analytic L2 error."""
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Literal
 
@@ -21,14 +20,17 @@ MIN_BIN_RATIO = 4       # AMCT: stop when the window is down to num_bins/4 bins
 def hfmg_windows(counts: np.ndarray) -> list[tuple[int, int]]:
     """AMCT's ``hfmg_get_search_range``: shrink the side whose next ``step`` counts span more bins."""
     n = counts.size
-    prefix = [0, *np.cumsum(counts).tolist()]   # a list: bisect beats np.searchsorted on scalars
-    step = max(math.ceil(prefix[-1] / STEP_DIVISOR), 1)
+    prefix = np.concatenate([[0], np.cumsum(counts)])
+    step = max(math.ceil(int(prefix[-1]) / STEP_DIVISOR), 1)
+    # where AMCT's pointer walks stop once `step` counts are removed from a side, for every start
+    # (the greedy loop below is sequential; these lookups are not)
+    next_left = np.searchsorted(prefix, prefix[:-1] + step, side="left").tolist()
+    next_right = (np.searchsorted(prefix, prefix[1:] - step, side="right") - 2).tolist()
     min_bins = math.ceil(n / MIN_BIN_RATIO)
     left, right, windows = 0, n - 1, []
     while right - left > min_bins:
-        # where AMCT's pointer walks stop once `step` counts are removed from each side
-        tl = min(bisect.bisect_left(prefix, prefix[left] + step), right)
-        tr = max(bisect.bisect_right(prefix, prefix[right + 1] - step) - 2, tl)
+        tl = min(next_left[left], right)
+        tr = max(next_right[right], tl)
         if right - tr >= tl - left:
             right = tr
         else:
