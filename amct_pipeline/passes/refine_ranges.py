@@ -97,6 +97,11 @@ class _Unit:
     all_readers: bool = False     # every reader of the tensor reads the branch, not only ``layers``
 
     @property
+    def output(self) -> str:
+        """The fake-quantized tensor (last node of the branch ``_insert_fake_quant`` builds)."""
+        return f"{PREFIX}.{self.index}.mul3"
+
+    @property
     def names(self) -> tuple[str, str, str, str]:
         """Graph inputs: 1/scale, clip low and high (integer domain minus offset), scale."""
         base = f"{PREFIX}.{self.index}"
@@ -122,10 +127,8 @@ class RefineRangesPass(Pass):
             return PassResult(False, {"tensors": 0, "tensors_changed": 0, "sweeps": 0})
         feeds = _subset(graph, ctx.dataset(self.options.dataset), self.options)
         float_model = graph.to_proto()
-        weights = ctx.artifacts["weight_quant"]
-        evaluator = _Evaluator(float_model, feeds, units,
-                               model=build_eval_model(graph, layer_map, weights, units, float_model),
-                               probe_model=build_eval_model(graph, layer_map, weights, units, float_model, probes=True))
+        model = build_eval_model(graph, layer_map, ctx.artifacts["weight_quant"], units, float_model)
+        evaluator = _Evaluator(float_model, model, feeds, units)
         stats = _coordinate_descent(evaluator, units, self.options, ctx.progress)
         for unit in units:
             for name in unit.layers:
@@ -187,13 +190,11 @@ def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.nd
 
 # -- the fake-quant evaluation model ------------------------------------------------------------
 def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit],
-                     float_model: onnx.ModelProto | None = None, probes: bool = False) -> onnx.ModelProto:
+                     float_model: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """The float graph with fake-quantized weights and input-driven activation fake-quant branches.
 
-    With ``probes``, extra outputs ``<prefix>.<i>.noise`` / ``.power``: sum of squared quantization
-    error and of the signal of each unit (used once, to order the units; onnxruntime runs every
-    node whatever is fetched, so the search runs a model without them, twice as fast).
-    ``float_model`` (the graph's export) is copied, never changed.
+    Each unit's branch ends in ``unit.output``. ``float_model`` (the graph's export) is copied, never
+    changed.
     """
     model = onnx.ModelProto()
     model.CopyFrom(float_model if float_model is not None else graph.to_proto())
@@ -202,7 +203,7 @@ def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit],
     _fake_quant_weights(graph, model, nodes, layer_map, weight_quant)
     branches: dict[str, list[onnx.NodeProto]] = {}
     for unit in units:
-        branches.setdefault(unit.tensor, []).extend(_insert_fake_quant(model, nodes, unit, probes))
+        branches.setdefault(unit.tensor, []).extend(_insert_fake_quant(model, nodes, unit))
     _place_after_producers(model, branches)
     return model
 
@@ -283,7 +284,7 @@ def _scale_axis(shape: tuple[int, ...], channels: int, layer) -> int | None:
     return None
 
 
-def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit, probes: bool) -> list[onnx.NodeProto]:
+def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.NodeProto]:
     """AMCT's fake quant (SPEC 5.4, offset folded into the clip bounds) in front of the unit's layers."""
     inv, low, high, scale = unit.names
     base = f"{PREFIX}.{unit.index}"
@@ -297,14 +298,6 @@ def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit, probes: bool)
         out = f"{base}.{op.lower()}{i}"
         new_nodes.append(helper.make_node(op, inputs, [out], name=out))
         previous = out
-    if probes:
-        new_nodes += [helper.make_node("Sub", [previous, unit.tensor], [f"{base}.err"], name=f"{base}.err"),
-                      helper.make_node("ReduceSumSquare", [f"{base}.err"], [f"{base}.noise"], keepdims=0,
-                                       name=f"{base}.noise"),
-                      helper.make_node("ReduceSumSquare", [unit.tensor], [f"{base}.power"], keepdims=0,
-                                       name=f"{base}.power")]
-        model.graph.output.extend([helper.make_tensor_value_info(f"{base}.{k}", TensorProto.FLOAT, [])
-                                   for k in ("noise", "power")])
     if unit.all_readers:     # the graph's own nodes: branches join model.graph.node only at the end
         for node in model.graph.node:
             for k, name in enumerate(node.input):
@@ -315,16 +308,33 @@ def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit, probes: bool)
     return new_nodes
 
 
+def _with_probes(model: onnx.ModelProto, units: Sequence[_Unit]) -> onnx.ModelProto:
+    """A copy of the evaluation model with outputs ``<prefix>.<i>.noise`` / ``.power``: the summed
+    squared quantization error and signal of each unit (used once, to order the units; onnxruntime
+    runs every node whatever is fetched, so the search itself runs the model without them)."""
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    for unit in units:
+        base = f"{PREFIX}.{unit.index}"
+        probed.graph.node.extend([
+            helper.make_node("Sub", [unit.output, unit.tensor], [f"{base}.err"], name=f"{base}.err"),
+            helper.make_node("ReduceSumSquare", [f"{base}.err"], [f"{base}.noise"], keepdims=0, name=f"{base}.noise"),
+            helper.make_node("ReduceSumSquare", [unit.tensor], [f"{base}.power"], keepdims=0, name=f"{base}.power")])
+        probed.graph.output.extend([helper.make_tensor_value_info(f"{base}.{k}", TensorProto.FLOAT, [])
+                                    for k in ("noise", "power")])
+    return probed
+
+
 # -- evaluation --------------------------------------------------------------------------------
 class _Evaluator:
     """Output error of the fake-quant model for a set of unit params, on the stored feeds."""
 
-    def __init__(self, float_model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], units: list[_Unit], *,
-                 model: onnx.ModelProto, probe_model: onnx.ModelProto) -> None:
+    def __init__(self, float_model: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                 units: list[_Unit]) -> None:
         self.feeds, self.units = feeds, units
         self.outputs = [o.name for o in float_model.graph.output]
         self.refs = list(self._runs(make_session(float_model), self.outputs, {}))
-        self.probe_model, self.session = probe_model, make_session(model)
+        self.model, self.session = model, make_session(model)
         self.power = [sum(float(np.square(r[k], dtype=np.float64).sum()) for r in self.refs)
                       for k in range(len(self.outputs))]
         self.count = [sum(r[k].size for r in self.refs) for k in range(len(self.outputs))]
@@ -347,7 +357,7 @@ class _Evaluator:
                                 if probe else [])
         sse = [0.0] * len(self.outputs)
         probes = np.zeros(2 * len(self.units))
-        session = make_session(self.probe_model) if probe else self.session    # probes: once, not kept
+        session = make_session(_with_probes(self.model, self.units)) if probe else self.session
         for got, ref in zip(self._runs(session, fetch, factors), self.refs):
             for k in range(len(self.outputs)):
                 sse[k] += float(np.square(got[k] - ref[k], dtype=np.float64).sum())

@@ -61,9 +61,8 @@ def _window_losses(dist, lo: np.ndarray, hi: np.ndarray, dst: np.ndarray, levels
     a lower bound of a window's loss (its end levels lie inside the edges), never decreases along the
     list: once it reaches the best loss so far, no later window can win and the search stops. The
     argmin is the full search's; only losing windows go unevaluated."""
-    total = [float(c[0]) for c in dist.cumulative(np.array([np.inf]), order=2)]
-    bound = _clip_sse(dist, lo, hi, total)
-    slack = 1e-9 * total[2]                     # rounding of the moment sums
+    bound = _clip_sse(dist, lo, hi)
+    slack = 1e-9 * dist.moments[2]              # rounding of the moment sums
     loss = np.full(lo.size, np.inf)
     best = np.inf
     for start in range(0, lo.size, chunk):
@@ -75,13 +74,12 @@ def _window_losses(dist, lo: np.ndarray, hi: np.ndarray, dst: np.ndarray, levels
     return loss
 
 
-def _clip_sse(dist, lo: np.ndarray, hi: np.ndarray, total: list[float]) -> np.ndarray:
-    """Squared error of moving every value below ``lo`` to ``lo`` and above ``hi`` to ``hi``
-    (``total``: the distribution's three moments, as ``dist.cumulative`` gives them at +inf)."""
+def _clip_sse(dist, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Squared error of moving every value below ``lo`` to ``lo`` and above ``hi`` to ``hi``."""
     o = dist.origin
     below = dist.cumulative(lo, order=2)
     upto = dist.cumulative(hi, order=2)
-    above = [t - c for t, c in zip(total, upto)]
+    above = [t - c for t, c in zip(dist.moments, upto)]
     low_err = below[2] - 2 * (lo - o) * below[1] + (lo - o) ** 2 * below[0]
     high_err = above[2] - 2 * (hi - o) * above[1] + (hi - o) ** 2 * above[0]
     return np.maximum(low_err, 0.0) + np.maximum(high_err, 0.0)

@@ -367,6 +367,7 @@ class Distribution:
         a0, b0 = self.a - self.origin, self.b - self.origin
         moments = (self.h, self.h * (a0 + b0) / 2, self.h * (a0 * a0 + a0 * b0 + b0 * b0) / 3)
         self._prefix = [np.concatenate([[0.0], np.cumsum(m)]) for m in moments]
+        self.moments = tuple(float(p[-1]) for p in self._prefix)   # count, sum, sum of squares about origin
         # The m-th cumulative moment at x inside bin j is base_m[j] + dens_j * u^(m+1) / (m+1), with
         # u = x - origin clamped to the bin; a point mass at or below x counts whole. Entry 0 is a
         # sentinel bin (nothing below it) for x under every bin.
@@ -467,7 +468,7 @@ class Distribution:
         c0, c1 = self._cumulative_about_origin(bounds, order=1)
         inner = np.where(k < nl, c1 - bounds * c0, 0.0).sum(axis=1)
         last = (f - self.origin) + (nl - 1) * st
-        t0, t1, t2 = (p[-1] for p in self._prefix)
+        t0, t1, t2 = self.moments
         return ((t2 - 2.0 * last * t1 + last * last * t0) + 2.0 * st * inner[:, None]).ravel()
 
     def _sse_by_bins(self, f, st, nl) -> np.ndarray:

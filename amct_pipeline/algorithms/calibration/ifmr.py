@@ -3,9 +3,9 @@
 AMCT concatenates every batch in memory; here the same formulas run on bounded statistics: a
 log-spaced float histogram plus the ``tail_size`` largest/smallest values kept exactly. The
 percentiles are exact while ``N * (1 - percentile) <= tail_size`` (N up to 1e9 values per tensor
-at the default 0.999999, beyond what AMCT itself can hold in memory), and each candidate's MSE is integrated exactly over the bins, so the pick matches the
-all-data search (it can differ by one candidate only where the all-data loss curve has near-ties
-at the level of its own sampling noise).
+at the default 0.999999, beyond what AMCT itself can hold in memory), and each candidate's MSE is
+integrated exactly over the bins, so the pick matches the all-data search (it can differ by one
+candidate only where the all-data loss curve has near-ties at the level of its own sampling noise).
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class IfmrCalibrator(StreamingCalibrator):
                 raise ValueError("search_step must be in (0, search_range_end - search_range_start]")
             return self
 
-    tail_size = 1024   # extreme values kept exactly per side (see FloatHistogram); the cost per batch grows with it
+    tail_size = 1024   # exact extreme values per side (see FloatHistogram); per-batch cost grows with it
 
     def _new_stats(self) -> FloatHistogram:
         return FloatHistogram(tail_size=self.tail_size)
