@@ -20,8 +20,8 @@ _LAZY = {
     "PassResult": "amct_pipeline.passes.base",
     "PassContext": "amct_pipeline.passes.base",
     "Options": "amct_pipeline.options",
-    "Pipeline": "amct_pipeline.passes.manager",
-    "PipelineResult": "amct_pipeline.passes.manager",
+    "Pipeline": "amct_pipeline.pipeline.manager",
+    "PipelineResult": "amct_pipeline.pipeline.manager",
     "load_pipeline": "amct_pipeline.pipeline.loader",
     "hookimpl": "amct_pipeline.plugins",
     "AmctError": "amct_pipeline.errors",
@@ -34,7 +34,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name == "instruments":
-        return importlib.import_module("amct_pipeline.passes.instruments")
+        return importlib.import_module("amct_pipeline.pipeline.instruments")
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
         try:

@@ -144,13 +144,13 @@ class Session:
 
     def build(self, source: Any, *, overrides: Sequence[str] = (), datasets: Iterable[str] = ()):
         """Validate a whole pipeline (no model needed) and return a runnable Pipeline."""
-        from .passes.manager import build_pipeline
+        from .pipeline.manager import build_pipeline
         spec = self.load_pipeline(source, overrides=overrides)
         return build_pipeline(self, spec, extra_datasets=set(datasets))
 
     def pipeline(self, passes: Sequence[Any], *, datasets: Mapping[str, Any] | None = None, name: str = "pipeline"):
         """A Pipeline from Pass objects built in Python."""
-        from .passes.manager import Pipeline
+        from .pipeline.manager import Pipeline
         from .pipeline.spec import PassSpec, PipelineSpec
         specs = [PassSpec(**{"pass": p.name, "options": p.options.model_dump(exclude_defaults=True)}) for p in passes]
         spec = PipelineSpec(name=name, passes=specs, datasets=datasets or {})
@@ -160,7 +160,7 @@ class Session:
 
     def run(self, model: Any, pipeline: Any, **kwargs: Any):
         """Build (if needed) and run a pipeline on a ModelProto or model path."""
-        from .passes.manager import Pipeline
+        from .pipeline.manager import Pipeline
         if not isinstance(pipeline, Pipeline):
             pipeline = self.build(pipeline, datasets=(kwargs.get("datasets") or {}).keys())
         return pipeline.run(model, **kwargs)

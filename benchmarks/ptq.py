@@ -207,7 +207,7 @@ def median_times(sessions: dict, feed: dict, rounds: int) -> dict[str, float]:
 
 def run_ours(case: Case, algorithm: str, refine: bool, options: dict | None = None) -> dict:
     import amct_pipeline as ap
-    from amct_pipeline.passes.instruments import Timing
+    from amct_pipeline.pipeline.instruments import Timing
     session = ap.Session(load_entrypoints=False)
     algo_opts = "" if not options else " algorithm_options={" + " ".join(f"{k}={v}" for k, v in options.items()) + "}"
     # block_outputs: the layer and Add outputs are calibrated too, so onnxruntime fuses whole blocks

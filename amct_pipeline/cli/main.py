@@ -177,7 +177,7 @@ def _bindings(items: Sequence[str]) -> dict[str, str]:
 
 def cmd_run(args) -> int:
     from ..errors import ConfigError
-    from ..passes.instruments import DumpIR, Progress, Timing
+    from ..pipeline.instruments import DumpIR, Progress, Timing
     session = _session(args)
     datasets = _bindings(args.data)
     pipeline = session.build(args.pipeline, overrides=args.set, datasets=datasets)

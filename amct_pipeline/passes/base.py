@@ -9,7 +9,10 @@ from typing import Any, ClassVar, Mapping
 
 from ..options import NoOptions, Options
 
-__all__ = ["Pass", "PassResult", "PassContext"]
+__all__ = ["Pass", "PassResult", "PassContext", "PIPELINE_METADATA_KEY"]
+
+# metadata key of a written model that holds the pipeline (textual form) that made it
+PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
 
 
 @dataclass(frozen=True)

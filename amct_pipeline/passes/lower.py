@@ -100,7 +100,7 @@ class LowerPass(Pass):
     def _lower(self, graph, ctx, target):
         import onnx
         from ..algorithms.targets.common import copy_graph
-        from .manager import PIPELINE_METADATA_KEY
+        from .base import PIPELINE_METADATA_KEY
         copy = copy_graph(graph)
         copy.meta.metadata[PIPELINE_METADATA_KEY] = ctx.pipeline_text     # how the model was made
         model = target.lower(copy, ctx)

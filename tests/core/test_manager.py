@@ -8,7 +8,7 @@ import pytest
 from amct_pipeline import Pass, PassResult
 from amct_pipeline.demo import build_demo_data, build_demo_model
 from amct_pipeline.errors import ConfigError, PassError
-from amct_pipeline.passes.instruments import DumpIR, Timing
+from amct_pipeline.pipeline.instruments import DumpIR, Timing
 from amct_pipeline.session import Session
 from amct_pipeline.testing.numerics import max_rel_diff, run_model
 

@@ -21,7 +21,7 @@ from amct_pipeline.ir.external import ExternalValues
 from amct_pipeline.passes import fuse_bn as fuse_bn_module
 from amct_pipeline.passes.base import PassContext
 from amct_pipeline.passes.fuse_bn import FuseBatchNormPass
-from amct_pipeline.passes.manager import OutputStage
+from amct_pipeline.pipeline.manager import OutputStage
 from amct_pipeline.testing.numerics import max_rel_diff, run_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from amct_pipeline.ir import load_graph
 from amct_pipeline.ir.external import ExternalValues
 from amct_pipeline.passes.base import PassContext
 from amct_pipeline.passes.fuse_bn import FuseBatchNormPass
-from amct_pipeline.passes.manager import OutputStage
+from amct_pipeline.pipeline.manager import OutputStage
 from amct_pipeline.testing import models
 from amct_pipeline.testing.numerics import max_rel_diff, run_model
 from conftest import shared_path

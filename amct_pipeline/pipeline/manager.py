@@ -11,14 +11,12 @@ import onnx
 
 from ..errors import ConfigError, PassError, Problem
 from ..options import parse_options, suggest
-from ..pipeline.spec import PipelineSpec
-from ..pipeline.textual import format_pipeline
-from .base import Pass, PassContext, PassResult
+from ..passes.base import PIPELINE_METADATA_KEY, Pass, PassContext, PassResult
 from .instruments import PassInstrument
+from .spec import PipelineSpec
+from .textual import format_pipeline
 
-__all__ = ["Pipeline", "PipelineResult", "OutputStage", "build_pipeline"]
-
-PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
+__all__ = ["Pipeline", "PipelineResult", "OutputStage", "build_pipeline", "PIPELINE_METADATA_KEY"]
 
 
 def build_pipeline(session, spec: PipelineSpec, *, extra_datasets: set[str] = frozenset()) -> "Pipeline":
