@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..pipeline.spec import DatasetSpec, Preprocess
+from .spec import DatasetSpec, Preprocess
 
 __all__ = ["InputInfo", "DataReader", "DataSource", "NpyReader", "PythonReader", "IterableSource",
            "ArraySource", "open_datasets", "model_inputs"]
