@@ -20,8 +20,15 @@ class NoOptions(Options):
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
-    """A ``did you mean 'x'?`` hint, or an empty string when nothing is close."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    """``did you mean 'x'?`` for the closest choice, or an empty string when nothing is close.
+
+    The one did-you-mean of the package (pipelines, options, registries, AMCT files): the closest
+    spelling, else a choice the word abbreviates (``arq`` for ``arq_quantize``).
+    """
+    word, choices = str(word), [str(c) for c in choices]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close and len(word) >= 3:
+        close = [c for c in choices if c.startswith(word)][:1]
     return f"did you mean '{close[0]}'?" if close else ""
 
 

@@ -1,7 +1,6 @@
 """Helpers shared by the AMCT format readers: problem collection, typed look-ups, hints, atomic writes."""
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -11,10 +10,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..options import suggest
 from .errors import ConfigFileError, Issue
 
 __all__ = [
-    "Problems", "suggest", "show", "num", "f32", "layer_types", "atomic_write_text", "read_text",
+    "Problems", "show", "num", "f32", "layer_types", "atomic_write_text", "read_text",
     "get", "unknown_keys", "check_range", "check_choice", "check_names", "check_types", "load_json", "LayerSpec",
 ]
 
@@ -44,15 +44,6 @@ class Problems:
     def raise_if_any(self) -> None:
         if self.issues:
             raise ConfigFileError(self.issues)
-
-
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """``did you mean 'x'?`` for the closest choice, or an empty string."""
-    word, choices = str(word), [str(c) for c in choices]
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if not close and len(word) >= 3:  # an abbreviation such as 'arq' for 'arq_quantize'
-        close = [c for c in choices if c.startswith(word)][:1]
-    return f"did you mean '{close[0]}'?" if close else ""
 
 
 def show(value: Any) -> str:

@@ -13,7 +13,7 @@ import threading
 from importlib import resources
 from typing import Any
 
-from ._common import suggest
+from ..options import suggest
 from .errors import ConfigFileError, Issue
 
 __all__ = ["message_class", "parse_text", "parse_config_text", "ProtoTextError", "PROTO_FILES"]

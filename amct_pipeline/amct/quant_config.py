@@ -22,8 +22,9 @@ from typing import Any, Callable, Mapping
 
 from ._common import (
     LayerSpec, Problems, atomic_write_text, check_choice, check_names, check_range, get, layer_types, load_json,
-    read_text, show, suggest, unknown_keys,
+    read_text, show, unknown_keys,
 )
+from ..options import suggest
 
 __all__ = [
     "QUANTIZABLE_TYPES", "CHANNEL_WISE_TYPES", "LayerQuantConfig", "TensorQuantConfig", "QuantConfig",

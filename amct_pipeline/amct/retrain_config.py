@@ -23,8 +23,9 @@ from typing import Any, Mapping
 
 from ._common import (
     LayerSpec, Problems, atomic_write_text, check_choice, check_names, check_types, f32, get, layer_types, load_json,
-    read_text, show, suggest, unknown_keys,
+    read_text, show, unknown_keys,
 )
+from ..options import suggest
 from ._proto import parse_config_text
 
 __all__ = [
