@@ -6,12 +6,14 @@ model; plugins contribute them through the ``amct_register_*`` hooks.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from ..options import NoOptions, Options
+from ..quant.params import ActQuantParams, WeightQuantParams
 
 __all__ = [
     "ActQuantParams",
@@ -20,6 +22,7 @@ __all__ = [
     "WeightQuantizer",
     "DecompositionMethod",
     "LoweringTarget",
+    "LoweringContext",
     "Algorithm",
 ]
 
@@ -37,34 +40,6 @@ class Algorithm(abc.ABC):
         self.options = options
 
 
-@dataclass(frozen=True)
-class ActQuantParams:
-    """Activation quantization factors in AMCT's convention (SPEC 4.1).
-
-    ``q = clip(round(x / scale) + offset, -2^(b-1), 2^(b-1)-1)``; offset is an int8-domain zero point.
-    """
-
-    scale: float
-    offset: int
-    num_bits: int = 8
-
-    @property
-    def qmin(self) -> int:
-        return -(1 << (self.num_bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.num_bits - 1)) - 1
-
-    @property
-    def clip_min(self) -> float:
-        return (self.qmin - self.offset) * self.scale
-
-    @property
-    def clip_max(self) -> float:
-        return (self.qmax - self.offset) * self.scale
-
-
 class ActivationCalibrator(Algorithm):
     """Streaming activation calibrator: sees batches, keeps bounded statistics.
 
@@ -78,15 +53,6 @@ class ActivationCalibrator(Algorithm):
 
     @abc.abstractmethod
     def finalize(self) -> dict[str, ActQuantParams]: ...
-
-
-@dataclass(frozen=True)
-class WeightQuantParams:
-    """Symmetric weight factors: one scale per output channel (or one per tensor)."""
-
-    scale: np.ndarray          # float32 [C] or [1]
-    quantized: np.ndarray      # int8 values, same shape as the weight
-    num_bits: int = 8
 
 
 class WeightQuantizer(Algorithm):
@@ -149,10 +115,38 @@ class DecompositionMethod(Algorithm):
                          f"{[list(s) for s in shapes]}")
 
 
+@dataclass
+class LoweringContext:
+    """What a lowering target gets besides the graph copy it rewrites.
+
+    ``plan``: the checked factors, integer weights and biases per layer (``quant.plan``);
+    ``tensor_quant``: calibrated factors of tensors beyond the layer inputs (block outputs), by tensor
+    name; ``products``: where the target puts the artifacts it declares in ``produces``.
+    """
+
+    plan: Any                                   # quant.plan.LoweringPlan
+    layer_map: Any = None                       # quant.layers.LayerMap
+    tensor_quant: Mapping[str, ActQuantParams] = field(default_factory=dict)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("amct_pipeline.targets"))
+    products: dict[str, Any] = field(default_factory=dict)
+
+
 class LoweringTarget(Algorithm):
-    """Turns a graph plus quantization factors into a model for a runtime."""
+    """Turns a graph plus quantization factors into a model for a runtime.
+
+    ``produces``: the artifacts the target writes into ``ctx.products`` (declared, so a pipeline's
+    dataflow is checked before it runs)."""
 
     domain: ClassVar[str] = ""
+    produces: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod
-    def lower(self, graph: Any, ctx: Any) -> Any: ...
+    def lower(self, graph: Any, ctx: LoweringContext) -> Any: ...
+
+    def check(self, model: Any) -> None:
+        """Validate the lowered model (an onnx ModelProto; default: ``onnx.checker`` when the proto is
+        serializable). A target with operators onnx has no schema for checks them itself: nothing may
+        change onnx's process-wide schema registry."""
+        import onnx
+        if model.ByteSize() < (2 << 30) - (64 << 20):
+            onnx.checker.check_model(model)

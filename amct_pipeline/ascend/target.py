@@ -22,9 +22,10 @@ Per quantized layer L (names as AMCT writes them)::
   (``scale = scale_d``, ``offset = -offset_d``: ``y = (q + offset) * scale``) feeding the float node.
 
 Node domain: ``""`` by default (what AMCT writes for ATC ``--framework=5``); any custom domain with
-the ``domain`` option (e.g. ``amct.customop``), imported at version 1. For the default domain the
-Ascend operator schemas are registered with onnx (:func:`register_ascend_schemas`) so the model passes
-``onnx.checker``; onnxruntime cannot run a deploy model (integer Conv...): use ``verify-deploy``.
+the ``domain`` option (e.g. ``amct.customop``), imported at version 1. The lowered model is checked by
+:func:`~.schemas.check_model` (``onnx.checker`` plus the Ascend schemas, without registering
+them with onnx: a pipeline run leaves onnx's schema registry as it was); onnxruntime cannot run a
+deploy model (integer Conv...): use ``verify-deploy``.
 
 Rounding convention (``quant_convention``, stored in the model's metadata): ``"amct"`` (default)
 is ``q = clip(rint(float32(x * float32(1/scale_d))) + offset_d)``, bit for bit what the fake-quant
@@ -41,14 +42,17 @@ import onnx
 import onnx_graphsurgeon as gs
 from pydantic import Field, field_validator
 
-from ...ascend.verify import CONVENTION_METADATA_KEY
-from ...errors import ConfigError, Problem
-from ...options import Options
-from .common import (LayerPlan, LoweringPlan, Namer, PlanTarget, TENSOR_QUANT_OPS, add_node, bias_slot,
-                     detach_output, neutralize_gemm, output_node, quant_multiplier)
+from ..algorithms.targets.base import PlanTarget
+from ..ir.edit import Namer, add_node, detach_output
+from ..quant.plan import (TENSOR_QUANT_OPS, LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, output_node,
+                          quant_multiplier)
+from ..errors import ConfigError, Problem
+from ..options import Options
+from .packing import pack_deq_scale
+from .schemas import CONVENTION_METADATA_KEY, check_model
 
-__all__ = ["AscendTarget", "AscendOptions", "register_ascend_schemas", "CONVENTION_METADATA_KEY",
-           "INT16_LAYER_TYPES", "REPORT_ARTIFACT"]
+__all__ = ["AscendTarget", "AscendOptions", "CONVENTION_METADATA_KEY", "INT16_LAYER_TYPES", "REPORT_ARTIFACT",
+           "lowering_report"]
 
 REPORT_ARTIFACT = "ascend_report"
 INT16_LAYER_TYPES = ("Conv", "Gemm", "ConvTranspose")     # SPEC 6.1 (LSTM/GRU are not matched)
@@ -79,15 +83,15 @@ class AscendTarget(PlanTarget):
     summary = "AMCT deploy model for ATC: AscendQuant / INT8 layer / AscendDequant (UINT64 deq_scale)."
     suffix = "deploy_model"
     Options = AscendOptions
+    produces = frozenset({REPORT_ARTIFACT})
 
-    def lower(self, graph, ctx) -> onnx.ModelProto:
-        if not self.options.domain:
-            register_ascend_schemas()
-        return super().lower(graph, ctx)
+    def check(self, model: onnx.ModelProto) -> None:
+        """onnx.checker with the Ascend schemas, leaving onnx's schema registry alone."""
+        check_model(model)
 
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
         _check_plan(plan)
-        ctx.artifacts[REPORT_ARTIFACT] = lowering_report(graph, plan, ctx.artifacts.get("layer_map"))
+        report = ctx.products[REPORT_ARTIFACT] = lowering_report(graph, plan, ctx.layer_map)
         self._namer = Namer(graph)
         self._quants: dict[tuple, gs.Variable] = {}
         nodes = {node.name: node for node in graph.nodes}
@@ -100,7 +104,6 @@ class AscendTarget(PlanTarget):
             self._integer_constants(nodes, node, layer_plan)
             self._dequant(graph, output_node(nodes, layer_plan.layer), layer_plan)
         graph.meta.metadata[CONVENTION_METADATA_KEY] = self.options.quant_convention
-        report = ctx.artifacts[REPORT_ARTIFACT]
         ctx.logger.info("ascend: %d layers lowered, %d tensors quantized, %d quantizable nodes left float",
                         len(report["lowered"]), len(report["tensor_quantized"]), len(report["not_lowered"]))
 
@@ -145,7 +148,6 @@ class AscendTarget(PlanTarget):
         neutralize_gemm(node)
 
     def _dequant(self, graph, out_node: gs.Node, plan: LayerPlan) -> None:
-        from ...ascend.packing import pack_deq_scale
         inner, original = detach_output(out_node, self._namer, f"{plan.name}.dequant.input")
         inner.dtype = None if plan.layer.op_type == "AveragePool" else np.int32
         param = gs.Constant(self._namer(f"{plan.name}.dequant.param"),
@@ -220,52 +222,3 @@ def lowering_report(graph, plan: LoweringPlan, layer_map) -> dict:
         else:
             report["not_lowered"][name] = "not matched as a quantizable layer"
     return report
-
-
-# -- onnx schemas of the Ascend operators (default domain) ----------------------------------------
-_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(double)"]
-_INTS = ["tensor(int8)", "tensor(int16)", "tensor(int32)", "tensor(uint8)"]
-
-
-def register_ascend_schemas() -> None:
-    """Register AscendQuant / AscendDequant / AscendAntiQuant / AscendWeightQuant / AscendRequant in the
-    default ONNX domain (version 1) so deploy models written for ATC pass ``onnx.checker``.
-
-    Idempotent; an operator someone else registered already is left alone. Attribute types are the
-    ones AMCT writes (``dst_type`` and ``round_mode`` strings; flags and ``dtype`` ints).
-    """
-    from onnx import defs
-    S = defs.OpSchema
-    A, T, P = S.Attribute, S.AttrType, S.FormalParameter
-
-    def attr(name, kind, required=False):
-        return A(name, kind, "", required=required)
-
-    specs = {
-        "AscendQuant": ([P("x", "T")], [P("y", "Q")],
-                        [("T", _FLOATS, ""), ("Q", _INTS, "")],
-                        [attr("scale", T.FLOAT, True), attr("offset", T.FLOAT, True), attr("sqrt_mode", T.INT),
-                         attr("round_mode", T.STRING), attr("dst_type", T.STRING)]),
-        "AscendDequant": ([P("x", "I"), P("deq_scale", "D")], [P("y", "T")],
-                          [("I", _INTS + _FLOATS, ""), ("D", ["tensor(uint64)"] + _FLOATS, ""), ("T", _FLOATS, "")],
-                          [attr("sqrt_mode", T.INT), attr("relu_flag", T.INT), attr("dtype", T.INT)]),
-        "AscendAntiQuant": ([P("x", "Q")], [P("y", "T")],
-                            [("Q", _INTS, ""), ("T", _FLOATS, "")],
-                            [attr("scale", T.FLOAT, True), attr("offset", T.FLOAT, True), attr("sqrt_mode", T.INT),
-                             attr("dtype", T.INT)]),
-        "AscendWeightQuant": ([P("x", "Q"), P("offset", "Q")], [P("y", "Q")],
-                              [("Q", _INTS, "")], [attr("dst_type", T.STRING)]),
-        "AscendRequant": ([P("x", "I"), P("req_scale", "D")], [P("y", "Q")],
-                          [("I", _INTS, ""), ("D", ["tensor(uint64)"], ""), ("Q", _INTS, "")],
-                          [attr("relu_flag", T.INT)]),
-    }
-    for op, (inputs, outputs, constraints, attributes) in specs.items():
-        if defs.has(op, ""):
-            continue
-        schema = S(op, "", 1, inputs=inputs, outputs=outputs, type_constraints=constraints, attributes=attributes,
-                   doc=f"Ascend {op} (CANN GE prototype, SPEC 5.1); registered by amct-pipeline.")
-        try:
-            defs.register_schema(schema)
-        except Exception:          # registered concurrently or by another library: fine either way
-            if not defs.has(op, ""):
-                raise

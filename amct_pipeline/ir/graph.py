@@ -6,16 +6,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import VerificationError
 from .external import ExternalValues, is_external
+from .io import export_proto, read_model
+from .verify import toposort_or_raise, verify_graph
 
-__all__ = ["Graph", "ModelMeta", "load_graph"]
+__all__ = ["Graph", "ModelMeta", "load_graph", "fresh_name"]
 
-MIN_IR_VERSION = 4   # IR < 4 requires initializers listed as inputs; we never write that form
+
+def fresh_name(base: str, taken) -> str:
+    """``base`` if free, else ``base_1``, ``base_2``... (the one naming rule for new nodes and tensors)."""
+    if base not in taken:
+        return base
+    return next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in taken)
 
 
 @dataclass
@@ -59,7 +65,6 @@ class Graph:
 
     def to_proto(self, external=None) -> onnx.ModelProto:
         """Export. ``external(tensor_proto_stub_factory)`` streams big constants (see io.write_model)."""
-        from .io import export_proto
         return export_proto(self, external)
 
     # -- queries -----------------------------------------------------------------------------
@@ -94,27 +99,12 @@ class Graph:
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
         return any(t is tensor for t in self.gs.outputs)
 
-    @staticmethod
-    def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-        """Values of an initializer or of a Constant node's output; None when not constant."""
-        if isinstance(tensor, gs.Constant):
-            return tensor.values
-        producer = tensor.inputs[0] if tensor.inputs else None
-        if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
-            value = producer.attrs["value"]
-            return value.values if isinstance(value, gs.Constant) else None
-        return None
-
     def unique_name(self, base: str) -> str:
         """A tensor/node name not used in the graph yet."""
-        taken = set(self.tensors()) | set(self.node_names())
-        if base not in taken:
-            return base
-        return next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in taken)
+        return fresh_name(base, set(self.tensors()) | set(self.node_names()))
 
     def finalize(self) -> None:
         """Drop unused nodes/tensors and restore topological order after edits."""
-        from .verify import toposort_or_raise
         self.gs.cleanup(remove_unused_graph_inputs=False)
         toposort_or_raise(self.gs, "the edited graph")
 
@@ -130,7 +120,6 @@ class Graph:
 
 def load_graph(source, *, copy: bool = True) -> Graph:
     """A Graph from a path or an in-memory ModelProto (copied unless ``copy=False``)."""
-    from .io import read_model
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         if copy:
@@ -142,7 +131,6 @@ def load_graph(source, *, copy: bool = True) -> Graph:
         path = Path(source)
         model, base_dir, name = read_model(path), path.parent, path.stem
     graph = Graph.from_proto(model, base_dir=base_dir, name=name)
-    from .verify import verify_graph
     verify_graph(graph, where="the input model")
     return graph
 

@@ -18,6 +18,7 @@ from .external import ExternalValues, external_info, is_external
 __all__ = ["read_model", "write_model", "export_proto", "atomic_path", "EXTERNAL_THRESHOLD"]
 
 EXTERNAL_THRESHOLD = (2 << 30) - (64 << 20)   # protobuf's 2 GiB limit, with room for the graph
+MIN_IR_VERSION = 4                            # IR < 4 requires initializers listed as inputs; never written
 MIN_EXTERNAL_BYTES = 1024                     # small constants stay inline, as onnx does
 
 
@@ -94,7 +95,6 @@ def _nbytes(tensor: gs.Constant) -> int:
 
 
 def _stamp(model: onnx.ModelProto, graph) -> None:
-    from .graph import MIN_IR_VERSION
     meta = graph.meta
     model.ir_version = max(meta.ir_version, MIN_IR_VERSION)
     model.producer_name = meta.producer_name or "amct-pipeline"

@@ -19,14 +19,15 @@ from typing import Any, Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from ..algorithms.base import ActQuantParams, WeightQuantParams
-from ..algorithms.targets.common import TENSOR_QUANT_ARTIFACT, parse_tensor_key
+from ..algorithms.base import ActQuantParams
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
+from ..quant.plan import TENSOR_QUANT_ARTIFACT, parse_tensor_key
+from ..quant.params import weightless_params
+from ..quant.weights import effective_weight, quantize_with_scale
 from .base import Pass, PassResult
 
-__all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordOptions", "used_quant_config",
-           "quantize_with_scale"]
+__all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordOptions", "used_quant_config"]
 
 AMCT_ACT_ALGOS = ("ifmr", "hfmg")
 USER_SKIP_PREFIXES = ("in skip_layers", "skipped by", "op type in skip_layer_types", "op type not in include",
@@ -127,8 +128,6 @@ class LoadRecordPass(Pass):
     produces = frozenset({"act_quant", "weight_quant", TENSOR_QUANT_ARTIFACT})
 
     def run(self, graph, ctx) -> PassResult:
-        from ..algorithms.weights import effective_weight
-        from .quantize_weights import weightless_params
         layer_map = ctx.artifacts["layer_map"]
         source = str(self.options.path)
         record = _read(source)
@@ -215,16 +214,3 @@ def _scale_w(rec, layer, source: str) -> np.ndarray:
         raise _record_problem(source, layer.name, "scale_w", f"has {scale.size} per-channel values but the layer "
                               f"has {layer.out_channels} output channels; the record does not match this model")
     return scale
-
-
-def quantize_with_scale(weight: np.ndarray, scale: np.ndarray, layer, num_bits: int = 8) -> WeightQuantParams:
-    """Integer codes ``clip(rint(w / scale_w), -2^(b-1), 2^(b-1)-1)`` for given scales (ARQ's formula)."""
-    from ..algorithms.weights import deconv_channel_view, deconv_from_channel_view
-    group = layer.group if layer.op_type == "ConvTranspose" else 1
-    view = deconv_channel_view(np.asarray(weight, np.float32), group)
-    shape = [1] * view.ndim
-    if scale.size > 1:
-        shape[layer.channel_axis] = -1
-    half = 1 << (num_bits - 1)
-    codes = np.clip(np.rint(view / scale.reshape(shape)), -half, half - 1).astype(np.int8)
-    return WeightQuantParams(scale.astype(np.float32), deconv_from_channel_view(codes, group), num_bits)

@@ -9,7 +9,7 @@ observed once and those layers share one ``ActQuantParams`` object.
 
 With ``block_outputs`` it also calibrates, with the pass's calibrator, the tensors a QDQ model
 quantizes beyond the layer inputs (layer outputs after a Relu/Clip, Add and pooling outputs; see
-``targets.qdq.extra_tensors``) and publishes them as ``tensor_quant`` (tensor name ->
+``quant.facts.extra_tensors``) and publishes them as ``tensor_quant`` (tensor name ->
 ActQuantParams): the qdq target then fuses whole blocks into integer kernels and ``refine_ranges``
 refines those ranges too, all from the same run of the model.
 
@@ -29,6 +29,7 @@ from pydantic import Field, PositiveInt
 
 from ..errors import CalibrationError, ConfigError, Problem
 from ..options import Options, parse_options, suggest
+from ..quant.facts import activation_bounds, extra_tensors, propagate_factors
 from .base import Pass, PassResult
 
 __all__ = ["CalibratePass", "CalibrateOptions", "LAYER_KEYS", "resolve_layer_calibration"]
@@ -174,7 +175,6 @@ def _new_group(session, algorithm: str, algo_options: dict[str, Any]) -> _Group:
 def _block_group(session, graph, layer_map, options: CalibrateOptions) -> _Group:
     """The pass's own calibrator over the block outputs a QDQ layout quantizes (no layers read them
     as a layer input; ``tensors`` maps each to an empty layer list)."""
-    from ..algorithms.targets.qdq import extra_tensors, propagate_factors
     group = _new_group(session, *_resolve(session, {}, options, "calibrate"))
     covered = {layer.input: None for layer in layer_map.layers()}
     propagate_factors(graph, covered)
@@ -218,7 +218,6 @@ def _finalize_group(group: _Group) -> dict[str, Any]:
 
 def _fit_bounds(graph, groups: list[_Group]) -> None:
     """Narrow each tensor's range to the bounds of the Relu/Clip producing it (in the groups' params)."""
-    from ..algorithms.targets.qdq import activation_bounds
     from ..quant.math import scale_offset_from_range
     tensors = graph.tensors()
     for group in groups:

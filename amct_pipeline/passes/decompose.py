@@ -18,7 +18,6 @@ a PNG of output SQNR versus FLOPs kept.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -35,6 +34,7 @@ from ..algorithms.decomposition.sampling import CalibrationData, sqnr_db
 from ..algorithms.decomposition.stats import (CovarianceAccumulator, LeastSquaresRefit, gather_patches,
                                               sample_positions)
 from ..errors import ConfigError, Problem
+from ..ir.constants import constant_shape, constant_values
 from ..options import Options, suggest
 from ..reports.decomposition import DecompositionReport, LayerReport
 from .base import Pass, PassResult
@@ -152,9 +152,7 @@ class DecomposePass(Pass):
         result = Decomposition(self._info(method, items), report, {i.layer.name: list(i.names) for i in items})
         self._write(ctx, result, method, original, data)
         ctx.artifacts["decomposition"] = result
-        if opts.report and ctx.progress:
-            print(report.table(), file=sys.stderr, flush=True)
-        return PassResult(bool(items), _stats(report))
+        return PassResult(bool(items), _stats(report), report=report.table() if opts.report else "")
 
     def _data(self, graph, ctx) -> CalibrationData:
         from ..runtime.data import model_inputs
@@ -203,35 +201,24 @@ def spatial_shapes(graph) -> dict[str, tuple]:
     return shapes
 
 
-def _const_shape(tensor: gs.Tensor) -> Optional[tuple[int, ...]]:
-    if isinstance(tensor, gs.Constant):
-        return tuple(tensor.shape)
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
-        return tuple(producer.attrs["value"].shape)
-    return None
-
-
 def weight_of(node: gs.Node) -> np.ndarray:
-    from ..ir.graph import Graph
-    return np.asarray(Graph.constant_value(node.inputs[1]))
+    return np.asarray(constant_values(node.inputs[1]))
 
 
 def bias_of(node: gs.Node) -> Optional[np.ndarray]:
-    from ..ir.graph import Graph
     if len(node.inputs) > 2 and node.inputs[2].name:
-        return np.asarray(Graph.constant_value(node.inputs[2]))
+        return np.asarray(constant_values(node.inputs[2]))
     return None
 
 
 def conv_layer(node: gs.Node, shapes: dict[str, tuple]) -> ConvLayer | str:
     """The facts of a Conv node, or why it cannot be decomposed at all."""
-    if len(node.inputs) < 2 or _const_shape(node.inputs[1]) is None:
+    if len(node.inputs) < 2 or constant_shape(node.inputs[1]) is None:
         return "weight is not a constant"
-    wshape = _const_shape(node.inputs[1])
+    wshape = constant_shape(node.inputs[1])
     if len(wshape) != 4:
         return f"{len(wshape) - 2}-D conv: only 2-D convs are decomposed"
-    if len(node.inputs) > 2 and node.inputs[2].name and _const_shape(node.inputs[2]) is None:
+    if len(node.inputs) > 2 and node.inputs[2].name and constant_shape(node.inputs[2]) is None:
         return "bias is not a constant"
     dtype = node.inputs[1].dtype if isinstance(node.inputs[1], gs.Constant) else np.float32
     if np.dtype(dtype).kind != "f":

@@ -19,10 +19,11 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 from pydantic import Field
 
+from ..amct.model_config import read_amct_config
 from ..errors import ConfigError, Problem
+from ..ir.constants import constant_dtype, constant_shape, constant_values, is_constant
 from ..options import Options, suggest
 from .base import Pass, PassResult
 
@@ -94,7 +95,6 @@ class FuseBatchNormPass(Pass):
         opts = self.options
         if opts.amct_config is None:
             return opts.do_fusion, list(opts.skip_fusion_layers)
-        from .match_layers import read_amct_config
         config = read_amct_config(graph, opts.amct_config, "pass 'fuse_bn'")
         explicit = opts.model_fields_set
         return (opts.do_fusion if "do_fusion" in explicit else config.do_fusion,
@@ -132,53 +132,6 @@ def _skipped(bn: gs.Node, layer: gs.Node | None, skip: set[str]) -> bool:
     return bn.name in skip or (layer is not None and layer.name in skip)
 
 
-# -- constants ---------------------------------------------------------------------------------
-def _is_constant(tensor: gs.Tensor) -> bool:
-    return _constant_node(tensor) is not None or isinstance(tensor, gs.Constant)
-
-
-def _constant_node(tensor: gs.Tensor) -> gs.Node | None:
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is not None and producer.op == "Constant" and any(
-            k in producer.attrs for k in ("value", "value_float", "value_floats")):
-        return producer
-    return None
-
-
-def _const_values(tensor: gs.Tensor) -> np.ndarray:
-    """Values of an initializer or a Constant node's output (loads external data).
-
-    Lazy values are read without being cached on the tensor (``tensor.values`` would cache them):
-    a folded weight's old constant sits in a reference cycle (gs tensor <-> its synchronized
-    lists), so a cached array would outlive the fold until the cyclic GC ran, doubling peak memory.
-    """
-    if isinstance(tensor, gs.Constant):
-        values = tensor._values
-        return values.load() if isinstance(values, LazyValues) else values
-    attrs = _constant_node(tensor).attrs
-    if "value" in attrs:
-        return attrs["value"].values
-    key = "value_float" if "value_float" in attrs else "value_floats"
-    return np.asarray(attrs[key], dtype=np.float32)
-
-
-def _const_shape(tensor: gs.Tensor) -> tuple[int, ...]:
-    """Shape without loading the data (external data stays on disk)."""
-    if isinstance(tensor, gs.Constant):
-        return tuple(tensor.shape)
-    node = _constant_node(tensor)
-    if "value" in node.attrs:
-        return tuple(node.attrs["value"].shape)
-    return () if "value_float" in node.attrs else (len(node.attrs["value_floats"]),)
-
-
-def _const_dtype(tensor: gs.Tensor) -> np.dtype:
-    if isinstance(tensor, gs.Constant):
-        return np.dtype(tensor.dtype)
-    node = _constant_node(tensor)
-    return np.dtype(node.attrs["value"].dtype) if "value" in node.attrs else np.dtype(np.float32)
-
-
 def _present(node: gs.Node, index: int) -> gs.Tensor | None:
     """An optional input, or None when absent or given as the empty name."""
     if index < len(node.inputs) and node.inputs[index].name:
@@ -210,9 +163,9 @@ def _bn_problem(graph, bn: gs.Node) -> str | None:
         return "BN is in training mode (is_test=0)"
     if any(_users(graph, t) for t in bn.outputs[1:]):
         return "BN has extra outputs (running/saved statistics) in use"
-    if len(bn.inputs) < 5 or not all(_is_constant(t) for t in bn.inputs[1:5]):
+    if len(bn.inputs) < 5 or not all(is_constant(t) for t in bn.inputs[1:5]):
         return "BN scale/bias/mean/var are not constant"
-    shapes = {_const_shape(t) for t in bn.inputs[1:5]}
+    shapes = {constant_shape(t) for t in bn.inputs[1:5]}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         return f"BN parameters have shapes {sorted(shapes)}, expected one 1-D shape"
     return None
@@ -220,7 +173,7 @@ def _bn_problem(graph, bn: gs.Node) -> str | None:
 
 def bn_fold_factors(bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
     """(s, shift) in float64 with BN(x) = x·s + shift per channel: s = γ/√(var+ε), shift = β − μ·s."""
-    gamma, beta, mean, var = (np.asarray(_const_values(t), dtype=np.float64) for t in bn.inputs[1:5])
+    gamma, beta, mean, var = (np.asarray(constant_values(t), dtype=np.float64) for t in bn.inputs[1:5])
     eps = float(bn.attrs.get("epsilon", 1e-5))
     scale = gamma / np.sqrt(var + eps)
     return scale, beta - mean * scale
@@ -229,7 +182,7 @@ def bn_fold_factors(bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
 # -- pre-step: BatchNormalization + Mul / Add ---------------------------------------------------
 def _fold_mul_add_into_bn(graph, bn: gs.Node, stats: dict[str, Any]) -> None:
     """Fold constant per-channel Mul/Add consumers into the BN's scale/bias, repeatedly."""
-    channels = _const_shape(bn.inputs[1])[0]
+    channels = constant_shape(bn.inputs[1])[0]
     rank = _bn_rank(bn)
     while True:
         out = bn.outputs[0]
@@ -239,14 +192,14 @@ def _fold_mul_add_into_bn(graph, bn: gs.Node, stats: dict[str, Any]) -> None:
         vector = _elementwise_channel_vector(user, out, rank, channels) if user.op in ("Mul", "Add") else None
         if vector is None:
             return
-        gamma = np.asarray(_const_values(bn.inputs[1]), dtype=np.float64)
-        beta = np.asarray(_const_values(bn.inputs[2]), dtype=np.float64)
+        gamma = np.asarray(constant_values(bn.inputs[1]), dtype=np.float64)
+        beta = np.asarray(constant_values(bn.inputs[2]), dtype=np.float64)
         if user.op == "Mul":
-            _replace_input(graph, bn, 1, (gamma * vector).astype(_const_dtype(bn.inputs[1])))
-            _replace_input(graph, bn, 2, (beta * vector).astype(_const_dtype(bn.inputs[2])))
+            _replace_input(graph, bn, 1, (gamma * vector).astype(constant_dtype(bn.inputs[1])))
+            _replace_input(graph, bn, 2, (beta * vector).astype(constant_dtype(bn.inputs[2])))
             stats["bn_mul_fused"] += 1
         else:
-            _replace_input(graph, bn, 2, (beta + vector).astype(_const_dtype(bn.inputs[2])))
+            _replace_input(graph, bn, 2, (beta + vector).astype(constant_dtype(bn.inputs[2])))
             stats["bn_add_fused"] += 1
         result = user.outputs[0]
         user.inputs.clear()
@@ -261,8 +214,8 @@ def _bn_rank(bn: gs.Node) -> int | None:
         return len(x.shape)
     producer = x.inputs[0] if x.inputs else None
     if producer is not None and producer.op in ("Conv", "ConvTranspose") and _present(producer, 1) is not None \
-            and _is_constant(producer.inputs[1]):
-        return len(_const_shape(producer.inputs[1]))
+            and is_constant(producer.inputs[1]):
+        return len(constant_shape(producer.inputs[1]))
     return None
 
 
@@ -272,12 +225,12 @@ def _elementwise_channel_vector(node: gs.Node, operand: gs.Tensor, rank: int | N
     if len(node.inputs) != 2 or len(node.outputs) != 1:
         return None
     other = node.inputs[1] if node.inputs[0] is operand else node.inputs[0]
-    if other is operand or not _is_constant(other) or _const_dtype(other).kind not in FLOAT_KINDS:
+    if other is operand or not is_constant(other) or constant_dtype(other).kind not in FLOAT_KINDS:
         return None
-    shape = _const_shape(other)
+    shape = constant_shape(other)
     if not _per_channel_shape(shape, rank, channels):
         return None
-    return _channel_vector(_const_values(other), channels)
+    return _channel_vector(constant_values(other), channels)
 
 
 def _per_channel_shape(shape: tuple[int, ...], rank: int | None, channels: int) -> bool:
@@ -322,7 +275,7 @@ def _find_layer(graph, bn: gs.Node) -> tuple[gs.Node, gs.Node | None, int] | str
     exclusive = _exclusive(graph, x, producer)
     add, const_index = None, -1
     if producer.op == "Add" and len(producer.inputs) == 2:
-        const_index = next((i for i, t in enumerate(producer.inputs) if _is_constant(t)), -1)
+        const_index = next((i for i, t in enumerate(producer.inputs) if is_constant(t)), -1)
         source = producer.inputs[1 - const_index] if const_index >= 0 else None
         inner = source.inputs[0] if source is not None and source.inputs else None
         if inner is not None and inner.op in FUSABLE_LAYERS:
@@ -346,12 +299,12 @@ def _exclusive(graph, tensor: gs.Tensor, producer: gs.Node) -> str | None:
 
 def _weight_problem(graph, layer: gs.Node) -> str | None:
     weight = _present(layer, 1)
-    if weight is None or not _is_constant(weight):
+    if weight is None or not is_constant(weight):
         return f"weight of '{layer.name}' is not constant"
     if _users(graph, weight) > 1:
         return f"weight '{weight.name}' shared by {_users(graph, weight)} nodes"
-    if _const_dtype(weight).kind not in FLOAT_KINDS:
-        return f"weight '{weight.name}' is {_const_dtype(weight)}, not floating point"
+    if constant_dtype(weight).kind not in FLOAT_KINDS:
+        return f"weight '{weight.name}' is {constant_dtype(weight)}, not floating point"
     return None
 
 
@@ -364,19 +317,19 @@ def _bias_tensor(layer: gs.Node, add: gs.Node | None, const_index: int) -> list[
 
 def _bias_problem(graph, layer: gs.Node, add: gs.Node | None, const_index: int) -> str | None:
     for bias in _bias_tensor(layer, add, const_index):
-        if not _is_constant(bias):
+        if not is_constant(bias):
             return f"bias '{bias.name}' of '{layer.name}' is not constant"
         if _users(graph, bias) > 1:
             return f"bias '{bias.name}' shared by {_users(graph, bias)} nodes"
-        if _const_dtype(bias).kind not in FLOAT_KINDS:
-            return f"bias '{bias.name}' is {_const_dtype(bias)}, not floating point"
+        if constant_dtype(bias).kind not in FLOAT_KINDS:
+            return f"bias '{bias.name}' is {constant_dtype(bias)}, not floating point"
     return None
 
 
 def _shape_plan(bn: gs.Node, layer: gs.Node, add: gs.Node | None, const_index: int) -> _Fold | str:
     """Channel bookkeeping per layer type; refuse when the BN's channels are not the layer's outputs."""
-    channels = _const_shape(bn.inputs[1])[0]
-    wshape = _const_shape(layer.inputs[1])
+    channels = constant_shape(bn.inputs[1])[0]
+    wshape = constant_shape(layer.inputs[1])
     groups, axis = 1, 0
     if layer.op == "Conv":
         if len(wshape) < 3:
@@ -398,7 +351,7 @@ def _shape_plan(bn: gs.Node, layer: gs.Node, add: gs.Node | None, const_index: i
             return problem
     if outputs != channels:
         return f"BN has {channels} channels but '{layer.name}' has {outputs} outputs"
-    if add is not None and not _per_channel_shape(_const_shape(add.inputs[const_index]), rank, channels):
+    if add is not None and not _per_channel_shape(constant_shape(add.inputs[const_index]), rank, channels):
         return f"Add '{add.name}' between '{layer.name}' and the BN is not a per-channel bias"
     return _Fold(bn, layer, add, const_index, axis, groups, rank)
 
@@ -420,7 +373,7 @@ def _apply(graph, plan: _Fold) -> None:
     scale, shift = bn_fold_factors(plan.bn)
     layer = plan.layer
     weight = layer.inputs[1]
-    w = _const_values(weight)
+    w = constant_values(weight)
     _replace_input(graph, layer, 1, _scale_weight(w, scale, plan.weight_axis, plan.groups))
     if plan.add is not None:
         _fold_bias_into_add(graph, plan, scale, shift)
@@ -467,13 +420,13 @@ def _fold_layer_bias(graph, layer: gs.Node, scale: np.ndarray, shift: np.ndarray
     if layer.op == "Gemm":
         if bias is None and not shift.any():
             return
-        c = 0.0 if bias is None else np.asarray(_const_values(bias), dtype=np.float64)
+        c = 0.0 if bias is None else np.asarray(constant_values(bias), dtype=np.float64)
         new = float(layer.attrs.get("beta", 1.0)) * c * scale + shift
         layer.attrs["beta"] = 1.0
     else:
         if bias is None and not shift.any():
             return
-        b = np.zeros(scale.shape) if bias is None else np.asarray(_const_values(bias), dtype=np.float64)
+        b = np.zeros(scale.shape) if bias is None else np.asarray(constant_values(bias), dtype=np.float64)
         new = b * scale + shift
     _set_input(graph, layer, 2, new.astype(dtype), f"{layer.name}.bias")
 
@@ -494,9 +447,9 @@ def _set_input(graph, node: gs.Node, index: int, values: np.ndarray, base: str) 
 def _fold_bias_into_add(graph, plan: _Fold, scale: np.ndarray, shift: np.ndarray) -> None:
     """a' = a·s + shift, shaped [C, 1, ...] so it broadcasts on axis 1 of the layer output."""
     const = plan.add.inputs[plan.add_const_index]
-    a = _channel_vector(_const_values(const), scale.size)
+    a = _channel_vector(constant_values(const), scale.size)
     new = (a * scale + shift).reshape((-1,) + (1,) * (plan.out_rank - 2))
-    _replace_input(graph, plan.add, plan.add_const_index, new.astype(_const_dtype(const)))
+    _replace_input(graph, plan.add, plan.add_const_index, new.astype(constant_dtype(const)))
 
 
 def _insert_bias_add(graph, layer: gs.Node, bn: gs.Node, bias: np.ndarray) -> None:

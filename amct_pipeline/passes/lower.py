@@ -62,15 +62,14 @@ class LowerPass(Pass):
     references = {"targets": "targets"}
 
     def run(self, graph, ctx) -> PassResult:
-        from ..algorithms.targets.common import PLAN_ARTIFACT, build_plan
+        from ..quant.plan import build_plan
         targets = self._targets(ctx)
         plan = build_plan(graph, ctx.artifacts)
-        ctx.artifacts[PLAN_ARTIFACT] = plan
         ctx.artifacts["quant_record"] = plan.record()
         lowered = ctx.artifacts.setdefault("lowered", {})
         files = []
         for target in targets:
-            copy, model = self._lower(graph, ctx, target)
+            copy, model = self._lower(graph, ctx, target, plan)
             lowered[target.name] = model
             filename = self._write(copy, ctx, target)
             if filename:
@@ -97,15 +96,17 @@ class LowerPass(Pass):
             raise ConfigError(problems)
         return targets
 
-    def _lower(self, graph, ctx, target):
-        import onnx
-        from ..algorithms.targets.common import copy_graph
+    def _lower(self, graph, ctx, target, plan):
+        from ..algorithms.base import LoweringContext
+        from ..ir.edit import copy_graph
         from .base import PIPELINE_METADATA_KEY
         copy = copy_graph(graph)
         copy.meta.metadata[PIPELINE_METADATA_KEY] = ctx.pipeline_text     # how the model was made
-        model = target.lower(copy, ctx)
-        if model.ByteSize() < (2 << 30) - (64 << 20):    # the checker needs a serializable proto
-            onnx.checker.check_model(model)
+        lowering = LoweringContext(plan, ctx.artifacts["layer_map"], ctx.artifacts.get("tensor_quant") or {},
+                                   ctx.logger)
+        model = target.lower(copy, lowering)
+        target.check(model)
+        ctx.artifacts.update(lowering.products)
         return copy, model
 
     def _write(self, copy, ctx, target) -> str | None:

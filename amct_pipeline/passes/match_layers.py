@@ -21,16 +21,16 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
-import numpy as np
 import onnx_graphsurgeon as gs
 from pydantic import Field, field_validator, model_validator
 
+from ..amct.model_config import read_amct_config
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
+from ..quant.layers import SUPPORTED_OP_TYPES, LayerMap, QuantLayer, match_layer
 from .base import Pass, PassResult
 
 __all__ = [
@@ -38,76 +38,10 @@ __all__ = [
     "MatchLayersOptions",
     "LayerOverride",
     "LayerMatch",
-    "QuantLayer",
-    "LayerMap",
-    "SUPPORTED_OP_TYPES",
-    "weight_values",
-    "read_amct_config",
     "amct_layer_options",
 ]
 
-SUPPORTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool")
-VIEW_OPS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 WHERE = "pass 'match_layers'"
-
-
-# -- the artifact ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class QuantLayer:
-    """One quantizable layer. Tensor fields are tensor names; node names are layer names.
-
-    ``weight`` is the tensor the layer reads; ``weight_source`` the constant it comes from (the same
-    name unless view ops sit in between, listed in ``weight_via``). ``channel_axis`` is the weight's
-    output-channel axis for channel-wise quantization (0 Conv, 1 ConvTranspose; None = per-tensor
-    only). ``bias_add`` names the Add that carries a MatMul's bias (its constant is ``bias``).
-    """
-
-    name: str
-    op_type: str
-    input: str
-    output: str
-    weight: Optional[str] = None
-    bias: Optional[str] = None
-    bias_add: Optional[str] = None
-    channel_axis: Optional[int] = None
-    out_channels: Optional[int] = None
-    group: int = 1
-    transB: int = 0
-    weight_source: Optional[str] = None
-    weight_via: tuple[str, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict, hash=False)
-
-
-class LayerMap(Mapping):
-    """Ordered mapping layer name -> QuantLayer (graph order), plus ``skipped``: name -> reason."""
-
-    def __init__(self, layers: Iterable[QuantLayer] = (), skipped: Mapping[str, str] | None = None) -> None:
-        self._layers: dict[str, QuantLayer] = {layer.name: layer for layer in layers}
-        self.skipped: dict[str, str] = dict(skipped or {})
-
-    def __getitem__(self, name: str) -> QuantLayer:
-        return self._layers[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._layers)
-
-    def __len__(self) -> int:
-        return len(self._layers)
-
-    def layers(self) -> list[QuantLayer]:
-        return list(self._layers.values())
-
-    def of_type(self, op_type: str) -> list[QuantLayer]:
-        return [layer for layer in self._layers.values() if layer.op_type == op_type]
-
-    def by_type(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for layer in self._layers.values():
-            counts[layer.op_type] = counts.get(layer.op_type, 0) + 1
-        return counts
-
-    def __repr__(self) -> str:
-        return f"LayerMap({len(self)} layers {self.by_type()}, {len(self.skipped)} skipped)"
 
 
 # -- options -----------------------------------------------------------------------------------
@@ -222,7 +156,7 @@ class MatchLayersPass(Pass):
         if config_skip and not explicit:
             return config_skip
         layer_options = _deep_merge(config_options, layer_options)
-        found = MATCHERS[node.op](graph, node)
+        found = match_layer(graph, node)
         if isinstance(found, str):
             return found
         return QuantLayer(options=layer_options, **found)
@@ -264,36 +198,6 @@ def _resolve_overrides(overrides: list[LayerOverride], node: gs.Node) -> tuple[i
             explicit = True
         merged = _deep_merge(merged, override.options)
     return skip_by, merged, explicit
-
-
-# -- AMCT quant config files -------------------------------------------------------------------
-def read_amct_config(graph, path: str, where: str):
-    """Read an AMCT JSON quant config or .cfg (by suffix, relative to the working directory),
-    checked against the graph's nodes; every problem of the file becomes one line of a ConfigError."""
-    from ..amct import ConfigFileError, read_cfg, read_quant_config
-    suffix = Path(path).suffix.lower()
-    if suffix not in (".json", ".cfg"):
-        raise ConfigError([Problem(where, "amct_config", f"'{path}' is neither a .json nor a .cfg file",
-                                   "give AMCT's JSON quant config (.json) or its simplified config (.cfg)")])
-    if not Path(path).is_file():
-        raise ConfigError([Problem(where, "amct_config", f"file '{path}' not found",
-                                   f"relative paths resolve against the current directory {Path.cwd()}")])
-    layers = _node_types(graph)
-    try:
-        return read_quant_config(path, layers) if suffix == ".json" else read_cfg(path, layers)
-    except ConfigFileError as exc:
-        raise ConfigError([Problem(i.source if i.line is None else f"{i.source}:{i.line}:{i.col}", i.where,
-                                   i.message) for i in exc.issues]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(where, "amct_config", f"cannot read '{path}': {exc}")]) from None
-
-
-def _node_types(graph) -> dict[str, str]:
-    """{node name: op type}, first occurrence of a repeated name (the readers need unique names)."""
-    types: dict[str, str] = {}
-    for node in graph.nodes:
-        types.setdefault(node.name, node.op)
-    return types
 
 
 def amct_layer_options(layer_config) -> dict[str, Any]:
@@ -350,230 +254,3 @@ def _copy(value: Any) -> Any:
     if isinstance(value, list):
         return [_copy(v) for v in value]
     return value
-
-
-# -- constants and weights ---------------------------------------------------------------------
-def _constant_node(tensor: gs.Tensor) -> gs.Node | None:
-    producer = tensor.inputs[0] if tensor.inputs else None
-    return producer if producer is not None and producer.op == "Constant" else None
-
-
-def _is_constant(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant) or _constant_node(tensor) is not None
-
-
-def _weight_chain(tensor: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]] | None:
-    """(constant root, view nodes from the root towards the layer), or None when not constant."""
-    via: list[gs.Node] = []
-    current = tensor
-    while not _is_constant(current):
-        producer = current.inputs[0] if current.inputs else None
-        if producer is None or producer.op not in VIEW_OPS:
-            return None
-        if not all(_is_constant(t) for t in producer.inputs[1:] if t.name):
-            return None
-        via.append(producer)
-        current = producer.inputs[0]
-    return current, via[::-1]
-
-
-def _const_values(tensor: gs.Tensor) -> np.ndarray:
-    if isinstance(tensor, gs.Constant):
-        return tensor.values
-    attrs = _constant_node(tensor).attrs
-    if "value" in attrs:
-        return attrs["value"].values
-    for key in ("value_float", "value_floats", "value_int", "value_ints"):
-        if key in attrs:
-            return np.asarray(attrs[key], dtype=np.float32 if "float" in key else np.int64)
-    raise ValueError(f"Constant producing '{tensor.name}' has no supported value attribute")
-
-
-def _const_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
-    """Shape without loading data (None when it cannot be told cheaply)."""
-    if isinstance(tensor, gs.Constant):
-        return tuple(tensor.shape)
-    attrs = _constant_node(tensor).attrs
-    if "value" in attrs:
-        return tuple(attrs["value"].shape)
-    return None
-
-
-def _apply_view(node: gs.Node, x: np.ndarray) -> np.ndarray:
-    """numpy semantics of the view ops a weight may pass through."""
-    args = [_const_values(t) if t.name else None for t in node.inputs[1:]]
-    if node.op == "Identity":
-        return x
-    if node.op == "Transpose":
-        return np.transpose(x, node.attrs.get("perm"))
-    if node.op == "Reshape":
-        shape = [int(d) for d in args[0]]
-        if not int(node.attrs.get("allowzero", 0)):
-            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
-        return x.reshape(shape)
-    if node.op == "Flatten":
-        axis = int(node.attrs.get("axis", 1)) % (x.ndim or 1) if x.ndim else 0
-        return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
-    axes = node.attrs.get("axes", args[0] if args else None)
-    if node.op == "Squeeze":
-        return np.squeeze(x, tuple(int(a) for a in axes)) if axes is not None else np.squeeze(x)
-    out_rank = x.ndim + len(axes)
-    return np.expand_dims(x, tuple(sorted(int(a) % out_rank for a in axes)))
-
-
-def _chain_values(tensor: gs.Tensor) -> np.ndarray:
-    root, via = _weight_chain(tensor)
-    values = _const_values(root)
-    for node in via:
-        values = _apply_view(node, values)
-    return values
-
-
-def weight_values(graph, layer: QuantLayer) -> np.ndarray | None:
-    """The weight array exactly as ``layer`` sees it (view ops applied); None for weightless layers."""
-    if layer.weight is None:
-        return None
-    return _chain_values(graph.tensors()[layer.weight])
-
-
-def _weight_shape(tensor: gs.Tensor, via: list[gs.Node], root: gs.Tensor) -> tuple[int, ...]:
-    if not via:
-        shape = _const_shape(root)
-        if shape is not None:
-            return shape
-    if tensor.shape is not None and all(isinstance(d, int) for d in tensor.shape):
-        return tuple(tensor.shape)
-    return tuple(_chain_values(tensor).shape)      # small view chains only: loads the weight
-
-
-def _resolve_weight(graph, node: gs.Node, index: int) -> dict[str, Any] | str:
-    """Weight facts, or why the weight does not qualify (not constant, shared)."""
-    tensor = node.inputs[index] if index < len(node.inputs) else None
-    if tensor is None or not tensor.name:
-        return "has no weight input"
-    chain = _weight_chain(tensor)
-    if chain is None:
-        return "weight is not constant"
-    root, via = chain
-    for t in [root] + [n.outputs[0] for n in via]:
-        readers = [n.name for n in t.outputs if n is not node and n not in via]
-        if readers or graph.is_graph_output(t):
-            others = ", ".join(f"'{r}'" for r in readers) or "a graph output"
-            return f"shared weight '{t.name}' (also used by {others})"
-    return {"weight": tensor.name, "weight_source": root.name, "weight_via": tuple(n.name for n in via),
-            "shape": _weight_shape(tensor, via, root)}
-
-
-def _optional_bias(graph, node: gs.Node, index: int) -> str | None | bool:
-    """The bias tensor name, None when absent, or False when present but not a usable constant."""
-    if index >= len(node.inputs) or not node.inputs[index].name:
-        return None
-    bias = node.inputs[index]
-    return bias.name if _weight_chain(bias) is not None else False
-
-
-# -- per-op matchers: return QuantLayer fields or a reason -------------------------------------
-def _base(node: gs.Node) -> dict[str, Any]:
-    return {"name": node.name, "op_type": node.op, "input": node.inputs[0].name, "output": node.outputs[0].name}
-
-
-def _weighted(graph, node: gs.Node) -> tuple[dict[str, Any], tuple[int, ...]] | str:
-    weight = _resolve_weight(graph, node, 1)
-    if isinstance(weight, str):
-        return weight
-    shape = weight.pop("shape")
-    return {**_base(node), **weight}, shape
-
-
-def _match_conv(graph, node: gs.Node) -> dict[str, Any] | str:
-    found = _weighted(graph, node)
-    if isinstance(found, str):
-        return found
-    fields, shape = found
-    if len(shape) not in (3, 4, 5):
-        return f"weight is {len(shape)}-D; Conv weights must be 3-D to 5-D"
-    dilations = list(node.attrs.get("dilations", [1] * (len(shape) - 2)))
-    if len(shape) == 5 and dilations and int(dilations[0]) != 1:
-        return f"Conv3D dilation_d={dilations[0]} (must be 1)"
-    bias = _optional_bias(graph, node, 2)
-    if bias is False:
-        return "bias is not constant"
-    return {**fields, "bias": bias, "channel_axis": 0, "out_channels": int(shape[0]),
-            "group": int(node.attrs.get("group", 1))}
-
-
-def _match_conv_transpose(graph, node: gs.Node) -> dict[str, Any] | str:
-    found = _weighted(graph, node)
-    if isinstance(found, str):
-        return found
-    fields, shape = found
-    if len(shape) != 4:
-        return f"weight is {len(shape)}-D; ConvTranspose needs a 4-D filter"
-    dilations = [int(d) for d in node.attrs.get("dilations", [1, 1])]
-    if any(d != 1 for d in dilations):
-        return f"dilations={dilations} (ConvTranspose needs dilation 1)"
-    bias = _optional_bias(graph, node, 2)
-    if bias is False:
-        return "bias is not constant"
-    group = int(node.attrs.get("group", 1))
-    return {**fields, "bias": bias, "channel_axis": 1, "out_channels": int(shape[1]) * group, "group": group}
-
-
-def _match_gemm(graph, node: gs.Node) -> dict[str, Any] | str:
-    trans_a = int(node.attrs.get("transA", 0))
-    if trans_a:
-        return f"transA={trans_a} (must be 0)"
-    found = _weighted(graph, node)
-    if isinstance(found, str):
-        return found
-    fields, shape = found
-    if len(shape) != 2:
-        return f"weight is {len(shape)}-D, not 2-D"
-    trans_b = int(node.attrs.get("transB", 0))
-    bias = _optional_bias(graph, node, 2)
-    if bias is False:
-        return "bias is not constant"
-    return {**fields, "bias": bias, "out_channels": int(shape[0] if trans_b else shape[1]), "transB": trans_b}
-
-
-def _match_matmul(graph, node: gs.Node) -> dict[str, Any] | str:
-    found = _weighted(graph, node)
-    if isinstance(found, str):
-        return found
-    fields, shape = found
-    if len(shape) != 2:
-        return f"weight is {len(shape)}-D, not 2-D"
-    bias, bias_add = _matmul_bias(graph, node, int(shape[1]))
-    return {**fields, "bias": bias, "bias_add": bias_add, "out_channels": int(shape[1])}
-
-
-def _matmul_bias(graph, node: gs.Node, features: int) -> tuple[str | None, str | None]:
-    """A following Add of a constant [N] (or [1,..,1,N]) vector is the MatMul's bias."""
-    out = node.outputs[0]
-    if len(out.outputs) != 1 or graph.is_graph_output(out):
-        return None, None
-    add = out.outputs[0]
-    if add.op != "Add" or len(add.inputs) != 2:
-        return None, None
-    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    if other is out or not _is_constant(other) or len(other.outputs) != 1:
-        return None, None
-    shape = _const_shape(other)
-    if shape is None or not shape or shape[-1] != features or any(d != 1 for d in shape[:-1]):
-        return None, None
-    if len(shape) > 2 and (out.shape is None or len(shape) > len(out.shape)):
-        return None, None          # would broadcast the output to a higher rank: not a bias
-    return other.name, add.name
-
-
-def _match_avgpool(graph, node: gs.Node) -> dict[str, Any]:
-    return _base(node)
-
-
-MATCHERS = {
-    "Conv": _match_conv,
-    "ConvTranspose": _match_conv_transpose,
-    "Gemm": _match_gemm,
-    "MatMul": _match_matmul,
-    "AveragePool": _match_avgpool,
-}

@@ -21,17 +21,14 @@ from pydantic import Field
 from ..algorithms.base import WeightQuantParams
 from ..errors import ConfigError, Problem
 from ..options import Options, parse_options, suggest
+from ..quant.params import weightless_params
+from ..quant.weights import deconv_channel_view, deconv_from_channel_view, effective_weight
 from .base import Pass, PassResult
 
-__all__ = ["QuantizeWeightsPass", "QuantizeWeightsOptions", "weightless_params", "PER_TENSOR_TYPES"]
+__all__ = ["QuantizeWeightsPass", "QuantizeWeightsOptions", "PER_TENSOR_TYPES"]
 
 PER_TENSOR_TYPES = ("Gemm", "MatMul")
 WHERE = "pass 'quantize_weights'"
-
-
-def weightless_params() -> WeightQuantParams:
-    """AveragePool: deq_scale = scale_d, no weight codes."""
-    return WeightQuantParams(scale=np.ones(1, np.float32), quantized=np.zeros((0,), np.int8), num_bits=8)
 
 
 class QuantizeWeightsOptions(Options):
@@ -49,7 +46,6 @@ class QuantizeWeightsPass(Pass):
     references = {"algorithm": "weight_quantizers"}
 
     def run(self, graph, ctx) -> PassResult:
-        from ..algorithms.weights import effective_weight
         layer_map = ctx.artifacts["layer_map"]
         quantizers: dict[str, Any] = {}
         results: dict[str, WeightQuantParams] = {}
@@ -110,7 +106,6 @@ class QuantizeWeightsPass(Pass):
 
 def _quantize(quantizer, weight: np.ndarray, layer) -> WeightQuantParams:
     """Run the quantizer on the layer's weight (grouped ConvTranspose as a Cout-on-axis-1 view)."""
-    from ..algorithms.weights import deconv_channel_view, deconv_from_channel_view
     regroup = layer.op_type == "ConvTranspose" and layer.group > 1
     view = deconv_channel_view(weight, layer.group) if regroup else weight
     try:

@@ -35,16 +35,20 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
 from pydantic import Field, PositiveInt, field_validator
 
-from ..algorithms.base import ActQuantParams
 from ..errors import CalibrationError
+from ..ir.edit import Namer, copy_graph, ensure_opset, reroute
 from ..options import Options
+from ..quant.fakequant import QuantFactors, emit_antiquant, emit_fake_quant
+from ..quant.params import ActQuantParams
+from ..quant.weights import dequantize_weight, weight_values
 from ..runtime.ort import make_session
 from .base import Pass, PassResult
 
-__all__ = ["RefineRangesPass", "RefineRangesOptions", "build_eval_model", "dequantize_weight"]
+__all__ = ["RefineRangesPass", "RefineRangesOptions", "build_eval_model"]
 
 PREFIX = "amct_refine"
 MIN_OPSET = 13       # Round and Clip-with-inputs need 11; 13 is what the converter targets reliably
@@ -95,17 +99,13 @@ class _Unit:
     changed: bool = False
     noise: float = 0.0
     all_readers: bool = False     # every reader of the tensor reads the branch, not only ``layers``
+    output: str = ""              # the fake-quantized tensor, named when the evaluation model is built
 
     @property
-    def output(self) -> str:
-        """The fake-quantized tensor (last node of the branch ``_insert_fake_quant`` builds)."""
-        return f"{PREFIX}.{self.index}.mul3"
-
-    @property
-    def names(self) -> tuple[str, str, str, str]:
-        """Graph inputs: 1/scale, clip low and high (integer domain minus offset), scale."""
+    def names(self) -> tuple[str, str, str, str, str]:
+        """Graph inputs: 1/scale, offset, the code range (low, high), scale."""
         base = f"{PREFIX}.{self.index}"
-        return f"{base}.inv_scale", f"{base}.low", f"{base}.high", f"{base}.scale"
+        return f"{base}.inv_scale", f"{base}.offset", f"{base}.low", f"{base}.high", f"{base}.scale"
 
 
 class RefineRangesPass(Pass):
@@ -127,7 +127,7 @@ class RefineRangesPass(Pass):
             return PassResult(False, {"tensors": 0, "tensors_changed": 0, "sweeps": 0})
         feeds = _subset(graph, ctx.dataset(self.options.dataset), self.options)
         float_model = graph.to_proto()
-        model = build_eval_model(graph, layer_map, ctx.artifacts["weight_quant"], units, float_model)
+        model = build_eval_model(graph, layer_map, ctx.artifacts["weight_quant"], units)
         evaluator = _Evaluator(float_model, model, feeds, units)
         stats = _coordinate_descent(evaluator, units, self.options, ctx.progress)
         for unit in units:
@@ -189,123 +189,68 @@ def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.nd
 
 
 # -- the fake-quant evaluation model ------------------------------------------------------------
-def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit],
-                     float_model: onnx.ModelProto | None = None) -> onnx.ModelProto:
+def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit]) -> onnx.ModelProto:
     """The float graph with fake-quantized weights and input-driven activation fake-quant branches.
 
-    Each unit's branch ends in ``unit.output``. ``float_model`` (the graph's export) is copied, never
-    changed.
+    Each unit's branch ends in ``unit.output``; its factors are graph inputs (``unit.names``), so the
+    search changes them without rebuilding the model. ``graph`` is never changed.
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(float_model if float_model is not None else graph.to_proto())
-    model = _at_least_opset(model, MIN_OPSET)
-    nodes = {n.name: n for n in model.graph.node}
-    _fake_quant_weights(graph, model, nodes, layer_map, weight_quant)
-    branches: dict[str, list[onnx.NodeProto]] = {}
+    model = copy_graph(graph)
+    ensure_opset(model, MIN_OPSET, where="pass 'refine_ranges'", path="the model",
+                 hint="Round and Clip with inputs need opset 11; upgrade the model")
+    namer = Namer(model)
+    _fake_quant_weights(graph, model, layer_map, weight_quant)
     for unit in units:
-        branches.setdefault(unit.tensor, []).extend(_insert_fake_quant(model, nodes, unit))
-    _place_after_producers(model, branches)
-    return model
+        _insert_fake_quant(model, namer, unit)
+    model.finalize()
+    return model.to_proto()
 
 
-def _place_after_producers(model: onnx.ModelProto, branches: dict[str, list[onnx.NodeProto]]) -> None:
-    """Put each branch right after the node producing its tensor: the node list stays topological."""
-    produced = {t for node in model.graph.node for t in node.output}
-    ordered = [n for tensor, extra in branches.items() if tensor not in produced for n in extra]
-    for node in list(model.graph.node):
-        ordered.append(node)
-        for tensor in node.output:
-            ordered.extend(branches.get(tensor, ()))
-    del model.graph.node[:]
-    model.graph.node.extend(ordered)
-
-
-def _at_least_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
-    if current >= opset:
-        return model
-    from onnx import version_converter
-    try:
-        return version_converter.convert_version(model, opset)
-    except Exception as exc:  # the converter raises bare RuntimeErrors with C++ text
-        raise CalibrationError(f"refine_ranges needs opset >= {opset} for Round/Clip; converting the model "
-                               f"from opset {current} failed: {str(exc).splitlines()[0]}") from exc
-
-
-def _fake_quant_weights(graph, model: onnx.ModelProto, nodes, layer_map, weight_quant) -> None:
+def _fake_quant_weights(graph, model, layer_map, weight_quant) -> None:
     """Point each quantized layer's weight input at a new initializer holding ``q * scale_w`` (the
     codes of the weight as the layer applies it, Gemm's alpha included)."""
-    from .match_layers import weight_values
     for layer in layer_map.layers():
         params = weight_quant.get(layer.name) if layer.weight is not None else None
         if params is None:
             continue
         seen = weight_values(graph, layer)
-        values = dequantize_weight(params.quantized, params.scale, layer)
+        try:
+            values = dequantize_weight(params.quantized, params.scale, layer)
+        except ValueError as exc:
+            raise CalibrationError(str(exc)) from None
         if values.shape != seen.shape:
             raise CalibrationError(f"layer '{layer.name}': weight_quant holds a {values.shape} weight, the layer "
                                    f"reads {seen.shape}")
-        name = f"{PREFIX}.{layer.name}.weight"
-        model.graph.initializer.append(numpy_helper.from_array(values.astype(seen.dtype, copy=False), name))
-        node = nodes[layer.name]
-        node.input[list(node.input).index(layer.weight)] = name
-        if layer.op_type == "Gemm":     # the codes quantize alpha * B (effective_weight): alpha is in them
-            for attr in node.attribute:
-                if attr.name == "alpha":
-                    attr.f = 1.0
+        node = model.node(layer.name)
+        index = next(i for i, t in enumerate(node.inputs) if t.name == layer.weight)
+        node.inputs[index] = gs.Constant(f"{PREFIX}.{layer.name}.weight", values.astype(seen.dtype, copy=False))
+        if layer.op_type == "Gemm" and "alpha" in node.attrs:   # the codes quantize alpha * B (effective_weight)
+            node.attrs["alpha"] = 1.0
 
 
-def dequantize_weight(quantized: np.ndarray, scale: np.ndarray, layer) -> np.ndarray:
-    """``q * scale_w`` with the scales along the layer's output channels (float32, AMCT fake-quant)."""
-    q = np.asarray(quantized).astype(np.float32)
-    s = np.asarray(scale, dtype=np.float32).reshape(-1)
-    if s.size == 1:
-        return q * s[0]
-    axis = _scale_axis(q.shape, s.size, layer)
-    if axis is not None:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        return q * s.reshape(shape)
-    if layer.op_type == "ConvTranspose" and layer.group > 1 and s.size == q.shape[1] * layer.group:
-        g = layer.group                     # [Cin, Cout/g, ...]: output channel = group * Cout/g + j
-        grouped = q.reshape(g, q.shape[0] // g, *q.shape[1:])
-        return (grouped * s.reshape(g, 1, -1, *([1] * (q.ndim - 2)))).reshape(q.shape)
-    raise CalibrationError(f"layer '{layer.name}': {s.size} weight scales do not match a weight of shape {q.shape}")
-
-
-def _scale_axis(shape: tuple[int, ...], channels: int, layer) -> int | None:
-    if layer.channel_axis is not None and shape[layer.channel_axis] == channels:
-        return layer.channel_axis
-    if layer.op_type == "Gemm":
-        axis = 0 if layer.transB else 1
-        return axis if shape[axis] == channels else None
-    if layer.op_type == "MatMul" and shape[-1] == channels:
-        return len(shape) - 1
-    return None
-
-
-def _insert_fake_quant(model: onnx.ModelProto, nodes, unit: _Unit) -> list[onnx.NodeProto]:
-    """AMCT's fake quant (SPEC 5.4, offset folded into the clip bounds) in front of the unit's layers."""
-    inv, low, high, scale = unit.names
+def _insert_fake_quant(model, namer: Namer, unit: _Unit) -> None:
+    """AMCT's fake quant (SPEC 5.4) of the unit's tensor, factors read from graph inputs, in front of
+    the unit's layers (or of every reader)."""
+    inputs = [gs.Variable(name, dtype=np.float32, shape=[]) for name in unit.names]
+    model.gs.inputs.extend(inputs)
+    inv, offset, low, high, scale = inputs
+    x = model.tensors()[unit.tensor]
+    readers = list(x.outputs)
     base = f"{PREFIX}.{unit.index}"
-    for name in unit.names:
-        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
-    steps = [("Mul", [unit.tensor, inv]), ("Round", None), ("Clip", [None, low, high]), ("Mul", [None, scale])]
-    previous = None
-    new_nodes = []
-    for i, (op, inputs) in enumerate(steps):
-        inputs = [previous] if inputs is None else [previous if x is None else x for x in inputs]
-        out = f"{base}.{op.lower()}{i}"
-        new_nodes.append(helper.make_node(op, inputs, [out], name=out))
-        previous = out
-    if unit.all_readers:     # the graph's own nodes: branches join model.graph.node only at the end
-        for node in model.graph.node:
-            for k, name in enumerate(node.input):
-                if name == unit.tensor:
-                    node.input[k] = previous
-    for layer in unit.layers:
-        nodes[layer].input[0] = previous
-    return new_nodes
+    codes = emit_fake_quant(model, namer, x, base, QuantFactors(inv, offset, low, high))
+    out = emit_antiquant(model, namer, codes, f"{base}.dequant", scale)
+    unit.output = out.name
+    if unit.all_readers:
+        reroute(x, out, readers)
+    else:
+        for name in unit.layers:
+            model.node(name).inputs[0] = out
+
+
+def factor_feed(unit: _Unit, params: ActQuantParams) -> dict[str, np.ndarray]:
+    """The graph inputs of the unit's branch for ``params`` (0-d arrays: onnxruntime takes arrays only)."""
+    values = (1.0 / np.float32(params.scale), params.offset, params.qmin, params.qmax, params.scale)
+    return {name: np.array(value, dtype=np.float32) for name, value in zip(unit.names, values)}
 
 
 def _with_probes(model: onnx.ModelProto, units: Sequence[_Unit]) -> onnx.ModelProto:
@@ -348,11 +293,7 @@ class _Evaluator:
         """(objective = mean over outputs of SSE / signal energy, plain MSE over all output values)."""
         factors = {}
         for unit, p in zip(self.units, params):
-            inv, low, high, scale = unit.names
-            factors[inv] = np.array(1.0 / np.float32(p.scale), dtype=np.float32)   # 0-d: ORT takes arrays only
-            factors[low] = np.array(p.qmin - p.offset, dtype=np.float32)
-            factors[high] = np.array(p.qmax - p.offset, dtype=np.float32)
-            factors[scale] = np.array(p.scale, dtype=np.float32)
+            factors.update(factor_feed(unit, p))
         fetch = self.outputs + ([f"{PREFIX}.{u.index}.{k}" for u in self.units for k in ("noise", "power")]
                                 if probe else [])
         sse = [0.0] * len(self.outputs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..algorithms.base import ActQuantParams, WeightQuantParams
+from .params import ActQuantParams, WeightQuantParams
 
 __all__ = [
     "FLT_EPSILON",

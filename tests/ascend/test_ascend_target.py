@@ -68,7 +68,7 @@ class TensorQuantizePass(Pass):
 
     def run(self, graph, ctx) -> PassResult:
         from amct_pipeline.algorithms.base import ActQuantParams
-        from amct_pipeline.algorithms.targets.common import multi_output_entries, parse_tensor_key
+        from amct_pipeline.quant.plan import multi_output_entries, parse_tensor_key
         from amct_pipeline.runtime.collector import collect
         found = {}
         if self.options.multi_output:

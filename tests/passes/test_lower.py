@@ -29,12 +29,13 @@ class MinMaxActQuantPass(Pass):
 
     name = "minmax_act_quant"
     requires = frozenset({"layer_map"})
-    produces = frozenset({"act_quant"})
+    produces = frozenset({"act_quant", "tensor_quant"})
 
     class Options(Options):
         dataset: str = "calib"
         asymmetric: bool = True
         skip: list[str] = Field(default_factory=list)
+        block_outputs: bool = False       # also the tensors a QDQ layout quantizes (artifact 'tensor_quant')
 
     def run(self, graph, ctx) -> PassResult:
         from amct_pipeline.runtime.data import model_inputs
@@ -43,6 +44,8 @@ class MinMaxActQuantPass(Pass):
         inputs = model_inputs(graph)
         feeds = {i.name for i in inputs}
         names = list(dict.fromkeys(layer.input for layer in layers))
+        blocks = _block_outputs(graph, ctx.artifacts["layer_map"], names) if self.options.block_outputs else []
+        names += blocks
         fetch = [n for n in names if n not in feeds]
         session = make_session(expose_tensors(graph.to_proto(), fetch)) if fetch else None
         calibrator = ctx.session.make_algorithm("calibrators", "minmax", {"asymmetric": self.options.asymmetric})
@@ -52,7 +55,16 @@ class MinMaxActQuantPass(Pass):
                 calibrator.observe(name, feed[name] if name in feeds else values[name])
         found = calibrator.finalize()
         ctx.artifacts["act_quant"] = {layer.name: found[layer.input] for layer in layers}
+        if blocks:
+            ctx.artifacts["tensor_quant"] = {name: found[name] for name in blocks}
         return PassResult(False, {"layers": len(layers)})
+
+
+def _block_outputs(graph, layer_map, inputs: list[str]) -> list[str]:
+    from amct_pipeline.quant.facts import extra_tensors, propagate_factors
+    covered = dict.fromkeys(inputs)
+    propagate_factors(graph, covered)
+    return extra_tensors(graph, layer_map, covered)
 
 
 @pytest.fixture
@@ -501,7 +513,7 @@ def test_qdq_runs_with_integer_kernels_and_matches_fakequant(session, tmp_path):
 def test_qdq_extra_tensors_fuse_everything(session, tmp_path):
     """With the extra tensors calibrated, onnxruntime runs the whole demo CNN in integers."""
     path, data = demo_model_and_data(tmp_path)
-    result = _result(session, path, data, {"targets": ["qdq"], "target_options": {"qdq": {"dataset": "calib"}}})
+    result = _result(session, path, data, {"targets": ["qdq"]}, act={"block_outputs": True})
     qdq = result.artifacts["lowered"]["qdq"]
     ops = _optimized_ops(qdq, tmp_path)
     assert ops.get("QLinearConv") == 2 and ops.get("QLinearAdd") == 1 and "Conv" not in ops and "Add" not in ops
@@ -511,27 +523,19 @@ def test_qdq_extra_tensors_fuse_everything(session, tmp_path):
     assert (q.argmax(1) == float_out.argmax(1)).mean() >= 0.8
 
 
-def test_calibrate_block_outputs_equal_the_qdq_targets_own_calibration(session, tmp_path):
-    """calibrate{block_outputs} observes the extra tensors in its own run, with its own calibrator:
-    the QDQ model is the one the target would build calibrating them itself with that calibrator."""
-    from amct_pipeline.algorithms.targets.qdq import extra_tensors, propagate_factors
+def test_calibrate_block_outputs_observes_the_qdq_layouts_tensors(session, tmp_path):
+    """calibrate{block_outputs} observes exactly the tensors the qdq layout quantizes beyond the layer
+    inputs (quant.facts.extra_tensors) in its own run; the target uses them and fuses whole blocks."""
+    from amct_pipeline.quant.facts import extra_tensors, propagate_factors
     path, data = demo_model_and_data(tmp_path)
-
-    def run(calibrate: str, lower: str):
-        text = f"fuse_bn,match_layers,{calibrate},quantize_weights,{lower}"
-        return session.build(text, datasets=["calib"]).run(path, datasets={"calib": str(data)})
-
-    ours = run("calibrate{algorithm=ifmr block_outputs=true}", "lower{targets=[qdq]}")
-    own = run("calibrate{algorithm=ifmr}", "lower{targets=[qdq] target_options={qdq={dataset=calib calibrator=ifmr}}}")
+    text = "fuse_bn,match_layers,calibrate{algorithm=ifmr block_outputs=true},quantize_weights,lower{targets=[qdq]}"
+    ours = session.build(text, datasets=["calib"]).run(path, datasets={"calib": str(data)})
     layer_map = ours.artifacts["layer_map"]
     covered = {layer.input: None for layer in layer_map.layers()}
     propagate_factors(ours.graph, covered)
     wanted = extra_tensors(ours.graph, layer_map, covered)
     assert wanted and list(ours.artifacts["tensor_quant"]) == wanted
     assert ours.stats_for("calibrate")["block_outputs"] == len(wanted)
-    assert "tensor_quant" not in own.artifacts
-    assert (ours.artifacts["lowered"]["qdq"].graph.SerializeToString()      # metadata names the pipeline
-            == own.artifacts["lowered"]["qdq"].graph.SerializeToString())
     ops = _optimized_ops(ours.artifacts["lowered"]["qdq"], tmp_path)
     assert ops.get("QLinearConv") == 2 and ops.get("QLinearAdd") == 1 and "Conv" not in ops
 
@@ -565,7 +569,7 @@ def test_qdq_folds_clip_into_integer_range(session, tmp_path):
 @pytest.mark.parametrize("name", SHARED_MODELS)
 def test_every_shared_model_gives_loadable_models(session, tmp_path, name):
     path, data = shared_model_and_data(tmp_path, name, 8 if name.startswith("mobilenet") else 16)
-    result = _result(session, path, data, {"target_options": {"qdq": {"dataset": "calib"}}})
+    result = _result(session, path, data, {}, act={"block_outputs": True})
     x = np.load(data)[:2]
     for target in ("qdq", "fakequant"):
         model = result.artifacts["lowered"][target]
@@ -581,7 +585,7 @@ def test_every_shared_model_gives_loadable_models(session, tmp_path, name):
 
 def test_mobilenetv2_qdq_fully_integer(session, tmp_path):
     path, data = shared_model_and_data(tmp_path, "mobilenetv2_fp32.onnx", 8)
-    result = _result(session, path, data, {"targets": ["qdq"], "target_options": {"qdq": {"dataset": "calib"}}})
+    result = _result(session, path, data, {"targets": ["qdq"]}, act={"block_outputs": True})
     ops = _optimized_ops(result.artifacts["lowered"]["qdq"], tmp_path)
     assert ops.get("QLinearConv") == 52 and ops.get("QLinearAdd") == 10
     assert not {"Conv", "FusedConv", "Add", "MatMul", "Gemm"} & set(ops)
@@ -590,7 +594,7 @@ def test_mobilenetv2_qdq_fully_integer(session, tmp_path):
 # -- determinism, errors ---------------------------------------------------------------------------
 def test_outputs_are_byte_deterministic(session, tmp_path):
     path, data = demo_model_and_data(tmp_path)
-    pipeline = session.build(quantize_pipeline({"target_options": {"qdq": {"dataset": "calib"}}}))
+    pipeline = session.build(quantize_pipeline({}, act={"block_outputs": True}))
     files = []
     for run in ("a", "b"):
         pipeline.run(path, datasets={"calib": str(data)}, output_dir=tmp_path / run)
@@ -634,9 +638,9 @@ def test_unknown_target_and_bad_target_options_fail_at_build(session):
 def test_bad_target_options_fail_before_writing(session, tmp_path):
     path, data = demo_model_and_data(tmp_path)
     with pytest.raises(AmctError) as info:
-        session.build(quantize_pipeline({"target_options": {"qdq": {"datset": "calib"}}})).run(
+        session.build(quantize_pipeline({"target_options": {"qdq": {"extra_tensor": False}}})).run(
             path, datasets={"calib": str(data)}, output_dir=tmp_path / "o")
-    assert "target_options.qdq.datset" in str(info.value) and "did you mean 'dataset'" in str(info.value)
+    assert "target_options.qdq.extra_tensor" in str(info.value) and "did you mean 'extra_tensors'" in str(info.value)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

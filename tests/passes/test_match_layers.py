@@ -9,7 +9,8 @@ import pytest
 from onnx import numpy_helper
 
 from amct_pipeline.errors import ConfigError, PassError
-from amct_pipeline.passes.match_layers import LayerMap, QuantLayer, weight_values
+from amct_pipeline.quant.layers import LayerMap, QuantLayer
+from amct_pipeline.quant.weights import weight_values
 from amct_pipeline.testing import models
 from conftest import shared_path
 

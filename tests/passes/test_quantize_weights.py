@@ -6,7 +6,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from amct_pipeline.algorithms.weights import ArqQuantizer, deconv_channel_view, deconv_from_channel_view
+from amct_pipeline.algorithms.weights import ArqQuantizer
+from amct_pipeline.quant.weights import deconv_channel_view, deconv_from_channel_view
 from amct_pipeline.errors import ConfigError, PassError
 from amct_pipeline.testing import models
 from conftest import shared_path
@@ -193,7 +194,7 @@ def test_mobilenetv2_weights_on_their_int8_grid(session):
     path = shared_path("models/mobilenetv2_fp32.onnx")
     result, weights = _weights(session, path)
     assert result.stats_for("quantize_weights") == {"layers": 53, "per_channel": 52, "weightless": 0}
-    from amct_pipeline.passes.match_layers import weight_values
+    from amct_pipeline.quant.weights import weight_values
     layer = result.artifacts["layer_map"].of_type("Conv")[3]
     w = weight_values(result.graph, layer)
     params = weights[layer.name]

@@ -8,8 +8,9 @@ from amct_pipeline.algorithms.base import ActQuantParams
 from amct_pipeline.demo import build_demo_data, build_demo_model
 from amct_pipeline.errors import ConfigError
 from amct_pipeline.passes.base import Pass, PassResult
-from amct_pipeline.passes.match_layers import weight_values
-from amct_pipeline.passes.refine_ranges import _units, build_eval_model, dequantize_weight
+from amct_pipeline.quant.weights import weight_values
+from amct_pipeline.passes.refine_ranges import _units, build_eval_model, factor_feed
+from amct_pipeline.quant.weights import dequantize_weight
 from amct_pipeline.pipeline.spec import DatasetSpec, Preprocess
 from amct_pipeline.quant.math import arq, fake_quant
 from amct_pipeline.runtime.data import ArraySource
@@ -91,16 +92,13 @@ def test_eval_model_matches_numpy_fake_quant(session):
     units = _units(layer_map, {**act, "conv1": params})
     model = build_eval_model(graph, layer_map, weights, units)
     unit = next(u for u in units if u.layers == ["conv1"])
-    branch = f"amct_refine.{unit.index}.mul3"
+    branch = unit.output
     from amct_pipeline.runtime.ort import expose_tensors
     ort_session = make_session(expose_tensors(model, [branch]))
     x = build_demo_data(4, seed=5)
     feed = {"input": x}
     for u in units:
-        inv, low, high, scale = u.names
-        p = params if u is unit else act[u.layers[0]]
-        feed.update({inv: np.array(1 / np.float32(p.scale), np.float32), low: np.array(p.qmin - p.offset, np.float32),
-                     high: np.array(p.qmax - p.offset, np.float32), scale: np.array(p.scale, np.float32)})
+        feed.update(factor_feed(u, params if u is unit else act[u.layers[0]]))
     got = ort_session.run([branch], feed)[0]
     expected = fake_quant(x, params)
     assert np.mean(got == expected) > 0.999                 # x*(1/s) vs x/s may differ at a rounding tie

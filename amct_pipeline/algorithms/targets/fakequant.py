@@ -16,8 +16,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .common import (LayerPlan, LoweringPlan, Namer, PlanTarget, add_node, bias_slot, channel_shape, constant,
-                     detach_output, neutralize_gemm, output_node, quant_multiplier, replace_constant_input)
+from ...ir.edit import Namer, constant, detach_output, replace_constant_input
+from ...quant.fakequant import constant_factors, emit_antiquant, emit_fake_quant
+from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, channel_shape, neutralize_gemm, output_node
+from .base import PlanTarget
 
 __all__ = ["FakeQuantTarget"]
 
@@ -35,25 +37,12 @@ class FakeQuantTarget(PlanTarget):
             node = nodes[layer_plan.name]
             key = layer_plan.input_key
             if key not in chains:
-                chains[key] = _quant_chain(graph, namer, node.inputs[0], layer_plan)
+                prefix = f"{layer_plan.name}.quant.fakequant"
+                chains[key] = emit_fake_quant(graph, namer, node.inputs[0], prefix,
+                                              constant_factors(namer, prefix, layer_plan.act))
             node.inputs[0] = chains[key]
             _integer_constants(nodes, namer, node, layer_plan)
             _dequant(graph, namer, output_node(nodes, layer_plan.layer), layer_plan)
-
-
-def _quant_chain(graph, namer: Namer, x: gs.Tensor, plan: LayerPlan) -> gs.Tensor:
-    """AscendQuant as float ops: the output holds ``q - offset_d`` (integers in float32)."""
-    prefix = f"{plan.name}.quant.fakequant"
-    act = plan.act
-    scale = constant(namer, f"{prefix}.scale", np.array(quant_multiplier(act.scale), np.float32))
-    offset = constant(namer, f"{prefix}.offset", np.array(act.offset, np.float32))
-    low = constant(namer, f"{prefix}.min_val", np.array(act.qmin, np.float32))
-    high = constant(namer, f"{prefix}.max_val", np.array(act.qmax, np.float32))
-    y = add_node(graph, namer, "Mul", f"{prefix}.mul", [x, scale]).outputs[0]
-    y = add_node(graph, namer, "Round", f"{prefix}.round", [y]).outputs[0]
-    y = add_node(graph, namer, "Add", f"{prefix}.add", [y, offset]).outputs[0]
-    y = add_node(graph, namer, "Clip", f"{prefix}.clip", [y, low, high]).outputs[0]
-    return add_node(graph, namer, "Sub", f"{prefix}.sub", [y, offset]).outputs[0]
 
 
 def _integer_constants(nodes, namer: Namer, node: gs.Node, plan: LayerPlan) -> None:
@@ -73,4 +62,4 @@ def _dequant(graph, namer: Namer, out_node: gs.Node, plan: LayerPlan) -> None:
     prefix = f"{plan.name}.fakedequant"
     inner, original = detach_output(out_node, namer, f"{prefix}.input")
     dqscale = constant(namer, f"{prefix}.dqscale", channel_shape(plan, plan.deq_scale))
-    add_node(graph, namer, "Mul", f"{prefix}.mul", [inner, dqscale], [original])
+    emit_antiquant(graph, namer, inner, prefix, dqscale, out=original)

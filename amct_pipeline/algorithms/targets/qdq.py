@@ -16,9 +16,10 @@ onnxruntime fuses ``DQ -> Conv -> Q`` into QLinearConv only when the layer outpu
   Relu output with the second Conv's factors, which is exact for these ops;
 * "extra" tensors the record has no factors for (see :func:`extra_tensors`): layer outputs (after a
   following Relu/Clip) and the outputs of Add and GlobalAveragePool nodes whose inputs are quantized.
-  Their factors come from the ``tensor_quant`` artifact (tensor name -> ActQuantParams) when a
-  calibration pass provides it, else from this target's own calibration on ``dataset``; without
-  either they stay float (slower).
+  Their factors come from the ``tensor_quant`` artifact (tensor name -> ActQuantParams) that
+  ``calibrate{block_outputs: true}`` (or ``refine_ranges``) provides; without it they stay float
+  (slower). The target never calibrates: the tensor set is ``quant.facts.extra_tensors``, the same
+  function the calibration pass observes.
 
 A Relu/Clip right before a quantized tensor is moved onto the codes (dropped when the quantizer
 saturates where it clips, else a uint8 Clip after the QuantizeLinear), which is exact and lets the
@@ -28,34 +29,27 @@ weight is stored dequantized (float), which onnxruntime would not run in integer
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import numpy as np
 import onnx_graphsurgeon as gs
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 from ...errors import ConfigError, Problem
+from ...ir.edit import Namer, add_node, constant, reroute
 from ...options import Options
-from ..base import ActQuantParams
-from .common import (LayerPlan, LoweringPlan, Namer, PlanTarget, add_node, bias_slot, constant, neutralize_gemm,
-                     normalized_act, output_node, reroute)
+from ...quant.facts import FOLDABLE_ACTIVATIONS, activation_bounds, extra_tensors, propagate_factors, record_factors
+from ...quant.params import ActQuantParams
+from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act
+from .base import PlanTarget
 
-__all__ = ["QdqTarget", "QdqOptions", "extra_tensors", "propagate_factors", "activation_bounds", "VALUE_PRESERVING_OPS"]
+__all__ = ["QdqTarget", "QdqOptions"]
 
-VALUE_PRESERVING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
-FOLDABLE_ACTIVATIONS = ("Relu", "Clip")       # monotone clips: movable onto the integer codes
-POOLING_OPS = ("GlobalAveragePool",)
 UINT8_SHIFT = 128                             # uint8 zero point = int8-domain offset + 128
 
 
 class QdqOptions(Options):
     extra_tensors: bool = Field(True, description="Also quantize layer outputs, Add and pooling outputs when "
-                                                  "factors exist for them, so onnxruntime fuses whole blocks.")
-    dataset: Optional[str] = Field(None, description="Dataset to calibrate the extra tensors on when no "
-                                                     "'tensor_quant' artifact gives their factors.")
-    calibrator: str = Field("minmax", description="Calibrator for the extra tensors.")
-    calibrator_options: dict[str, Any] = Field(default_factory=dict, description="Options of that calibrator.")
-    max_batches: Optional[PositiveInt] = Field(None, description="Batches used for that calibration; default all.")
+                                                  "factors exist for them (artifact 'tensor_quant' from "
+                                                  "calibrate{block_outputs: true}), so onnxruntime fuses whole blocks.")
 
 
 class QdqTarget(PlanTarget):
@@ -70,7 +64,7 @@ class QdqTarget(PlanTarget):
         if self.options.extra_tensors:
             propagate_factors(graph, factors)
             wanted = extra_tensors(graph, plan.layers, factors)
-            factors.update(self._extra_factors(graph, ctx, wanted))
+            factors.update(_extra_factors(ctx, wanted))
             propagate_factors(graph, factors)
         namer = Namer(graph)
         _quantize_activations(graph, namer, plan, factors)
@@ -78,16 +72,13 @@ class QdqTarget(PlanTarget):
         for layer_plan in plan.layers.values():
             _quantize_constants(graph, namer, nodes, layer_plan)
 
-    def _extra_factors(self, graph, ctx, wanted: list[str]) -> dict[str, ActQuantParams]:
-        given = ctx.artifacts.get("tensor_quant") or {}
-        found = {name: given[name] for name in wanted if name in given}
-        missing = [name for name in wanted if name not in found]
-        if missing and self.options.dataset:
-            found.update(calibrate_tensors(graph, ctx, missing, self.options))
-        elif missing:
-            ctx.logger.info("qdq: %d layer/Add/pooling outputs have no factors and stay float (give the qdq "
-                            "target a dataset, or a 'tensor_quant' artifact, for full integer fusion)", len(missing))
-        return {name: normalized_act(found[name], name) for name in wanted if name in found}
+
+def _extra_factors(ctx, wanted: list[str]) -> dict[str, ActQuantParams]:
+    found = {name: ctx.tensor_quant[name] for name in wanted if name in ctx.tensor_quant}
+    if len(found) < len(wanted):
+        ctx.logger.info("qdq: %d layer/Add/pooling outputs have no factors and stay float (calibrate with "
+                        "block_outputs: true for full integer fusion)", len(wanted) - len(found))
+    return {name: normalized_act(found[name], name) for name in wanted if name in found}
 
 
 def _check_bits(plan: LoweringPlan) -> None:
@@ -96,93 +87,6 @@ def _check_bits(plan: LoweringPlan) -> None:
             raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
                                        "activations cannot be expressed as uint8 QuantizeLinear",
                                        "use 8-bit activations or only the fakequant target")])
-
-
-# -- which tensors get factors ------------------------------------------------------------------
-def record_factors(plan: LoweringPlan) -> dict[str, ActQuantParams]:
-    """Layer inputs with the record's factors (a tensor read by several layers: the first one's)."""
-    factors: dict[str, ActQuantParams] = {}
-    for layer_plan in plan.layers.values():
-        factors.setdefault(layer_plan.layer.input, layer_plan.act)
-    return factors
-
-
-def propagate_factors(graph, factors: dict[str, ActQuantParams]) -> None:
-    """Give the input of a value-preserving op the factors of its output, when the op is its only reader.
-
-    Quantizing before a MaxPool/Reshape/... with the output's factors gives the same result as after it
-    (they commute with a monotone per-tensor quantizer), and lets the producer fuse with the quantizer.
-    """
-    tensors = graph.tensors()
-    pending = list(factors)
-    while pending:
-        name = pending.pop(0)
-        producer = graph.producer(tensors[name])
-        if producer is None or producer.op not in VALUE_PRESERVING_OPS or _extra_outputs_used(graph, producer):
-            continue
-        source = producer.inputs[0]
-        if (isinstance(source, gs.Constant) or source.name in factors or len(source.outputs) != 1
-                or graph.is_graph_output(source) or graph.producer(source) is None):
-            continue
-        factors[source.name] = factors[name]
-        pending.append(source.name)
-
-
-def _extra_outputs_used(graph, node: gs.Node) -> bool:
-    return any(t.outputs or graph.is_graph_output(t) for t in node.outputs[1:])
-
-
-def extra_tensors(graph, layers, factors) -> list[str]:
-    """Tensors (graph order) whose quantization lets onnxruntime fuse more, lacking factors so far.
-
-    ``layers``: the quantized layers, name -> QuantLayer (a LayerMap) or LayerPlan. ``factors``: tensor
-    names that already have factors. A calibration pass can observe exactly these and publish them
-    as ``tensor_quant``.
-    """
-    have = set(factors)
-    wanted: list[str] = []
-    nodes = {node.name: node for node in graph.nodes}
-    for node in graph.nodes:
-        point = None
-        if node.name in layers:
-            layer = getattr(layers[node.name], "layer", layers[node.name])    # LayerPlan or QuantLayer
-            point = _activation_point(graph, output_node(nodes, layer).outputs[0])
-        elif node.op == "Add" and len(node.inputs) == 2 and all(
-                isinstance(t, gs.Variable) and t.name in have for t in node.inputs):
-            point = _activation_point(graph, node.outputs[0])
-        elif node.op in POOLING_OPS and node.inputs[0].name in have:
-            point = _activation_point(graph, node.outputs[0])
-        if point is not None and point.name not in have:
-            wanted.append(point.name)
-            have.add(point.name)
-    return wanted
-
-
-def _activation_point(graph, tensor: gs.Tensor) -> gs.Tensor | None:
-    """Follow a single-reader Relu/Clip chain; None when the result is a graph output or unread."""
-    while (len(tensor.outputs) == 1 and tensor.outputs[0].op in FOLDABLE_ACTIVATIONS
-           and not graph.is_graph_output(tensor)):
-        tensor = tensor.outputs[0].outputs[0]
-    if graph.is_graph_output(tensor) or not tensor.outputs:
-        return None
-    return tensor
-
-
-def calibrate_tensors(graph, ctx, names: list[str], options: QdqOptions) -> dict[str, ActQuantParams]:
-    """Observe ``names`` on the float graph over the dataset with a registered calibrator (streaming)."""
-    from ...runtime.collector import collect
-    from ...runtime.data import model_inputs
-    source = ctx.dataset(options.dataset)
-    calibrator = ctx.session.make_algorithm("calibrators", options.calibrator, options.calibrator_options)
-    batches = options.max_batches
-    available = source.num_batches(model_inputs(graph))
-    if batches is not None and available is not None:
-        batches = min(batches, available)
-    for values in collect(graph, source, names, batches, progress=ctx.progress, desc="qdq ranges"):
-        for name in names:
-            calibrator.observe(name, values[name])
-    found = calibrator.finalize()
-    return {name: found[name] for name in names if name in found}
 
 
 # -- emitting -------------------------------------------------------------------------------------
@@ -237,22 +141,6 @@ def _code(bound: float, params: ActQuantParams) -> int:
         return params.qmin if bound < 0 else params.qmax
     code = np.rint(np.float32(bound) / np.float32(params.scale)) + params.offset
     return int(np.clip(code, params.qmin, params.qmax))
-
-
-def activation_bounds(graph, node: gs.Node) -> tuple[float | None, float | None]:
-    """(min, max) of a Relu/Clip; (None, None) when they are not constants."""
-    if node.op == "Relu":
-        return 0.0, np.inf
-    bounds = []
-    for index, default in ((1, -np.inf), (2, np.inf)):
-        if index >= len(node.inputs) or not node.inputs[index].name:
-            bounds.append(float(node.attrs.get("min" if index == 1 else "max", default)))
-            continue
-        value = graph.constant_value(node.inputs[index])
-        if value is None:
-            return None, None
-        bounds.append(float(np.asarray(value).reshape(())))
-    return bounds[0], bounds[1]
 
 
 def _qdq_pair(graph, namer: Namer, tensor: gs.Tensor, params: ActQuantParams, base: str,

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from ...options import Options
 from ...quant.math import arq
+from ...quant.weights import deconv_channel_view, deconv_from_channel_view
 from ..base import WeightQuantizer, WeightQuantParams
 
 __all__ = ["ArqQuantizer", "ArqOptions", "CHANNEL_WISE_TYPES", "LOW_BIT_TYPES"]
@@ -37,7 +38,6 @@ class ArqQuantizer(WeightQuantizer):
                  group: int = 1) -> WeightQuantParams:
         """``channel_axis`` None = per tensor. ConvTranspose with ``group > 1``: axis 1 holds Cout/group
         channels per group, so the weight is regrouped to give every one of the Cout channels its scale."""
-        from . import deconv_channel_view, deconv_from_channel_view
         bits = self.options.num_bits
         if bits != 8 and op_type not in LOW_BIT_TYPES:
             raise ValueError(f"{bits}-bit weights are only supported for Conv layers, not {op_type}")

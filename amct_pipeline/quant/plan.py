@@ -1,12 +1,7 @@
-"""What every lowering target shares: the lowering plan (factors, integer weights and biases per layer)
-and the graph surgery helpers that turn a copy of the float graph into a quantized model.
+"""The lowering plan: per quantized layer its factors, integer weights and INT32 bias, checked once
+for every target; tensor quantization entries; AMCT's record of it.
 
-A target subclasses :class:`PlanTarget` and implements ``rewrite(graph, plan, ctx)``; ``lower`` makes
-sure the opset is high enough, calls it, cleans the graph up and exports it. The graph handed to a
-target is always a copy (``copy_graph``) whose weights are shared with the float graph, so helpers
-replace constants instead of editing arrays in place (copy on write).
-
-Activation quantization convention (shared with the deploy reference of the ``ascend`` target)::
+Activation quantization convention (shared by every target and the Ascend deploy reference)::
 
     q = clip(rint(x * m) + offset_d, -2^(b-1), 2^(b-1)-1)   with  m = float32(1 / scale_d)
 
@@ -15,60 +10,48 @@ AscendQuant ``round_mode=Round``). See :func:`quant_multiplier`.
 
 Tensor quantization (SPEC 3 record keys ``"<node>:<input index>"``, SPEC 6.1: MaxPool and Add inputs)
 ---------------------------------------------------------------------------------------------------
-An optional artifact ``tensor_quantize`` (``{"<node>:<input index>": ActQuantParams}``) asks for an
-input tensor of a node that is *not* a quantized layer to be quantized and brought back to float
+The artifact ``tensor_quantize`` (``{"<node>:<input index>": ActQuantParams}``) asks for an input
+tensor of a node that is *not* a quantized layer to be quantized and brought back to float
 (AscendQuant + AscendAntiQuant in the deploy model; quantize + ``Mul(scale_d)`` in float ops
-elsewhere). ``build_plan`` checks it into ``LoweringPlan.tensors``; ``PlanTarget.lower`` then calls
-``rewrite_tensors`` after ``rewrite``; the default emits the fake-quant form, so every target agrees.
+elsewhere). :func:`build_plan` checks it into ``LoweringPlan.tensors``.
 :func:`multi_output_entries` derives AMCT's multi-output layout (a tensor read by a quantized layer
 and by e.g. an Add gets the layer's factors at the Add's input, so the quantizer is shared).
 """
 from __future__ import annotations
 
-import abc
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from ...errors import ConfigError, Problem
-from ..base import ActQuantParams, LoweringTarget
+from ..errors import ConfigError, Problem
+from ..ir.constants import constant_values
+from .math import quantize_bias
+from .params import ActQuantParams
+from .weights import dequantize_weight, effective_bias
 
 __all__ = [
     "QUANT_OPSET",
-    "LayerPlan",
-    "LoweringPlan",
-    "build_plan",
-    "lowering_plan",
-    "PlanTarget",
-    "Namer",
-    "copy_graph",
-    "ensure_opset",
-    "quant_multiplier",
-    "add_node",
-    "constant",
-    "output_node",
-    "detach_output",
-    "reroute",
-    "replace_constant_input",
-    "bias_slot",
-    "channel_shape",
-    "neutralize_gemm",
-    "normalized_act",
     "TENSOR_QUANT_ARTIFACT",
     "TENSOR_QUANT_OPS",
+    "LayerPlan",
     "TensorPlan",
-    "multi_output_entries",
+    "LoweringPlan",
+    "build_plan",
+    "normalized_act",
     "parse_tensor_key",
-    "fake_tensor_quant",
+    "multi_output_entries",
+    "quant_multiplier",
+    "channel_shape",
+    "output_node",
+    "bias_slot",
+    "neutralize_gemm",
 ]
 
 QUANT_OPSET = 13          # Round/Clip-with-inputs (11) and per-axis Quantize/DequantizeLinear (13)
-PLAN_ARTIFACT = "lowering_plan"
 TENSOR_QUANT_ARTIFACT = "tensor_quantize"     # {"<node>:<input index>": ActQuantParams}
 TENSOR_QUANT_OPS = ("MaxPool", "Add")         # SPEC 6.1: tensor (activation) quantization only
 WHERE = "pass 'lower'"
@@ -79,7 +62,6 @@ def quant_multiplier(scale_d: float) -> np.float32:
     return np.float32(1.0 / float(scale_d))
 
 
-# -- the plan ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerPlan:
     """Everything a target needs to lower one layer; arrays are never modified."""
@@ -106,16 +88,7 @@ class LayerPlan:
 
     def dequantized_weight(self) -> np.ndarray:
         """``weight_q * scale_w`` broadcast on the output-channel axis (the fake-quant float weight)."""
-        from ..weights import deconv_channel_view, deconv_from_channel_view
-        layer, codes = self.layer, self.weight_q.astype(np.float32)
-        if not self.per_channel:
-            return codes * self.scale_w[0]
-        group = layer.group if layer.op_type == "ConvTranspose" else 1
-        view = deconv_channel_view(codes, group)
-        axis = layer.channel_axis
-        shape = [1] * view.ndim
-        shape[axis] = -1
-        return deconv_from_channel_view(view * self.scale_w.reshape(shape), group)
+        return dequantize_weight(self.weight_q, self.scale_w, self.layer)
 
     @property
     def input_key(self) -> tuple:
@@ -124,7 +97,7 @@ class LayerPlan:
         return self.layer.input, act.scale, act.offset, act.num_bits
 
     def record(self):
-        from ...amct.record import LayerRecord
+        from ..amct.record import LayerRecord
         return LayerRecord(scale_d=self.act.scale, offset_d=self.act.offset, scale_w=self.scale_w.tolist(),
                            offset_w=[0] * self.scale_w.size, act_type="INT8" if self.act.num_bits <= 8 else "INT16",
                            wts_type=f"INT{self.wts_bits}")
@@ -147,7 +120,7 @@ class TensorPlan:
         return self.tensor, act.scale, act.offset, act.num_bits
 
     def record(self):
-        from ...amct.record import LayerRecord
+        from ..amct.record import LayerRecord
         return LayerRecord(scale_d=self.act.scale, offset_d=self.act.offset,
                            act_type="INT8" if self.act.num_bits <= 8 else "INT16")
 
@@ -162,18 +135,10 @@ class LoweringPlan:
     tensors: dict[str, TensorPlan] = dataclasses.field(default_factory=dict)
 
     def record(self):
-        from ...amct.record import QuantRecord
+        from ..amct.record import QuantRecord
         entries = {name: plan.record() for name, plan in self.layers.items()}
         entries.update((key, plan.record()) for key, plan in self.tensors.items())
         return QuantRecord(entries)
-
-
-def lowering_plan(ctx, graph) -> LoweringPlan:
-    """The plan the ``lower`` pass built for this run (built here when a target runs on its own)."""
-    plan = ctx.artifacts.get(PLAN_ARTIFACT)
-    if plan is None:
-        plan = ctx.artifacts[PLAN_ARTIFACT] = build_plan(graph, ctx.artifacts)
-    return plan
 
 
 def build_plan(graph, artifacts) -> LoweringPlan:
@@ -214,7 +179,7 @@ def _tensor_plans(graph, entries, layer_map, layers: dict[str, LayerPlan]) -> di
         name, index = parsed
         node = nodes.get(name)
         if node is None:
-            from ...options import suggest
+            from ..options import suggest
             raise _problem_at(f"tensor '{key}'", f"no node named '{name}' in the model",
                               suggest(name, [n for n, v in nodes.items() if v.op in TENSOR_QUANT_OPS]))
         if name in layer_map:
@@ -229,7 +194,7 @@ def _tensor_plans(graph, entries, layer_map, layers: dict[str, LayerPlan]) -> di
         if index >= len(node.inputs) or not node.inputs[index].name:
             raise _problem_at(f"tensor '{key}'", f"node '{name}' has no input {index}")
         tensor = node.inputs[index]
-        if graph.constant_value(tensor) is not None:
+        if constant_values(tensor) is not None:
             raise _problem_at(f"tensor '{key}'", f"input {index} of node '{name}' is a constant, not an activation")
         act = normalized_act(act, key)
         if act.num_bits != 8:
@@ -292,8 +257,6 @@ def normalized_act(act: ActQuantParams, name: str) -> ActQuantParams:
 
 
 def _layer_plan(graph, layer, act: ActQuantParams, weights) -> LayerPlan:
-    from ..weights import effective_bias
-    from ...quant.math import quantize_bias
     if layer.weight is None:
         return LayerPlan(layer, act, np.ones(1, np.float32), None, None)
     if weights is None:
@@ -312,143 +275,10 @@ def _layer_plan(graph, layer, act: ActQuantParams, weights) -> LayerPlan:
     return LayerPlan(layer, act, scale_w, np.asarray(weights.quantized), bias_q, int(weights.num_bits))
 
 
-# -- the target base -----------------------------------------------------------------------------
-class PlanTarget(LoweringTarget):
-    """A lowering target driven by the plan. Subclasses set ``suffix`` and implement ``rewrite``.
-
-    ``suffix``: the file is ``<prefix>_<suffix>.onnx``. ``min_opset``: the default-domain opset the
-    output needs (the graph is upgraded with onnx.version_converter when lower; None = never).
-    """
-
-    suffix: ClassVar[str]
-    min_opset: ClassVar[int | None] = QUANT_OPSET
-
-    def lower(self, graph, ctx) -> onnx.ModelProto:
-        plan = lowering_plan(ctx, graph)
-        if self.min_opset is not None:
-            ensure_opset(graph, self.min_opset, target=self.name)
-        self.rewrite(graph, plan, ctx)
-        if plan.tensors:
-            self.rewrite_tensors(graph, plan, ctx)
-        graph.finalize()
-        return graph.to_proto()
-
-    @abc.abstractmethod
-    def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
-        """Edit ``graph`` (a copy of the float graph) in place."""
-
-    def rewrite_tensors(self, graph, plan: LoweringPlan, ctx) -> None:
-        """Tensor quantization entries (run after ``rewrite``). Default: AMCT's fake-quant form,
-        ``Mul(1/scale_d) -> Round -> Add(offset_d) -> Clip -> Sub(offset_d) -> Mul(scale_d)`` before the
-        node's input, i.e. exactly what AscendQuant + AscendAntiQuant compute."""
-        namer = Namer(graph)
-        nodes = {node.name: node for node in graph.nodes}
-        done: dict[tuple, gs.Tensor] = {}
-        for entry in plan.tensors.values():
-            node = nodes[entry.node]
-            if entry.input_key not in done:
-                done[entry.input_key] = fake_tensor_quant(graph, namer, node.inputs[entry.index], entry)
-            node.inputs[entry.index] = done[entry.input_key]
-
-
-# -- graph helpers ------------------------------------------------------------------------------
-def copy_graph(graph):
-    """A Graph sharing no nodes or tensors with ``graph`` (constant arrays are shared: copy on write)."""
-    from ...ir.graph import Graph
-    meta = dataclasses.replace(graph.meta, metadata=dict(graph.meta.metadata), functions=list(graph.meta.functions))
-    return Graph(graph.gs.copy(), meta, graph.name)
-
-
-def ensure_opset(graph, version: int, *, target: str = "") -> bool:
-    """Upgrade the default-domain opset to ``version`` in place (True when it changed anything).
-
-    Layer (node) names survive the conversion, so the plan still applies.
-    """
-    if graph.opset >= version:
-        return False
-    from onnx import version_converter
-    from ...ir.graph import Graph
-    old = graph.opset
-    try:
-        converted = version_converter.convert_version(graph.to_proto(), version)
-    except Exception as exc:  # the converter raises bare RuntimeErrors / ValueErrors
-        raise ConfigError([Problem(WHERE, f"target '{target}'", f"cannot upgrade the model from opset {old} "
-                                   f"to {version}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}",
-                                   "upgrade the model to opset 13 or later before quantizing")]) from None
-    graph.gs = Graph.from_proto(converted, name=graph.name).gs
-    graph.meta.ir_version = max(graph.meta.ir_version, 7)     # IR 7 introduced opset 13
-    return True
-
-
-class Namer:
-    """Fresh tensor/node names: ``base``, else ``base_1``, ``base_2``... (deterministic)."""
-
-    def __init__(self, graph) -> None:
-        self.taken = set(graph.tensors()) | set(graph.node_names())
-
-    def __call__(self, base: str) -> str:
-        name, index = base, 0
-        while name in self.taken:
-            index += 1
-            name = f"{base}_{index}"
-        self.taken.add(name)
-        return name
-
-
-def constant(namer: Namer, name: str, values) -> gs.Constant:
-    return gs.Constant(namer(name), _contiguous(values))
-
-
-def _contiguous(values) -> np.ndarray:
-    # np.ascontiguousarray would turn a 0-d scale into shape [1], which onnxruntime's QDQ fusions reject
-    return np.require(np.asarray(values), requirements="C")
-
-
-def add_node(graph, namer: Namer, op: str, name: str, inputs: Sequence[gs.Tensor],
-             outputs: Sequence[gs.Tensor | str] | None = None, **attrs: Any) -> gs.Node:
-    """Append a node; string outputs become new Variables named after them (``<name>:0`` by default)."""
-    outs = [o if isinstance(o, gs.Tensor) else gs.Variable(namer(o)) for o in (outputs or [f"{name}:0"])]
-    node = gs.Node(op, namer(name), attrs=attrs, inputs=list(inputs), outputs=outs)
-    graph.gs.nodes.append(node)
-    return node
-
-
+# -- where a layer sits in the graph ------------------------------------------------------------
 def output_node(nodes: dict[str, gs.Node], layer) -> gs.Node:
     """The node whose output carries the layer's int32 accumulator: the bias Add after a MatMul."""
     return nodes[layer.bias_add] if layer.bias_add else nodes[layer.name]
-
-
-def detach_output(node: gs.Node, namer: Namer, name: str) -> tuple[gs.Variable, gs.Tensor]:
-    """Give ``node`` a fresh output; return (fresh, original). The original keeps its name and
-    consumers (and graph-output role) and must be produced by whatever the caller inserts."""
-    original = node.outputs[0]
-    fresh = gs.Variable(namer(name), dtype=original.dtype)
-    node.outputs[0] = fresh
-    return fresh, original
-
-
-def reroute(tensor: gs.Tensor, new: gs.Tensor, consumers: Iterable[gs.Node] | None = None) -> None:
-    """Make ``consumers`` (default: all) read ``new`` wherever they read ``tensor``."""
-    for node in list(tensor.outputs if consumers is None else consumers):
-        for index, current in enumerate(node.inputs):
-            if current is tensor:
-                node.inputs[index] = new
-
-
-def replace_constant_input(node: gs.Node, index: int, values: np.ndarray, namer: Namer, name: str) -> gs.Constant:
-    """Feed ``node.inputs[index]`` from new values, never editing the shared array.
-
-    A plain constant read only by this node keeps its name (AMCT replaces weights under their own
-    name); a constant reached through view ops or a Constant node gets a new one, ``name``.
-    """
-    current = node.inputs[index]
-    values = _contiguous(values)
-    if isinstance(current, gs.Constant) and len(current.outputs) == 1 and tuple(current.shape) == values.shape:
-        current.values = values          # this Constant object belongs to the copy
-        return current
-    fresh = gs.Constant(namer(name), values)
-    node.inputs[index] = fresh
-    return fresh
 
 
 def bias_slot(nodes: dict[str, gs.Node], layer) -> tuple[gs.Node, int] | None:
@@ -470,23 +300,6 @@ def channel_shape(plan: LayerPlan, values: np.ndarray) -> np.ndarray:
         return values.reshape(1)
     rank = plan.weight_q.ndim if plan.layer.op_type in ("Conv", "ConvTranspose") else 2
     return values.reshape([1, -1] + [1] * (rank - 2))
-
-
-def fake_tensor_quant(graph, namer: Namer, x: gs.Tensor, entry: TensorPlan) -> gs.Tensor:
-    """Quantize-dequantize ``x`` in float ops (names ``<key>.quant.fakequant.*``, ``<key>.fakeantiquant.*``)."""
-    prefix = f"{entry.key}.quant.fakequant"
-    act = entry.act
-    offset = constant(namer, f"{prefix}.offset", np.array(act.offset, np.float32))
-    multiplier = constant(namer, f"{prefix}.scale", np.array(quant_multiplier(act.scale), np.float32))
-    y = add_node(graph, namer, "Mul", f"{prefix}.mul", [x, multiplier]).outputs[0]
-    y = add_node(graph, namer, "Round", f"{prefix}.round", [y]).outputs[0]
-    y = add_node(graph, namer, "Add", f"{prefix}.add", [y, offset]).outputs[0]
-    low = constant(namer, f"{prefix}.min_val", np.array(act.qmin, np.float32))
-    high = constant(namer, f"{prefix}.max_val", np.array(act.qmax, np.float32))
-    y = add_node(graph, namer, "Clip", f"{prefix}.clip", [y, low, high]).outputs[0]
-    y = add_node(graph, namer, "Sub", f"{prefix}.sub", [y, offset]).outputs[0]
-    scale = constant(namer, f"{entry.key}.fakeantiquant.scale", np.array(act.scale, np.float32))
-    return add_node(graph, namer, "Mul", f"{entry.key}.fakeantiquant.mul", [y, scale]).outputs[0]
 
 
 def neutralize_gemm(node: gs.Node) -> None:
