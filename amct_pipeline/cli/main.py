@@ -192,6 +192,9 @@ def cmd_run(args) -> int:
     instruments += [DumpIR(args.dump_ir)] if args.dump_ir else []
     result = pipeline.run(model, datasets=datasets, output_dir=args.output_dir, instruments=instruments,
                           verify_each=False if args.no_verify else None, progress=not args.quiet)
+    if not args.quiet:                 # passes never print; their reports come with the result
+        for _, report in result.reports:
+            print(report, file=sys.stderr, flush=True)
     for path in result.files:
         print(path)
     if timing:

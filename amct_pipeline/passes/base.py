@@ -17,10 +17,15 @@ PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass did: whether the graph changed, and counts worth reporting."""
+    """What a pass did: whether the graph changed, counts worth reporting, and a text report.
+
+    Passes never print: a ``report`` (e.g. decompose's table) reaches the user through the
+    pipeline result (``PipelineResult.reports``) and instruments; the CLI prints it after the run.
+    """
 
     modified: bool
     stats: Mapping[str, Any] = field(default_factory=dict)
+    report: str = ""
 
 
 class Pass(abc.ABC):

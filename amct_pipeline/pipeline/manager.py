@@ -182,6 +182,7 @@ class PipelineResult:
     stats: list[tuple[str, dict[str, Any]]]
     pipeline_text: str
     files: list[Path] = field(default_factory=list)
+    reports: list[tuple[str, str]] = field(default_factory=list)     # (pass name, text) of passes that gave one
     _model: onnx.ModelProto | None = field(default=None, repr=False)
 
     @property
@@ -229,9 +230,10 @@ class Pipeline:
         ctx = PassContext(self.session, datasets=sources, outputs=stage, seed=self.spec.context.seed,
                           pipeline_text=self.text, model_name=graph.name, progress=progress)
         try:
-            stats = self._run_passes(graph, ctx, list(instruments), verify_each)
+            results = self._run_passes(graph, ctx, list(instruments), verify_each)
             graph.meta.metadata[PIPELINE_METADATA_KEY] = self.text
-            result = PipelineResult(graph, ctx.artifacts, stats, self.text)
+            result = PipelineResult(graph, ctx.artifacts, [(name, dict(r.stats)) for name, r in results], self.text,
+                                    reports=[(name, r.report) for name, r in results if r.report])
             result.files = stage.commit()
         finally:
             stage.abort()
@@ -239,11 +241,12 @@ class Pipeline:
             instrument.after_pipeline(result)
         return result
 
-    def _run_passes(self, graph, ctx: PassContext, instruments: list[PassInstrument], verify_each) -> list:
+    def _run_passes(self, graph, ctx: PassContext, instruments: list[PassInstrument],
+                    verify_each) -> list[tuple[str, PassResult]]:
         from ..ir.verify import verify_graph
         for instrument in instruments:
             instrument.before_pipeline(self)
-        stats, ran = [], []
+        results, ran = [], []
         for index, pass_ in enumerate(self.passes):
             ctx.pass_name, ctx.pass_index = pass_.name, index
             for instrument in instruments:
@@ -261,9 +264,9 @@ class Pipeline:
                 raise PassError(index, pass_.name, ran, exc) from exc
             for instrument in reversed(instruments):
                 instrument.after_pass(index, pass_, graph, result)
-            stats.append((pass_.name, dict(result.stats)))
+            results.append((pass_.name, result))
             ran.append(pass_.name)
-        return stats
+        return results
 
 
 def _explicit_options(step) -> dict[str, Any]:

@@ -130,3 +130,12 @@ def test_output_never_overwrites_the_input(demo_model):
     done = cli("run", "fuse_bn,save{filename=demo.onnx}", "--model", demo_model, "-o", demo_model.parent, "-q")
     assert done.returncode == 1 and "input" in done.stderr
     assert demo_model.read_bytes() == before
+
+
+def test_run_prints_pass_reports_unless_quiet(demo_model, tmp_path):
+    loud = cli("run", "decompose{rules=basic}", "--model", demo_model, "-o", tmp_path / "a")
+    assert loud.returncode == 0, loud.stderr
+    table = loud.stderr.split("decompose done in")[1]       # printed after the run, not from inside the pass
+    assert "2 layer(s) decomposed" in table and "FLOPs before" in table
+    quiet = cli("run", "decompose{rules=basic}", "--model", demo_model, "-o", tmp_path / "b", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == ""

@@ -141,3 +141,18 @@ def test_outputs_are_byte_identical_across_runs(session, tmp_path):
         session.build(str(ROOT / "pipelines" / "fuse_bn.yaml")).run(model, output_dir=tmp_path / run, model_name="demo")
     a, b = (tmp_path / r / "demo_fused.onnx" for r in ("a", "b"))
     assert a.read_bytes() == b.read_bytes()
+
+
+class ReportingPass(Pass):
+    name = "reporting"
+    summary = "Gives a report instead of printing it."
+
+    def run(self, graph, ctx):
+        return PassResult(False, {}, report=f"{len(graph.nodes)} nodes")
+
+
+def test_reports_come_with_the_result_and_nothing_is_printed(session, capfd):
+    session.register_pass(ReportingPass)
+    result = session.build("reporting,fuse_bn,reporting").run(build_demo_model())
+    assert result.reports == [("reporting", "10 nodes"), ("reporting", "8 nodes")]    # fuse_bn gave none
+    assert capfd.readouterr() == ("", "")
