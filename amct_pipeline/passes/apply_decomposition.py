@@ -21,10 +21,10 @@ import numpy as np
 from pydantic import Field
 
 from ..algorithms.decomposition import info as info_file
+from ..algorithms.decomposition.convs import bias_of, conv_layer, replace_conv, spatial_shapes, weight_of
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
 from .base import Pass, PassResult
-from .decompose import bias_of, conv_layer, replace_conv, spatial_shapes, weight_of
 
 __all__ = ["ApplyDecompositionPass", "ApplyDecompositionOptions"]
 
