@@ -1,5 +1,16 @@
-"""Ascend INT8 deploy target: UINT64 dequant-scale packing, numpy reference kernels of the Ascend
-quantization operators, and a CPU executor of deploy models (``onnx.reference``)."""
+"""The Ascend backend, in one package.
+
+* :mod:`.target` -- the ``ascend`` lowering target (AMCT's deploy model for ATC) and its lowering report;
+* :mod:`.schemas` -- the Ascend operators' ONNX schemas, and ``onnx.checker`` for deploy models without
+  registering them with onnx (opt-in registration: :func:`ascend_schemas_registered`);
+* :mod:`.packing` -- UINT64 dequant-scale packing;
+* :mod:`.ops` -- numpy reference kernels of the Ascend quantization operators;
+* :mod:`.reference` -- a CPU executor of deploy models (``onnx.reference``);
+* :mod:`.verify` -- deploy model against fake-quant model (``amct-pipeline verify-deploy``).
+
+Importing the package does not import the target (which needs the lowering machinery):
+``from amct_pipeline.ascend.target import AscendTarget``.
+"""
 from __future__ import annotations
 
 from .errors import AscendError
@@ -17,6 +28,7 @@ from .ops import (
 )
 from .packing import pack_deq_scale, unpack_deq_scale
 from .reference import DeployEvaluator, check_deploy_model, make_deploy_evaluator, run_deploy_model
+from .schemas import ascend_schemas_registered, register_ascend_schemas
 
 __all__ = [
     "AscendError",
@@ -25,6 +37,7 @@ __all__ = [
     "ascend_dequant",
     "ascend_quant",
     "ascend_requant",
+    "ascend_schemas_registered",
     "ascend_weight_quant",
     "avgpool_int",
     "check_deploy_model",
@@ -34,6 +47,7 @@ __all__ = [
     "make_deploy_evaluator",
     "matmul_int",
     "pack_deq_scale",
+    "register_ascend_schemas",
     "run_deploy_model",
     "unpack_deq_scale",
 ]

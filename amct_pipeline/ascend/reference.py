@@ -27,7 +27,7 @@ ONNX reference evaluator:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -37,6 +37,7 @@ from onnx.reference.ops import load_op
 
 from . import ops
 from .errors import AscendError
+from .schemas import ASCEND_OP_SPECS, all_graphs
 
 __all__ = [
     "ASCEND_OPS",
@@ -50,14 +51,9 @@ __all__ = [
 
 PRIVATE_DOMAIN = "amct_pipeline.ascend.reference"
 
-# op type -> (required attributes, optional attributes, allowed input counts)
+# op type -> (required attributes, optional attributes, allowed input counts), from the schemas
 ASCEND_OPS: dict[str, tuple[frozenset[str], frozenset[str], tuple[int, ...]]] = {
-    "AscendQuant": (frozenset({"scale", "offset"}), frozenset({"sqrt_mode", "round_mode", "dst_type"}), (1,)),
-    "AscendDequant": (frozenset(), frozenset({"sqrt_mode", "relu_flag", "dtype"}), (2,)),
-    "AscendAntiQuant": (frozenset({"scale", "offset"}), frozenset({"sqrt_mode", "dtype"}), (1,)),
-    "AscendWeightQuant": (frozenset(), frozenset({"dst_type"}), (2,)),
-    "AscendRequant": (frozenset(), frozenset({"relu_flag"}), (2,)),
-}
+    op: (spec.required, spec.optional, (len(spec.inputs),)) for op, spec in ASCEND_OP_SPECS.items()}
 
 # single-data-input ops through which an AscendQuant zero point travels unchanged
 _PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "Slice"}
@@ -114,20 +110,9 @@ def check_ascend_node(node: onnx.NodeProto) -> None:
         raise AscendError(f"{_where(node)}: {exc}") from None
 
 
-def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for att in node.attribute:
-            if att.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(att.g)
-            elif att.type == onnx.AttributeProto.GRAPHS:
-                for g in att.graphs:
-                    yield from _all_graphs(g)
-
-
 def check_deploy_model(model: onnx.ModelProto) -> None:
     """Validate every Ascend node of ``model`` (subgraphs included)."""
-    for graph in _all_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
             if node.op_type in ASCEND_OPS:
                 check_ascend_node(node)
@@ -136,7 +121,7 @@ def check_deploy_model(model: onnx.ModelProto) -> None:
 def _zero_points(model: onnx.ModelProto) -> dict[str, int]:
     """Tensor name -> zero point of integer tensors produced by AscendQuant with a non-zero offset."""
     zp: dict[str, int] = {}
-    for graph in _all_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
             if node.op_type == "AscendQuant":
                 off = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "offset"), 0.0)
@@ -305,7 +290,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 def _private_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for graph in _all_graphs(copy.graph):
+    for graph in all_graphs(copy.graph):
         for node in graph.node:
             if node.op_type in ASCEND_OPS:
                 node.domain = PRIVATE_DOMAIN

@@ -40,7 +40,7 @@ def amct_register_weight_quantizers():
 @hookimpl
 def amct_register_targets():
     from ..algorithms.targets import BUILTIN_TARGETS
-    from ..algorithms.targets.ascend import AscendTarget
+    from ..ascend.target import AscendTarget
     return list(BUILTIN_TARGETS) + ([AscendTarget] if AscendTarget not in BUILTIN_TARGETS else [])
 
 
