@@ -27,11 +27,11 @@ import onnx
 
 from ..errors import DataError, ModelLoadError
 from .errors import AscendError
+from .schemas import CONVENTION_METADATA_KEY
 
 __all__ = ["OutputDiff", "VerifyReport", "verify_deploy", "output_steps", "npy_batches", "fixed_batch",
-           "CONVENTION_METADATA_KEY"]
+           "load_model", "CONVENTION_METADATA_KEY"]
 
-CONVENTION_METADATA_KEY = "amct_pipeline.ascend.quant_convention"
 _SHAPE_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
 
 
@@ -152,7 +152,9 @@ def output_steps(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, bool, st
 
 
 # -- running ----------------------------------------------------------------------------------------
-def _load(model, what: str) -> tuple[onnx.ModelProto, str]:
+def load_model(model, what: str) -> tuple[onnx.ModelProto, str]:
+    """``(model, path)`` for a ModelProto (path ``""``) or a file; ``what`` ("deploy", "fake-quant")
+    names the model in the :class:`ModelLoadError` for a missing or unreadable file."""
     if isinstance(model, onnx.ModelProto):
         return model, ""
     path = Path(os.fspath(model))
@@ -186,12 +188,9 @@ def _chunks(feeds: Mapping[str, np.ndarray], size: int | None) -> Iterator[dict[
 
 
 def _ort_session(model: onnx.ModelProto):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    from ..runtime.ort import make_session
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return make_session(model, optimize=False)
     except Exception as exc:
         raise ModelLoadError(f"onnxruntime cannot load the fake-quant model: {str(exc).strip().splitlines()[0]}") \
             from None
@@ -207,8 +206,8 @@ def verify_deploy(deploy, fakequant, feeds_iter: Iterable, *, quant_convention: 
     (unknown Ascend attribute, ...) raises :class:`AscendError` naming the node.
     """
     from .reference import DeployEvaluator
-    deploy_model, deploy_path = _load(deploy, "deploy")
-    fake_model, fake_path = _load(fakequant, "fake-quant")
+    deploy_model, deploy_path = load_model(deploy, "deploy")
+    fake_model, fake_path = load_model(fakequant, "fake-quant")
     if quant_convention is None:
         meta = {p.key: p.value for p in deploy_model.metadata_props}
         quant_convention = meta.get(CONVENTION_METADATA_KEY, "amct")

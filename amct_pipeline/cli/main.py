@@ -337,8 +337,8 @@ def cmd_config_check(args) -> int:
 def cmd_verify_deploy(args) -> int:
     """Exit 0 when every output of the deploy model is within one quantization step of the fake-quant
     model's, 1 otherwise (the report is printed either way)."""
-    from ..ascend.verify import _load, fixed_batch, npy_batches, verify_deploy
-    deploy, _ = _load(args.deploy, "deploy")
+    from ..ascend.verify import fixed_batch, load_model, npy_batches, verify_deploy
+    deploy, _ = load_model(args.deploy, "deploy")
     initializers = {t.name for t in deploy.graph.initializer}
     inputs = [i.name for i in deploy.graph.input if i.name not in initializers]
     sources = {}
