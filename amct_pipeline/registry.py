@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Generic, Iterator, TypeVar
 
-from .errors import PluginError
+from .errors import PluginError, Problem
 from .options import suggest
 
 __all__ = ["Registry", "Entry", "UnknownName"]
@@ -50,8 +50,17 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            hint = suggest(name, self._entries) or f"known: {', '.join(self.names()) or 'none'}"
-            raise UnknownName(f"unknown {self.kind} '{name}'; {hint}") from None
+            raise UnknownName(f"unknown {self.kind} '{name}'; {self._hint(name)}") from None
+
+    def unknown(self, name: str, source: str, path: str) -> Problem | None:
+        """None when ``name`` is registered, else the located problem with a did-you-mean: the one check
+        every pipeline, pass and option naming a registered thing goes through."""
+        if name in self._entries:
+            return None
+        return Problem(source, path, f"unknown {self.kind} '{name}'", self._hint(name))
+
+    def _hint(self, name: str) -> str:
+        return suggest(name, self._entries) or f"known: {', '.join(self.names()) or 'none'}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)

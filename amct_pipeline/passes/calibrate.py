@@ -132,9 +132,9 @@ def _resolve(session, per: Mapping[str, Any], options: CalibrateOptions, where: 
     """(algorithm, validated options) of the pass's configuration overridden by ``per``."""
     algorithm = per.get("algorithm", options.algorithm)
     registry = session.registry("calibrators")
-    if algorithm not in registry:
-        raise ConfigError([Problem(WHERE, f"{where}.algorithm", f"unknown calibrator '{algorithm}'",
-                                   suggest(algorithm, registry.names()) or f"known: {', '.join(registry.names())}")])
+    unknown = registry.unknown(algorithm, WHERE, f"{where}.algorithm")
+    if unknown:
+        raise ConfigError([unknown])
     cls = registry.get(algorithm)
     merged = _inherited(options, algorithm, cls)
     merged.update(per.get("algorithm_options") or {})

@@ -61,6 +61,11 @@ class LowerPass(Pass):
     produces = frozenset({"quant_record", "lowered"})
     references = {"targets": "targets"}
 
+    def produced(self, session) -> frozenset[str]:
+        """``produces`` plus what the listed targets declare (e.g. ascend's 'ascend_report')."""
+        registry = session.registry("targets")
+        return self.produces.union(*(registry.get(name).produces for name in self.options.targets if name in registry))
+
     def run(self, graph, ctx) -> PassResult:
         from ..quant.plan import build_plan
         targets = self._targets(ctx)
@@ -83,9 +88,9 @@ class LowerPass(Pass):
         registry = ctx.session.registry("targets")
         targets, problems = [], []
         for name in self.options.targets:
-            if name not in registry:    # normally caught when the pipeline is built
-                problems.append(Problem(WHERE, "targets", f"unknown lowering target '{name}'",
-                                        f"known: {', '.join(registry.names())}"))
+            unknown = registry.unknown(name, WHERE, "targets")    # normally caught when the pipeline is built
+            if unknown:
+                problems.append(unknown)
                 continue
             cls = registry.get(name)
             options, found = parse_options(cls.Options, self.options.target_options.get(name, {}))

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from ..algorithms.base import WeightQuantParams
 from ..errors import ConfigError, Problem
-from ..options import Options, parse_options, suggest
+from ..options import Options, parse_options
 from ..quant.params import weightless_params
 from ..quant.weights import deconv_channel_view, deconv_from_channel_view, effective_weight
 from .base import Pass, PassResult
@@ -42,7 +42,7 @@ class QuantizeWeightsPass(Pass):
     summary = "Quantize the weights of every matched layer offline (artifact 'weight_quant'); the graph is unchanged."
     Options = QuantizeWeightsOptions
     requires = frozenset({"layer_map"})
-    produces = frozenset({"weight_quant"})
+    produces = frozenset({"weight_quant", "quant_settings"})
     references = {"algorithm": "weight_quantizers"}
 
     def run(self, graph, ctx) -> PassResult:
@@ -92,9 +92,9 @@ class QuantizeWeightsPass(Pass):
         if key in cache:
             return cache[key]
         registry = ctx.session.registry("weight_quantizers")
-        if name not in registry:
-            hint = suggest(name, registry.names()) or f"known: {', '.join(registry.names())}"
-            raise ConfigError([Problem(WHERE, f"layer '{layer.name}'", f"unknown weight quantizer '{name}'", hint)])
+        unknown = registry.unknown(name, WHERE, f"layer '{layer.name}'")
+        if unknown:
+            raise ConfigError([unknown])
         cls = registry.get(name)
         parsed, problems = parse_options(cls.Options, options)
         if problems:

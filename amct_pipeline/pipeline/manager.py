@@ -28,9 +28,9 @@ def build_pipeline(session, spec: PipelineSpec, *, extra_datasets: set[str] = fr
     for index, step in enumerate(spec.passes):
         where = f"passes[{index}]"
         registry = session.registry("passes")
-        if step.name not in registry:
-            hint = suggest(step.name, registry.names()) or f"known passes: {', '.join(registry.names())}"
-            problems.append(Problem(spec.source, f"{where}.pass", f"unknown pass '{step.name}'", hint))
+        unknown = registry.unknown(step.name, spec.source, f"{where}.pass")
+        if unknown:
+            problems.append(unknown)
             continue
         cls = registry.get(step.name)
         options, option_problems = parse_options(cls.Options, step.options)
@@ -40,7 +40,7 @@ def build_pipeline(session, spec: PipelineSpec, *, extra_datasets: set[str] = fr
             problems += _check_references(session, spec.source, where, cls, options, datasets)
             passes.append(cls(options))
     if not problems:
-        problems += _dataflow_problems(spec.source, passes)
+        problems += _dataflow_problems(session, spec.source, passes)
     if problems:
         raise ConfigError(problems)
     return Pipeline(session, spec, passes)
@@ -48,12 +48,8 @@ def build_pipeline(session, spec: PipelineSpec, *, extra_datasets: set[str] = fr
 
 def _check_datasets(session, spec: PipelineSpec) -> list[Problem]:
     readers = session.registry("readers")
-    problems = []
-    for name, data in spec.datasets.items():
-        if data.reader not in readers:
-            problems.append(Problem(spec.source, f"datasets.{name}.reader", f"unknown data reader '{data.reader}'",
-                                    suggest(data.reader, readers.names()) or f"known: {', '.join(readers.names())}"))
-    return problems
+    found = (readers.unknown(data.reader, spec.source, f"datasets.{name}.reader") for name, data in spec.datasets.items())
+    return [problem for problem in found if problem]
 
 
 def _check_references(session, source: str, where: str, cls: type[Pass], options, datasets: set[str]) -> list[Problem]:
@@ -92,11 +88,8 @@ def _check_name(session, source: str, path: str, kind: str, name: str, datasets:
             return []
         return [Problem(source, path, f"dataset '{name}' is not defined",
                         suggest(name, datasets) or f"define it under 'datasets' or bind it with --data {name}=PATH")]
-    registry = session.registry(kind)
-    if name in registry:
-        return []
-    return [Problem(source, path, f"unknown {registry.kind} '{name}'",
-                    suggest(name, registry.names()) or f"known: {', '.join(registry.names())}")]
+    problem = session.registry(kind).unknown(name, source, path)
+    return [problem] if problem else []
 
 
 def _check_algorithm_options(session, source, path, kind, name, values, keyed) -> list[Problem]:
@@ -108,20 +101,23 @@ def _check_algorithm_options(session, source, path, kind, name, values, keyed) -
     return [Problem(source, f"{prefix}.{p.path}", f"{p.message} ({registry.kind} '{name}')", p.hint) for p in sub]
 
 
-def _dataflow_problems(source: str, passes: Sequence[Pass]) -> list[Problem]:
+def _dataflow_problems(session, source: str, passes: Sequence[Pass]) -> list[Problem]:
+    """Every required artifact is produced by an earlier pass, as the passes declare (``produced``:
+    options-aware; the manager refuses undeclared writes at run time, so the declarations are complete)."""
+    produced = [p.produced(session) for p in passes]
     producers: dict[str, list[str]] = {}
-    for p in passes:
-        for artifact in p.produces:
+    for p, artifacts in zip(passes, produced):
+        for artifact in artifacts:
             producers.setdefault(artifact, []).append(p.name)
     available: set[str] = set()
     problems = []
-    for index, p in enumerate(passes):
+    for index, (p, artifacts) in enumerate(zip(passes, produced)):
         for artifact in sorted(p.requires - available):
             by = producers.get(artifact)
             hint = f"add '{by[0]}' before it" if by else "no pass in this pipeline produces it"
             problems.append(Problem(source, f"passes[{index}]", f"'{p.name}' requires artifact '{artifact}', "
                                     "which no earlier pass produces", hint))
-        available |= p.produces
+        available |= artifacts
     return problems
 
 
@@ -208,7 +204,7 @@ class Pipeline:
                                 for p, s in zip(self.passes, self.spec.passes)])
 
     def check_dataflow(self) -> None:
-        problems = _dataflow_problems(self.spec.source, self.passes)
+        problems = _dataflow_problems(self.session, self.spec.source, self.passes)
         if problems:
             raise ConfigError(problems)
 
@@ -252,7 +248,11 @@ class Pipeline:
             for instrument in instruments:
                 instrument.before_pass(index, pass_, graph)
             try:
-                result = pass_.run(graph, ctx)
+                ctx.artifacts.restrict(pass_.name, pass_.produced(self.session))
+                try:
+                    result = pass_.run(graph, ctx)
+                finally:
+                    ctx.artifacts.restrict(None)
                 if not isinstance(result, PassResult):
                     raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
                 if result.modified and verify_each:
