@@ -61,7 +61,7 @@ def build_demo_data(count: int = 64, seed: int = 1) -> np.ndarray:
 def run_demo(session, output_dir: Path) -> int:
     """Write the demo model and data into ``output_dir``, run the demo pipeline, compare outputs."""
     from .ir.io import atomic_path
-    from .testing.numerics import run_model
+    from .runtime.ort import run_model
     output_dir.mkdir(parents=True, exist_ok=True)
     model_path, data_path = output_dir / "demo_cnn.onnx", output_dir / "demo_calib.npy"
     model = build_demo_model()
@@ -90,7 +90,7 @@ def run_demo(session, output_dir: Path) -> int:
 
 def _run_any(model: onnx.ModelProto, feeds) -> np.ndarray:
     """onnxruntime, or the Ascend reference for a deploy model (no Ascend chip needed)."""
-    from .testing.numerics import run_model
+    from .runtime.ort import run_model
     if any(n.op_type.startswith("Ascend") for n in model.graph.node):
         from .ascend.reference import run_deploy_model
         return run_deploy_model(model, feeds)[0]

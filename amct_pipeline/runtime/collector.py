@@ -72,18 +72,13 @@ def collect(graph, source: DataSource, tensor_names: Sequence[str], num_batches:
 
 
 def _session(graph_or_model: Any, fetch: Sequence[str]):
-    """Like ``ort.make_session`` but without onnxruntime's memory pattern: with many large outputs the
-    pattern planned on the first run is allocated on top of the first run's buffers from the second
-    run on (MobileNetV2, batch 16: +400 MB peak), and planning it buys no speed here."""
-    import onnxruntime as ort
-    from .ort import expose_tensors
+    """A session without onnxruntime's memory pattern: with many large outputs the pattern planned on
+    the first run is allocated on top of the first run's buffers from the second run on (MobileNetV2,
+    batch 16: +400 MB peak), and planning it buys no speed here."""
+    from .ort import expose_tensors, make_session
     model = graph_or_model if isinstance(graph_or_model, onnx.ModelProto) else graph_or_model.to_proto()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_mem_pattern = False
-    options.log_severity_level = 3
     exposed = expose_tensors(model, fetch) if fetch else model
-    return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return make_session(exposed, memory_pattern=False)
 
 
 def _progress_bar(total: int | None, desc: str, enabled: bool):

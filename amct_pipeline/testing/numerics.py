@@ -1,31 +1,13 @@
 """Run models through onnxruntime and compare outputs."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
-import onnx
+
+from ..runtime.ort import run_model   # re-exported: tests and plugin authors run models from here
 
 __all__ = ["run_model", "max_rel_diff", "max_rel_diffs"]
-
-
-def run_model(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray], *,
-              optimize: bool = False) -> list[np.ndarray]:
-    """All graph outputs of ``model`` (a proto or a path) on ``feeds``, via onnxruntime on CPU.
-
-    Graph optimisations are off by default so that onnxruntime does not fuse BatchNormalization
-    itself: comparisons then test our rewrite, not the runtime's.
-    """
-    import onnxruntime as ort   # heavy: imported only when a model actually runs
-    options = ort.SessionOptions()
-    options.log_severity_level = 3      # old models warn about initializers listed as inputs
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = str(model) if isinstance(model, (str, Path, os.PathLike)) else model.SerializeToString()
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    return session.run(None, dict(feeds))
 
 
 def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
