@@ -125,7 +125,7 @@ class LoadRecordPass(Pass):
     summary = "Read an AMCT record.txt: activation factors and weights re-quantized with its scale_w."
     Options = LoadRecordOptions
     requires = frozenset({"layer_map"})
-    produces = frozenset({"act_quant", "weight_quant", TENSOR_QUANT_ARTIFACT})
+    produces = frozenset({"act_quant", "weight_quant", "quant_settings", TENSOR_QUANT_ARTIFACT})
 
     def run(self, graph, ctx) -> PassResult:
         layer_map = ctx.artifacts["layer_map"]

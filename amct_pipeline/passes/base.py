@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Mapping
 
 from ..options import NoOptions, Options
 
-__all__ = ["Pass", "PassResult", "PassContext", "PIPELINE_METADATA_KEY"]
+__all__ = ["Pass", "PassResult", "PassContext", "Artifacts", "UndeclaredArtifactError", "PIPELINE_METADATA_KEY"]
 
 # metadata key of a written model that holds the pipeline (textual form) that made it
 PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
@@ -33,14 +33,16 @@ class Pass(abc.ABC):
 
     Rules: no state kept across runs (everything goes in ``ctx.artifacts``); ``modified`` is
     computed, never assumed; a pass that renames or removes layers updates the artifacts that
-    name them.
+    name them; every artifact a pass writes is declared (``produces``, or ``produced`` when its
+    options add some): the manager checks the dataflow with the declarations before running and
+    refuses a write of any undeclared artifact while the pass runs.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = NoOptions
     requires: ClassVar[frozenset[str]] = frozenset()     # artifacts an earlier pass must produce
-    produces: ClassVar[frozenset[str]] = frozenset()     # artifacts this pass writes
+    produces: ClassVar[frozenset[str]] = frozenset()     # artifacts this pass writes whatever its options
     # option field -> registry it names ("calibrators", "datasets", ...): checked before running
     references: ClassVar[Mapping[str, str]] = {}
 
@@ -52,8 +54,80 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def run(self, graph, ctx: "PassContext") -> PassResult: ...
 
+    def produced(self, session) -> frozenset[str]:
+        """Every artifact this instance may write: ``produces``, plus what its options add.
+
+        Override when options add artifacts (match_layers with ``amct_config``; lower adds what its
+        targets declare, looked up in ``session``'s registries; unknown names are skipped).
+        """
+        return frozenset(self.produces)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
+
+
+class UndeclaredArtifactError(RuntimeError):
+    """A pass wrote an artifact it does not declare: a bug in the pass (or in a target it runs)."""
+
+    def __init__(self, writer: str, artifact: str, declared: frozenset[str]) -> None:
+        self.writer, self.artifact, self.declared = writer, artifact, declared
+        super().__init__(f"internal error: pass '{writer}' wrote artifact '{artifact}', which it does not declare "
+                         f"(declared: {', '.join(sorted(declared)) or 'none'}); add it to the pass's `produces` "
+                         "(or to the `produces` of the lowering target that makes it)")
+
+
+class Artifacts(dict):
+    """``ctx.artifacts``: the named results passes hand on, a dict.
+
+    While a pass runs, the manager lets it write (set, setdefault, update, delete, pop) only the
+    artifacts it declares (``Pass.produced``); reading is free. Outside a run nothing is checked.
+    """
+
+    _writer: str | None = None
+    _declared: frozenset[str] = frozenset()
+
+    def restrict(self, writer: str | None, declared: frozenset[str] = frozenset()) -> None:
+        """Only ``declared`` may be written, by ``writer`` (a pass name), until ``restrict(None)``."""
+        self._writer, self._declared = writer, frozenset(declared)
+
+    def _check(self, keys) -> None:
+        if self._writer is not None:
+            for key in keys:
+                if key not in self._declared:
+                    raise UndeclaredArtifactError(self._writer, key, self._declared)
+
+    def __setitem__(self, key, value) -> None:
+        self._check([key])
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self._check([key])
+        super().__delitem__(key)
+
+    def setdefault(self, key, default=None):
+        self._check([key])
+        return super().setdefault(key, default)
+
+    def pop(self, key, *default):
+        self._check([key])
+        return super().pop(key, *default)
+
+    def popitem(self):
+        self._check(list(self)[-1:])
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._check(list(self))
+        super().clear()
+
+    def update(self, *args, **kwargs) -> None:
+        other = dict(*args, **kwargs)
+        self._check(other)
+        super().update(other)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
 
 
 class PassContext:
@@ -62,7 +136,7 @@ class PassContext:
     def __init__(self, session, *, datasets: Mapping[str, Any], outputs, seed: int = 0,
                  pipeline_text: str = "", model_name: str = "model", progress: bool = False) -> None:
         self.session = session
-        self.artifacts: dict[str, Any] = {}
+        self.artifacts = Artifacts()             # name -> artifact; writes checked against declarations
         self.datasets = dict(datasets)           # name -> DataSource (see runtime.data)
         self.outputs = outputs                   # OutputStage: files appear only if all passes succeed
         self.seed = seed

@@ -126,7 +126,8 @@ class ConvertQatPass(Pass):
     summary = ("AMCT convert_qat_model: turn a QuantizeLinear/DequantizeLinear (QAT/QDQ) model into the float graph "
                "plus layer_map, act_quant and weight_quant for lower.")
     Options = ConvertQatOptions
-    produces = frozenset({"layer_map", "act_quant", "weight_quant", "qat_tensor_quant", TENSOR_QUANT_ARTIFACT})
+    produces = frozenset({"layer_map", "act_quant", "weight_quant", "qat_tensor_quant", "quant_settings",
+                          TENSOR_QUANT_ARTIFACT})
 
     def run(self, graph, ctx) -> PassResult:
         if not any(n.op in (QUANTIZE, DEQUANTIZE) for n in graph.nodes):

@@ -120,6 +120,9 @@ class MatchLayersPass(Pass):
     Options = MatchLayersOptions
     produces = frozenset({"layer_map"})
 
+    def produced(self, session) -> frozenset[str]:
+        return self.produces | ({"amct_config"} if self.options.amct_config is not None else set())
+
     def run(self, graph, ctx) -> PassResult:
         _check_names(graph, self.options)
         config = None

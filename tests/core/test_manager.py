@@ -156,3 +156,80 @@ def test_reports_come_with_the_result_and_nothing_is_printed(session, capfd):
     result = session.build("reporting,fuse_bn,reporting").run(build_demo_model())
     assert result.reports == [("reporting", "10 nodes"), ("reporting", "8 nodes")]    # fuse_bn gave none
     assert capfd.readouterr() == ("", "")
+
+
+class SneakyPass(Pass):
+    """Declares 'declared' but also writes what its options name."""
+
+    name = "sneaky"
+    summary = "Writes an artifact it does not declare."
+    produces = frozenset({"declared"})
+
+    class Options(__import__("amct_pipeline").Options):
+        write: str = "declared"
+        how: str = "set"
+
+    def run(self, graph, ctx):
+        if self.options.how == "set":
+            ctx.artifacts[self.options.write] = 1
+        elif self.options.how == "setdefault":
+            ctx.artifacts.setdefault(self.options.write, {})["x"] = 1
+        else:
+            ctx.artifacts.update({self.options.write: 1})
+        return PassResult(False)
+
+
+@pytest.mark.parametrize("how", ["set", "setdefault", "update"])
+def test_an_undeclared_artifact_is_refused_naming_pass_and_artifact(session, how):
+    session.register_pass(SneakyPass)
+    result = session.pipeline([SneakyPass({"how": how})]).run(build_demo_model())
+    assert "declared" in result.artifacts
+    result.artifacts["anything"] = 2              # outside a run nothing is checked
+    with pytest.raises(PassError) as info:
+        session.pipeline([SneakyPass({"write": "hidden", "how": how})]).run(build_demo_model())
+    message = str(info.value)
+    assert "passes[0] 'sneaky' failed" in message and "internal error" in message
+    assert "pass 'sneaky' wrote artifact 'hidden', which it does not declare (declared: declared)" in message
+
+
+def test_every_shipped_pass_declares_what_it_writes(session):
+    """The declarations the static check uses are options-aware (per instance)."""
+    assert session.make_pass("match_layers").produced(session) == {"layer_map"}
+    assert session.make_pass("match_layers", amct_config="q.json").produced(session) == {"layer_map", "amct_config"}
+    lower = session.make_pass("lower", targets=["fakequant", "ascend"])
+    assert lower.produced(session) == {"quant_record", "lowered", "ascend_report"}
+    assert session.make_pass("lower").produced(session) == {"quant_record", "lowered"}
+
+
+def test_the_static_check_sees_options_dependent_and_target_artifacts(session):
+    from amct_pipeline.algorithms.base import LoweringTarget
+
+    class NeedsConfig(Pass):
+        name = "needs_config"
+        requires = frozenset({"amct_config"})
+
+        def run(self, graph, ctx):
+            return PassResult(False)
+
+    class Reported(LoweringTarget):
+        name = "reported"
+        produces = frozenset({"reported_report"})
+
+        def lower(self, graph, ctx):
+            ctx.products["reported_report"] = "ok"
+            return graph.to_proto()
+
+    class NeedsReport(NeedsConfig):
+        name = "needs_report"
+        requires = frozenset({"reported_report"})
+
+    session.register_pass(NeedsConfig)
+    session.register_pass(NeedsReport)
+    session.register("targets", Reported)
+    with pytest.raises(ConfigError, match="'needs_config' requires artifact 'amct_config'"):
+        session.build("match_layers,needs_config")
+    assert session.build("match_layers{amct_config=q.json},needs_config").passes
+    ptq = "match_layers,calibrate,quantize_weights,lower{targets=[%s]},needs_report"
+    with pytest.raises(ConfigError, match="'needs_report' requires artifact 'reported_report'"):
+        session.build(ptq % "fakequant", datasets=["calib"])
+    assert session.build(ptq % "reported", datasets=["calib"]).passes
