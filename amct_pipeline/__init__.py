@@ -2,6 +2,11 @@
 
 Importing this package does nothing but define names: onnxruntime, tensorly and plugins are
 loaded only when used.
+
+The public API is what this module names. A plugin implements ``Pass`` (with ``PassResult``,
+``Options``) or one of the algorithm bases ``ActivationCalibrator`` (returning ``ActQuantParams``),
+``WeightQuantizer`` (``WeightQuantParams``), ``DecompositionMethod`` or ``LoweringTarget``
+(``LoweringContext``), and registers it with ``hookimpl`` (see README, "Design").
 """
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Any
 
 __all__ = [
     "Session", "Pass", "PassResult", "PassContext", "Options", "Pipeline", "PipelineResult",
+    "ActivationCalibrator", "ActQuantParams", "WeightQuantizer", "WeightQuantParams", "DecompositionMethod",
+    "LoweringTarget", "LoweringContext", "PassInstrument",
     "load_pipeline", "hookimpl", "instruments", "AmctError", "ConfigError", "PassError", "run",
     "__version__",
 ]
@@ -20,6 +27,14 @@ _LAZY = {
     "PassResult": "amct_pipeline.passes.base",
     "PassContext": "amct_pipeline.passes.base",
     "Options": "amct_pipeline.options",
+    "ActivationCalibrator": "amct_pipeline.algorithms.base",
+    "ActQuantParams": "amct_pipeline.algorithms.base",
+    "WeightQuantizer": "amct_pipeline.algorithms.base",
+    "WeightQuantParams": "amct_pipeline.algorithms.base",
+    "DecompositionMethod": "amct_pipeline.algorithms.base",
+    "LoweringTarget": "amct_pipeline.algorithms.base",
+    "LoweringContext": "amct_pipeline.algorithms.base",
+    "PassInstrument": "amct_pipeline.pipeline.instruments",
     "Pipeline": "amct_pipeline.pipeline.manager",
     "PipelineResult": "amct_pipeline.pipeline.manager",
     "load_pipeline": "amct_pipeline.pipeline.loader",
@@ -42,6 +57,10 @@ def __getattr__(name: str) -> Any:
         except PackageNotFoundError:
             return "0+unknown"
     raise AttributeError(f"module 'amct_pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def run(model: Any, pipeline: Any, **kwargs: Any):

@@ -107,3 +107,19 @@ def test_import_has_no_side_effects():
             "print(','.join(sorted(set(m.split('.')[0] for m in heavy))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert "onnxruntime" not in out and "tensorly" not in out
+
+
+def test_plugin_bases_come_from_the_top_level_lazily():
+    code = ("import sys, amct_pipeline;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('amct_pipeline', 'numpy', 'onnx', 'pydantic', 'pluggy')));"
+            "amct_pipeline.ActivationCalibrator;"
+            "print('onnxruntime' in sys.modules, 'tensorly' in sys.modules)")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == ["['amct_pipeline']", "False False"]      # importing defines names, nothing more
+    import amct_pipeline
+    from amct_pipeline.algorithms import base
+    from amct_pipeline.passes.base import Pass as PassBase
+    for name in ("ActivationCalibrator", "ActQuantParams", "WeightQuantizer", "WeightQuantParams",
+                 "DecompositionMethod", "LoweringTarget", "LoweringContext"):
+        assert getattr(amct_pipeline, name) is getattr(base, name) and name in amct_pipeline.__all__
+    assert amct_pipeline.Pass is PassBase and "LoweringTarget" in dir(amct_pipeline)
