@@ -1,16 +1,15 @@
 """An example plugin: the pass ``strip_identity`` and the calibrator ``absmax``.
 
-Everything a plugin needs comes from amct_pipeline's public API: ``hookimpl``, ``Pass``,
-``PassResult``, ``Options`` and the algorithm base classes.
+Everything a plugin needs comes from amct_pipeline's public API, the package top level:
+``hookimpl``, ``Pass``, ``PassResult``, ``Options`` and the algorithm bases with their result types
+(here ``ActivationCalibrator`` and ``ActQuantParams``). Nothing is imported from inside the package.
 """
 from __future__ import annotations
 
 import numpy as np
 from pydantic import Field
 
-from amct_pipeline import Options, Pass, PassResult
-from amct_pipeline.algorithms.base import ActQuantParams, ActivationCalibrator
-from amct_pipeline.plugins import hookimpl
+from amct_pipeline import ActivationCalibrator, ActQuantParams, Options, Pass, PassResult, hookimpl
 
 
 class StripIdentityOptions(Options):
