@@ -14,18 +14,8 @@ Importing the package does not import the target (which needs the lowering machi
 from __future__ import annotations
 
 from .errors import AscendError
-from .ops import (
-    ascend_anti_quant,
-    ascend_dequant,
-    ascend_quant,
-    ascend_requant,
-    ascend_weight_quant,
-    avgpool_int,
-    conv_int,
-    conv_transpose_int,
-    gemm_int,
-    matmul_int,
-)
+from .kernels import avgpool_int, conv_int, conv_transpose_int, gemm_int, matmul_int
+from .ops import ascend_anti_quant, ascend_dequant, ascend_quant, ascend_requant, ascend_weight_quant
 from .packing import pack_deq_scale, unpack_deq_scale
 from .reference import DeployEvaluator, check_deploy_model, make_deploy_evaluator, run_deploy_model
 from .schemas import ascend_schemas_registered, register_ascend_schemas

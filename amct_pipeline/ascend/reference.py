@@ -35,7 +35,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops import load_op
 
-from . import ops
+from . import kernels, ops
 from .errors import AscendError
 from .schemas import ASCEND_OP_SPECS, all_graphs
 
@@ -191,14 +191,14 @@ def _is_int(x) -> bool:
 def _int_conv(inputs, a, zps, on_overflow):
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
-    return ops.conv_int(x, w, b, a.get("strides"), a.get("pads"), a.get("dilations"), a.get("group") or 1,
+    return kernels.conv_int(x, w, b, a.get("strides"), a.get("pads"), a.get("dilations"), a.get("group") or 1,
                         auto_pad=a.get("auto_pad") or "NOTSET", x_offset=zps[0], on_overflow=on_overflow)
 
 
 def _int_conv_transpose(inputs, a, zps, on_overflow):
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
-    return ops.conv_transpose_int(x, w, b, a.get("strides"), a.get("pads"), a.get("dilations"),
+    return kernels.conv_transpose_int(x, w, b, a.get("strides"), a.get("pads"), a.get("dilations"),
                                   a.get("group") or 1, a.get("output_padding"), a.get("output_shape"),
                                   auto_pad=a.get("auto_pad") or "NOTSET", x_offset=zps[0], on_overflow=on_overflow)
 
@@ -207,16 +207,16 @@ def _int_gemm(inputs, a, zps, on_overflow):
     c = inputs[2] if len(inputs) > 2 else None
     alpha = 1.0 if a.get("alpha") is None else a["alpha"]
     beta = 1.0 if a.get("beta") is None else a["beta"]
-    return ops.gemm_int(inputs[0], inputs[1], c, a.get("transA") or 0, a.get("transB") or 0, alpha=alpha,
+    return kernels.gemm_int(inputs[0], inputs[1], c, a.get("transA") or 0, a.get("transB") or 0, alpha=alpha,
                         beta=beta, a_offset=zps[0], b_offset=zps[1], on_overflow=on_overflow)
 
 
 def _int_matmul(inputs, a, zps, on_overflow):
-    return ops.matmul_int(inputs[0], inputs[1], a_offset=zps[0], b_offset=zps[1], on_overflow=on_overflow)
+    return kernels.matmul_int(inputs[0], inputs[1], a_offset=zps[0], b_offset=zps[1], on_overflow=on_overflow)
 
 
 def _int_avgpool(inputs, a, zps, on_overflow):
-    return ops.avgpool_int(inputs[0], a["kernel_shape"], a.get("strides"), a.get("pads"),
+    return kernels.avgpool_int(inputs[0], a["kernel_shape"], a.get("strides"), a.get("pads"),
                            ceil_mode=a.get("ceil_mode") or 0, count_include_pad=a.get("count_include_pad") or 0,
                            dilations=a.get("dilations"), auto_pad=a.get("auto_pad") or "NOTSET", x_offset=zps[0])
 
