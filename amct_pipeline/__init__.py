@@ -6,7 +6,7 @@ loaded only when used.
 The public API is what this module names. A plugin implements ``Pass`` (with ``PassResult``,
 ``Options``) or one of the algorithm bases ``ActivationCalibrator`` (returning ``ActQuantParams``),
 ``WeightQuantizer`` (``WeightQuantParams``), ``DecompositionMethod`` or ``LoweringTarget``
-(``LoweringContext``), and registers it with ``hookimpl`` (see README, "Design").
+(``LoweringContext``; ``PlanTarget`` when it rewrites the float graph from the lowering plan), and registers it with ``hookimpl`` (see README, "Design").
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 __all__ = [
     "Session", "Pass", "PassResult", "PassContext", "Options", "Pipeline", "PipelineResult",
     "ActivationCalibrator", "ActQuantParams", "WeightQuantizer", "WeightQuantParams", "DecompositionMethod",
-    "LoweringTarget", "LoweringContext", "PassInstrument",
+    "LoweringTarget", "PlanTarget", "LoweringContext", "PassInstrument",
     "load_pipeline", "hookimpl", "instruments", "AmctError", "ConfigError", "PassError", "run",
     "__version__",
 ]
@@ -34,6 +34,7 @@ _LAZY = {
     "DecompositionMethod": "amct_pipeline.algorithms.base",
     "LoweringTarget": "amct_pipeline.algorithms.base",
     "LoweringContext": "amct_pipeline.algorithms.base",
+    "PlanTarget": "amct_pipeline.algorithms.targets.base",
     "PassInstrument": "amct_pipeline.pipeline.instruments",
     "Pipeline": "amct_pipeline.pipeline.manager",
     "PipelineResult": "amct_pipeline.pipeline.manager",

@@ -123,3 +123,5 @@ def test_plugin_bases_come_from_the_top_level_lazily():
                  "DecompositionMethod", "LoweringTarget", "LoweringContext"):
         assert getattr(amct_pipeline, name) is getattr(base, name) and name in amct_pipeline.__all__
     assert amct_pipeline.Pass is PassBase and "LoweringTarget" in dir(amct_pipeline)
+    from amct_pipeline.algorithms.targets.base import PlanTarget
+    assert amct_pipeline.PlanTarget is PlanTarget and issubclass(PlanTarget, base.LoweringTarget)
