@@ -46,6 +46,10 @@ def _error(message: str) -> None:
         print(f"amct-pipeline: error: {line}", file=sys.stderr)
 
 
+def _warn(message: str) -> None:
+    print(f"amct-pipeline: warning: {message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amct-pipeline", parents=[_global_options(suppress=False)],
                                      description="Compress ONNX models with declarative pipelines (AMCT-compatible).")
@@ -181,6 +185,9 @@ def cmd_run(args) -> int:
     session = _session(args)
     datasets = _bindings(args.data)
     pipeline = session.build(args.pipeline, overrides=args.set, datasets=datasets)
+    from ..pipeline.usage import unused_bindings
+    for message in unused_bindings(pipeline, datasets):
+        _warn(message)
     model = args.model or pipeline.spec.model.input
     if not model:
         raise ConfigError("no model given; pass --model M.onnx")
@@ -211,6 +218,10 @@ def cmd_validate(args) -> int:
             _error(str(exc))
             continue
         print(f"ok: {source} ({len(pipeline.passes)} passes)")
+        from ..pipeline.usage import python_datasets
+        for name, target in python_datasets(pipeline):
+            print(f"note: {source}: datasets.{name} uses the 'python' reader: running this pipeline imports "
+                  f"'{target.partition(':')[0]}' and calls '{target}' (installed code, not data)")
     return EXIT_ERROR if failed else 0
 
 

@@ -181,9 +181,14 @@ def _read(source: str):
     if not Path(source).is_file():
         raise ConfigError([Problem("pass 'load_record'", "path", f"no record file '{source}'")])
     try:
-        return read_record(source)
+        record = read_record(source)
     except RecordError as exc:
-        raise _record_problem(exc.source, exc.layer, exc.field, exc.reason) from None
+        located = exc.source if exc.line is None else f"{exc.source}:{exc.line}:{exc.col}"
+        raise _record_problem(located, exc.layer, exc.field, exc.reason) from None
+    if not len(record):    # every layer would silently stay float
+        raise ConfigError([Problem(source, "", "the record has no layer entries (an empty or truncated file?)",
+                                   "give the record.txt that calibration wrote for this model")])
+    return record
 
 
 def _record_problem(source: str, layer: str | None, field: str | None, message: str) -> ConfigError:
