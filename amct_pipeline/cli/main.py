@@ -164,8 +164,33 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
 
 def _session(args):
     from ..session import Session
-    plugins = [__import__(name, fromlist=["_"]) for name in args.plugin]
+    plugins = [_import_plugin(name) for name in args.plugin]
     return Session(load_entrypoints=False if args.no_plugins else None, plugins=plugins, block=args.block_plugin)
+
+
+def _import_plugin(name: str):
+    """A ``--plugin MODULE``, imported from the installed environment (never the working directory)."""
+    import importlib
+
+    from ..errors import PluginError
+    from ..plugins.discovery import without_cwd_on_path
+    if not name or any(not part.isidentifier() for part in name.split(".")):
+        raise PluginError(f"--plugin {name!r}: not a module name (expected e.g. mypackage.plugin)")
+    try:
+        with without_cwd_on_path():
+            return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise PluginError(f"--plugin {name}: no module '{exc.name}' is installed in this environment "
+                              "(the working directory is not searched); install the plugin's distribution") from None
+        raise PluginError(f"--plugin {name}: importing it failed: {_one_line(exc)}") from None
+    except Exception as exc:   # a broken plugin is the plugin's bug, reported as such
+        raise PluginError(f"--plugin {name}: importing it failed: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _bindings(items: Sequence[str]) -> dict[str, str]:
