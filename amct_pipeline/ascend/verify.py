@@ -11,6 +11,11 @@ and that difference in units of the output's quantization step:
 * any other output (after Softmax, Concat, ...) -- the largest step of the model: the largest of
   every AscendDequant scale, AscendAntiQuant scale and AscendQuant ``1/scale``.
 
+Float operators of the deploy model (LayerNormalization, Softmax, Gelu, residual Adds, unquantized
+layers) run in onnxruntime node by node, as in the fake-quant model: with numpy's float rounding
+instead, a value next to a rounding boundary could quantize to a different code in the next layer and
+one flipped code moves an output by up to 127 steps.
+
 The models agree when every output is within one step (in practice they are equal up to float32
 rounding: both compute ``(sum (q - o) * w_q + b_q) * deq``). The AscendQuant rounding convention is
 read from the deploy model's metadata (written by the ``ascend`` target; default ``"amct"``).
@@ -213,7 +218,8 @@ def verify_deploy(deploy, fakequant, feeds_iter: Iterable, *, quant_convention: 
         meta = {p.key: p.value for p in deploy_model.metadata_props}
         quant_convention = meta.get(CONVENTION_METADATA_KEY, "amct")
     try:
-        evaluator = DeployEvaluator(deploy_model, quant_convention=quant_convention, input_offsets=input_offsets)
+        evaluator = DeployEvaluator(deploy_model, quant_convention=quant_convention, input_offsets=input_offsets,
+                                    float_ops="onnxruntime")
     except AscendError as exc:
         raise AscendError(f"{deploy_path + ': ' if deploy_path else ''}{exc}") from None
     session = _ort_session(fake_model)
