@@ -30,6 +30,7 @@ __all__ = [
 
 TEMPLATE_FIELDS = ("model",)          # the fields file-name templates may use: {model} = input stem
 MAX_NAME_BYTES = 255                  # longest file name most file systems take
+STAGING_PREFIX = ".amct-staging-"     # hidden folder a run stages its outputs in
 
 
 class OutputError(AmctError):
@@ -140,7 +141,7 @@ def template_problem(template: str) -> str | None:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        return f"is not a valid file-name template ({exc}); write braces as {{{{ and }}}}"
+        return f"{exc} (write a literal brace as {{{{ or }}}})"
     fields = ", ".join("{%s}" % f for f in TEMPLATE_FIELDS)
     for _, field, spec, conversion in parsed:
         if field is None:
@@ -149,26 +150,31 @@ def template_problem(template: str) -> str | None:
         if len(shown) > 60:
             shown = shown[:57] + "...}"
         if field not in TEMPLATE_FIELDS:
-            return f"uses {shown}; file-name templates may only use {fields}"
+            return f"{shown} is not a template field; only {fields} is (a literal brace is {{{{ or }}}})"
         if spec or conversion:
-            return f"uses {shown}; file-name templates take no format spec or conversion, only {fields}"
+            return f"{shown} has a format spec or conversion; write {fields} alone"
     return None
 
 
 def render_filename(template: str, option: str, *, model: str, source: str = "<pipeline>",
-                    bare: bool = True) -> str:
+                    fragment: bool = False) -> str:
     """Substitute ``{model}`` in a file-name template and check the result is a safe file name.
 
-    ``option`` names the option in errors (``passes[3].options.filename``). ``bare``: the result
-    must be a single file name (no folder part); every current output option is one.
+    ``option`` names the option in errors (``passes[3].options.filename``). The result must be a
+    bare file name (no folder part, no '..'); with ``fragment`` it is part of one (``lower``'s
+    prefix) and may be empty.
     """
     problem = template_problem(template)
     if problem:
-        raise ConfigError([Problem(source, option, f"{_short(template)} {problem}")])
+        raise ConfigError([Problem(source, option, f"file-name template {_short(template)}: {problem}")])
     fields = {"model": model}
     name = "".join(literal + (fields[field] if field is not None else "")
                    for literal, field, _, _ in string.Formatter().parse(template))
-    check_file_name(name, option, source=source, bare=bare)
+    if fragment:
+        if name:
+            check_file_name(name, option, source=source)
+    else:
+        check_file_name(name, option, source=source)
     return name
 
 
@@ -177,8 +183,8 @@ def check_file_name(name: str, option: str, *, source: str = "<pipeline>", bare:
     def refuse(reason: str, hint: str = "give a plain file name; files are written into the output folder"):
         return ConfigError([Problem(source, option, f"file name {_short(name)} {reason}", hint)])
     if not name or name.strip() != name or name in (".", ".."):
-        raise refuse("is empty, '.' or '..' or starts or ends with a space")
-    if "\x00" in name or any(ord(c) < 32 for c in name):
+        raise refuse("is empty, '.' or '..', or starts or ends with a space")
+    if any(ord(c) < 32 for c in name):
         raise refuse("contains a control character")
     if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or os.path.isabs(name):
         raise refuse("is an absolute path")
@@ -189,7 +195,7 @@ def check_file_name(name: str, option: str, *, source: str = "<pipeline>", bare:
         raise refuse("has a folder part")
     if any(len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for p in parts):
         raise refuse(f"is longer than {MAX_NAME_BYTES} bytes")
-    if parts[-1].startswith(".amct-staging-"):
+    if parts[-1].startswith(STAGING_PREFIX):
         raise refuse("is reserved for staging folders")
 
 
@@ -200,7 +206,7 @@ def _short(text: str, limit: int = 80) -> str:
 def relative_folder(base: str | os.PathLike, name: str, option: str) -> Path:
     """A folder given relative to ``base`` (e.g. ``--dump-ir ir``), which must stay inside it."""
     check_file_name(name.rstrip("/") or name, option, source="command line", bare=False)
-    return Path(base) / name
+    return Path(base) / name.rstrip("/")
 
 
 # -- identity of files ---------------------------------------------------------------------------------

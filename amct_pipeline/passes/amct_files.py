@@ -45,6 +45,7 @@ class ExportAmctPass(Pass):
     summary = "Write AMCT's record.txt and the JSON quant config of the settings used."
     Options = ExportAmctOptions
     requires = frozenset({"quant_record", "layer_map"})
+    writes = ("record", "quant_config")
 
     def run(self, graph, ctx) -> PassResult:
         from ..amct.quant_config import write_quant_config
@@ -52,10 +53,10 @@ class ExportAmctPass(Pass):
         if ctx.outputs.directory is None:
             return PassResult(False, {"written": 0})
         record = ctx.artifacts["quant_record"]
-        files = [self.options.record.format(model=ctx.model_name)]
+        files = [ctx.file_name(self.options.record, "record")]
         write_record(record, ctx.output_path(files[0]))
         if self.options.quant_config:
-            files.append(self.options.quant_config.format(model=ctx.model_name))
+            files.append(ctx.file_name(self.options.quant_config, "quant_config"))
             write_quant_config(used_quant_config(graph, ctx.artifacts), ctx.output_path(files[1]))
         return PassResult(False, {"written": len(files), "files": files, "layers": len(record)})
 
@@ -124,6 +125,7 @@ class LoadRecordPass(Pass):
     summary = "Read an AMCT record.txt: activation factors and weights re-quantized with its scale_w."
     Options = LoadRecordOptions
     requires = frozenset({"layer_map"})
+    reads = ("path",)
     produces = frozenset({"act_quant", "weight_quant", TENSOR_QUANT_ARTIFACT})
 
     def run(self, graph, ctx) -> PassResult:

@@ -184,6 +184,7 @@ class MatchLayersPass(Pass):
     name = "match_layers"
     summary = "Find the quantizable Conv/ConvTranspose/Gemm/MatMul/AveragePool layers (artifact 'layer_map')."
     Options = MatchLayersOptions
+    reads = ("amct_config",)
     produces = frozenset({"layer_map"})
 
     def run(self, graph, ctx) -> PassResult:
