@@ -221,7 +221,11 @@ def cmd_run(args) -> int:
     instruments = [] if args.quiet else [Progress()]
     timing = Timing() if args.time_passes else None
     instruments += [timing] if timing else []
-    instruments += [DumpIR(args.dump_ir)] if args.dump_ir else []
+    if args.dump_ir:
+        from ..files import relative_folder
+        if not args.output_dir:
+            raise ConfigError("--dump-ir DIR names a folder inside the output folder; give --output-dir too")
+        instruments.append(DumpIR(relative_folder(args.output_dir, args.dump_ir, "--dump-ir")))
     result = pipeline.run(model, datasets=datasets, output_dir=args.output_dir, instruments=instruments,
                           verify_each=False if args.no_verify else None, progress=not args.quiet)
     for path in result.files:
@@ -336,6 +340,8 @@ _CREATE_FLAGS = {"skip_layers": "--skip-layers", "batch_num": "--batch-num", "ac
 def cmd_config_create(args) -> int:
     from ..amct import ConfigFileError, create_quant_config, write_quant_config
     from ..errors import ConfigError, Problem
+    from ..files import OutputError, describe_os_error
+    _check_config_output(Path(args.output), args.model)
     layer_map = _config_layers(_session(args), args.model)
     skip = [name.strip() for name in args.skip_layers.split(",") if name.strip()]
     try:
@@ -346,10 +352,34 @@ def cmd_config_create(args) -> int:
     except ConfigFileError as exc:   # name the command-line flags, not the API's arguments
         raise ConfigError([Problem("config create", _CREATE_FLAGS.get(i.where.split("[")[0], i.where), i.message)
                            for i in exc.issues]) from None
+    except OSError as exc:
+        raise OutputError(f"config create: --output {args.output}: cannot write ({describe_os_error(exc)})") from None
     print(args.output)
     print(f"{len(layer_map)} quantizable layers ({len(skip)} skipped), batch_num {args.batch_num}, "
           f"activation_offset {str(args.activation_offset).lower()}", file=sys.stderr)
     return 0
+
+
+def _check_config_output(output: Path, model: str) -> None:
+    """Before any work: the folder exists, the file is not a folder, and not the model or its data."""
+    from ..errors import ConfigError
+    from ..files import file_kind, input_keys
+    from ..ir.external import checked_location, is_external
+    from ..ir.io import read_model
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else f"is a {file_kind(folder.stat().st_mode)}, not a folder"
+        raise ConfigError(f"config create: --output {output}: the folder {folder} {what}; create it first")
+    if output.is_dir():
+        raise ConfigError(f"config create: --output {output} is a folder; give a file name such as quant.json")
+    inputs = input_keys(model)
+    if os.path.exists(model):
+        for tensor in read_model(Path(model)).graph.initializer:
+            if is_external(tensor):
+                inputs |= input_keys(checked_location(tensor, Path(model).parent, f"{model}: '{tensor.name}'")[0])
+    if input_keys(output) & inputs:
+        raise ConfigError(f"config create: --output {output} is the model or one of its data files; "
+                          "writing it would destroy an input; choose another file name")
 
 
 def cmd_config_check(args) -> int:
