@@ -153,33 +153,22 @@ def conform(dataset: str, info: InputInfo, batch: np.ndarray) -> np.ndarray:
 
 class NpyReader(DataReader):
     name = "npy"
-    summary = ".npy / .npz files or a directory of them ([N, ...] arrays, .npy memory-mapped)"
+    summary = ".npy / .npz file or a folder of shards ([N, ...] arrays, read lazily: only the samples used)"
 
     def open(self, name: str, spec: DatasetSpec, base_dir: Path) -> DataSource:
+        from .arrays import read_arrays, read_directory
         if not spec.path:
             raise ConfigError(f"dataset '{name}' has no path; set datasets.{name}.path or use --data {name}=PATH")
         path = Path(spec.path) if Path(spec.path).is_absolute() else Path(base_dir) / spec.path
         if not path.exists():
             raise DataError(f"dataset '{name}': {path} does not exist")
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz")) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"dataset '{name}': {path} holds no .npy or .npz file")
-        parts = [_read_arrays(name, f) for f in files]
-        keys = set(parts[0])
-        if any(set(p) != keys for p in parts):
-            raise DataError(f"dataset '{name}': the files in {path} do not hold the same array names")
-        arrays = {k: parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return ArraySource(name, arrays, spec, str(path))
-
-
-def _read_arrays(name: str, path: Path) -> dict[str, np.ndarray]:
-    try:
-        if path.suffix == ".npy":
-            return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"dataset '{name}': cannot read {path}: {exc}") from None
+        if path.is_dir():
+            arrays, files = read_directory(name, path)
+        else:
+            arrays, files = read_arrays(name, path), [path]
+        source = ArraySource(name, arrays, spec, str(path))
+        source.files = files            # what the run reads: never an output (see passes/guard.py)
+        return source
 
 
 class IterableSource(DataSource):
