@@ -53,6 +53,12 @@ class ExportAmctPass(Pass):
         if ctx.outputs.directory is None:
             return PassResult(False, {"written": 0})
         record = ctx.artifacts["quant_record"]
+        if not record:          # AMCT's files need at least one quantized layer
+            layer_map = ctx.artifacts["layer_map"]
+            reasons = sorted(set(layer_map.skipped.values())) or ["the model has no quantizable layer"]
+            raise ConfigError([Problem("pass 'export_amct'", "", "no layer was quantized, so there is no record "
+                                       f"to write ({len(layer_map)} matched, {len(layer_map.skipped)} skipped: "
+                                       f"{'; '.join(reasons)[:300]})")])
         files = [ctx.file_name(self.options.record, "record")]
         write_record(record, ctx.output_path(files[0]))
         if self.options.quant_config:

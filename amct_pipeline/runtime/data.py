@@ -28,10 +28,22 @@ class InputInfo:
 
 
 def model_inputs(graph) -> list[InputInfo]:
+    """Name, shape and dtype of each input; an input without type or shape is an error naming it."""
     out = []
     for tensor in graph.gs.inputs:
-        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in (tensor.shape or ()))
-        out.append(InputInfo(tensor.name, shape, np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype("float32")))
+        if tensor.dtype is None:
+            raise DataError(f"model input '{tensor.name}' has no element type in the model, so no data can be "
+                            "fed to it; give the input a type (e.g. float32) in the model")
+        try:
+            dtype = np.dtype(tensor.dtype)
+        except TypeError:
+            raise DataError(f"model input '{tensor.name}' has type {tensor.dtype}, which numpy cannot hold") from None
+        if tensor.shape is None:
+            raise DataError(f"model input '{tensor.name}' has no shape in the model (not even its rank), so data "
+                            "cannot be checked against it and onnx.checker refuses the model; give the input a "
+                            "shape, e.g. [N, 3, 224, 224] with N symbolic")
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in tensor.shape)
+        out.append(InputInfo(tensor.name, shape, dtype))
     return out
 
 
