@@ -111,7 +111,7 @@ def test_dump_ir_into_a_file_or_a_full_disk(capsys, tmp_path, model, monkeypatch
     monkeypatch.setattr(ir_io, "write_model", full)
     line = one_error(capsys, "run", "fuse_bn,save", "--model", model_demo, "-o", out, "--dump-ir", "dumps", "-q")
     assert "IR dump folder" in line and "00_after_fuse_bn.onnx" in line and "no space left on device" in line
-    assert visible(out) == {"ir", "dumps"}        # nothing else: the failed run's files were not committed
+    assert visible(out) == {"ir"}      # the empty dump folder is removed again; nothing was committed
 
 
 def test_output_folder_that_is_a_file_is_reported_before_calibration(capsys, tmp_path):
@@ -140,3 +140,26 @@ def test_failed_run_removes_the_output_folders_it_created(capsys, tmp_path, mode
     (keep / "mine.txt").write_text("x")
     one_error(capsys, "run", "save,match_layers{amct_config=missing.json}", "--model", model, "-o", keep, "-q")
     assert visible(keep) == {"mine.txt"}
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """A real write limit (RLIMIT_FSIZE, as a full disk): the run stops with one line, exit 1, no folder left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # writes then fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    model = save_model(build_demo_model(), tmp_path / "demo.onnx")
+    data = tmp_path / "calib.npy"
+    np.save(data, build_demo_data(16))
+    before = digests(tmp_path)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "amct_pipeline", "run", "ptq_int8", "--model", str(model),
+                           "--data", f"calib={data}", "-o", str(out), "-q", "--dump-ir", "ir", "--no-plugins"],
+                          capture_output=True, text=True, preexec_fn=limit)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "File too large" in lines[0], done.stderr
+    assert "internal error" not in lines[0] and not out.exists() and digests(tmp_path) == before
