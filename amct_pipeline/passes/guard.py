@@ -8,6 +8,8 @@ model, its external data, the pipeline file, data files, and files named by ``re
 """
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -54,6 +56,17 @@ def output_name_problems(session, source: str, where: str, pass_) -> list[Proble
     return []
 
 
+def _require_regular_if_present(path: str, where: str) -> None:
+    """A file an option names may be missing (the pass says so) but never a FIFO or device (a hang)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ConfigError([Problem(where.split(": ")[0], where.split(": ", 1)[1],
+                                   f"{path} is a {file_kind(mode)}, not a regular file")])
+
+
 class RunGuard:
     """The checks of one run that need no graph (``before_loading``) and those that do (``after_loading``)."""
 
@@ -75,10 +88,11 @@ class RunGuard:
         for path in self._data_paths(datasets):
             for file in files_under(path):
                 stage.protect(file)
-        for pass_ in self.pipeline.passes:
+        for index, pass_ in enumerate(self.pipeline.passes):
             for option in declared_reads(pass_):
                 value = getattr(pass_.options, option, None)
                 if isinstance(value, str) and value:
+                    _require_regular_if_present(value, f"{spec.source}: passes[{index}].options.{option}")
                     stage.protect(value)
         self._check_names()
 

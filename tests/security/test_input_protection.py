@@ -118,3 +118,16 @@ def test_a_valid_run_is_unaffected(capsys, tmp_path):
     assert visible(tmp_path / "out") == {"demo_fake_quant_model.onnx", "demo_qdq_model.onnx", "record.txt",
                                          "demo_quant_config.json"}
     assert digests(tmp_path / "in") == before
+
+
+def test_files_named_by_options_must_be_regular(capsys, tmp_path, ext_model):
+    """A FIFO or device named as an AMCT config or record would block or never end: refused first."""
+    import os
+    os.mkfifo(tmp_path / "q.json")
+    line = one_error(capsys, "run", f"match_layers{{amct_config={tmp_path / 'q.json'}}},save", "--model", ext_model,
+                     "-o", tmp_path / "out", "-q")
+    assert "passes[0].options.amct_config" in line and "is a FIFO" in line
+    line = one_error(capsys, "run", "match_layers,load_record{path=/dev/zero},lower", "--model", ext_model,
+                     "-o", tmp_path / "out", "-q")
+    assert "passes[1].options.path" in line and "character device" in line
+    assert not (tmp_path / "out").exists()
