@@ -145,8 +145,9 @@ def load_yaml(text: str, *, allow_tags: bool = True) -> Any:
     import yaml
     if not _LOADER:
         _LOADER.append(_loader_class())
-    loader = _LOADER[0](text, allow_tags)
+    loader = None
     try:
+        loader = _LOADER[0](text, allow_tags)       # the reader checks the characters here already
         return loader.get_single_data()
     except ParseError:
         raise
@@ -154,12 +155,14 @@ def load_yaml(text: str, *, allow_tags: bool = True) -> Any:
         mark = exc.problem_mark or exc.context_mark
         message = " ".join(part for part in (exc.context, exc.problem) if part) or type(exc).__name__
         raise ParseError(message, mark.line + 1 if mark else 0, mark.column + 1 if mark else 0) from None
-    except yaml.YAMLError as exc:
-        raise ParseError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+    except yaml.YAMLError as exc:        # ReaderError (a control character) carries a position, not a mark
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ParseError(text[:300]) from None
     except RecursionError:
         raise ParseError(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 # -- JSON ---------------------------------------------------------------------------------------------
