@@ -38,6 +38,8 @@ WEIGHTS = {
 }
 CASE_SECONDS = 30
 COUNTS: dict[str, int] = {}
+SPAN: list[float] = []               # wall clock of the first case start and last case end (tests/conftest.py)
+AUTOLOAD_ENV = "AMCT_PIPELINE_DISABLE_PLUGIN_AUTOLOAD"
 
 
 def planned(kind: str) -> int:
@@ -107,10 +109,16 @@ def _alarm(signum, frame):
 
 def run_cli(sandbox: Sandbox, argv: Sequence[str], kind: str) -> tuple[int, str, str]:
     """One case: run main(argv) in the sandbox and check every property; returns (code, stdout, stderr)."""
+    import time
+
     from amct_pipeline.cli.main import main
     COUNTS[kind] = COUNTS.get(kind, 0) + 1
+    if not SPAN:
+        SPAN[:] = [time.perf_counter()] * 2
     before = sandbox.snapshot()
     out, err = io.StringIO(), io.StringIO()
+    saved_env = os.environ.get(AUTOLOAD_ENV)
+    os.environ[AUTOLOAD_ENV] = "1"      # entry-point plugins are tested elsewhere (50 ms per case here)
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(CASE_SECONDS)
     cwd = os.getcwd()
@@ -126,6 +134,10 @@ def run_cli(sandbox: Sandbox, argv: Sequence[str], kind: str) -> tuple[int, str,
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
         os.chdir(cwd)
+        if saved_env is None:
+            os.environ.pop(AUTOLOAD_ENV, None)
+        else:
+            os.environ[AUTOLOAD_ENV] = saved_env
     stderr = err.getvalue()
     shown = " ".join(repr(a)[:300] for a in argv)
     assert code != 3, f"internal error for argv {shown}:\n{stderr[-3000:]}"
@@ -139,4 +151,5 @@ def run_cli(sandbox: Sandbox, argv: Sequence[str], kind: str) -> tuple[int, str,
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"files outside the output folder changed {changed[:10]} for argv {shown}\n{stderr[-2000:]}"
     sandbox.clear_out()
+    SPAN[1] = time.perf_counter()
     return code, out.getvalue(), stderr
