@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import VerificationError
+from ..errors import AmctError, ModelLoadError, VerificationError
 from .external import ExternalValues, is_external
 
 __all__ = ["Graph", "ModelMeta", "load_graph"]
@@ -141,7 +141,15 @@ def load_graph(source, *, copy: bool = True) -> Graph:
     else:
         path = Path(source)
         model, base_dir, name = read_model(path), path.parent, path.stem
-    graph = Graph.from_proto(model, base_dir=base_dir, name=name)
+    try:
+        graph = Graph.from_proto(model, base_dir=base_dir, name=name)
+    except AmctError:
+        raise
+    except Exception as exc:     # onnx-graphsurgeon's import of a malformed model: name the model, one line
+        where = source if isinstance(source, (str, Path)) else "the model"
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ModelLoadError(f"{where}: cannot import the graph ({type(exc).__name__}: {text}); "
+                             "the model is malformed") from None
     from .verify import verify_graph
     verify_graph(graph, where="the input model")
     return graph

@@ -60,8 +60,11 @@ def _check_tensors(model: onnx.ModelProto, path: Path) -> None:
         if tensor.name in seen:
             raise ModelLoadError(f"{path}: initializer '{tensor.name}' is defined twice; names must be unique")
         seen.add(tensor.name)
+    _check_value_types(model.graph, path, "")
     for tensor, where, main in _all_tensors(model.graph, ""):
         label = f"{path}: {where}"
+        if tensor.data_type not in _KNOWN_TYPES or tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelLoadError(f"{label}: unknown data type {tensor.data_type}")
         if is_external(tensor):
             location, offset, length = checked_location(tensor, path.parent, label)
             if not main:       # subgraph/attribute tensors: read now, checked, not lazily
@@ -72,6 +75,24 @@ def _check_tensors(model: onnx.ModelProto, path: Path) -> None:
                 tensor.raw_data = raw
         else:
             _check_inline(tensor, label)
+
+
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _check_value_types(graph: onnx.GraphProto, path: Path, prefix: str) -> None:
+    """Element types of inputs, outputs and value_info (subgraphs too) must be ONNX types."""
+    for kind, values in (("input", graph.input), ("output", graph.output), ("value_info", graph.value_info)):
+        for value in values:
+            for field in ("tensor_type", "sparse_tensor_type"):
+                if value.type.HasField(field):
+                    elem = getattr(value.type, field).elem_type
+                    if elem not in _KNOWN_TYPES:
+                        raise ModelLoadError(f"{path}: {prefix}{kind} '{value.name}' has unknown element type {elem}")
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _check_value_types(sub, path, f"{prefix}node '{node.name or node.op_type}' subgraph: ")
 
 
 def _all_tensors(graph: onnx.GraphProto, prefix: str) -> Iterator[tuple[onnx.TensorProto, str, bool]]:

@@ -41,8 +41,8 @@ def _header(handle, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         else:
             from numpy.lib import _format_impl
             shape, fortran, dtype = _format_impl._read_array_header(handle, version, MAX_HEADER_BYTES)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{what}: not a valid .npy array ({_first_line(exc)})") from None
+    except Exception as exc:         # numpy parses the header with Python's tokenizer: any error means "bad header"
+        raise DataError(f"{what}: not a valid .npy array ({type(exc).__name__}: {_first_line(exc)})") from None
     if dtype.hasobject:
         raise DataError(f"{what}: holds Python objects (a pickle); only plain numeric arrays are read")
     if len(shape) == 0:
@@ -164,6 +164,8 @@ def _read_npz(name: str, path: Path) -> dict[str, NpzArray]:
             if member.is_dir() or not member.filename.endswith(".npy"):
                 continue
             key = member.filename[:-4]
+            if key in arrays:
+                raise DataError(f"dataset '{name}': {path} holds array '{key}' twice; which one is meant is unclear")
             arrays[key] = NpzArray(archive, member, f"dataset '{name}': {path}: array '{key}'")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         handle.close()

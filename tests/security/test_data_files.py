@@ -180,3 +180,15 @@ def test_reader_lists_the_files_it_reads(tmp_path):
     graph = load_graph(build_demo_model())
     batches = list(source.batches(model_inputs(graph)))
     assert len(batches) == 2 and np.array_equal(batches[1]["input"], build_demo_data(4)[2:])
+
+
+def test_npz_with_a_member_twice(tmp_path):
+    import warnings
+    with warnings.catch_warnings(), zipfile.ZipFile(tmp_path / "twice.npz", "w") as archive:
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            buffer = io.BytesIO()
+            np.save(buffer, np.zeros((2, 3), np.float32))
+            archive.writestr("x.npy", buffer.getvalue())
+    with pytest.raises(DataError, match="holds array 'x' twice"):
+        read_arrays("d", tmp_path / "twice.npz")

@@ -161,3 +161,14 @@ def test_model_that_is_a_device_or_fifo_is_named_as_such(capsys, tmp_path):
     os.mkfifo(tmp_path / "f.onnx")
     line = one_error(capsys, "run", "save", "--model", tmp_path / "f.onnx", "-o", tmp_path / "o")
     assert "is a FIFO, not a model file" in line
+
+
+def test_unknown_data_types_are_located(capsys, tmp_path):
+    model = conv_model()
+    model.graph.initializer[1].data_type = 999
+    line = one_error(capsys, "run", "save", "--model", save_model(model, tmp_path / "a.onnx"), "-o", tmp_path / "o")
+    assert "initializer 'b': unknown data type 999" in line
+    model = conv_model()
+    model.graph.input[0].type.tensor_type.elem_type = 999
+    line = one_error(capsys, "run", "save", "--model", save_model(model, tmp_path / "b.onnx"), "-o", tmp_path / "o")
+    assert "input 'x' has unknown element type 999" in line
