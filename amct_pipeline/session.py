@@ -44,6 +44,10 @@ class Session:
         self.pm = pluggy.PluginManager(PROJECT)
         from .plugins import builtin, hookspecs
         self.pm.add_hookspecs(hookspecs)
+        self._distinfo: dict[int, str] = {}
+        block = list(block)
+        if block:
+            _check_block_names(block)
         for name in block:
             self.pm.set_blocked(name)
         self._register(builtin, "builtin")
@@ -66,8 +70,16 @@ class Session:
             raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from None
 
     def _load_entrypoints(self) -> None:
+        """Plugins of the installed environment's entry points only (see plugins/discovery.py)."""
+        from .plugins.discovery import entry_points, without_cwd_on_path
         try:
-            self.pm.load_setuptools_entrypoints(PROJECT)
+            for ep, dist in entry_points(PROJECT):
+                if self.pm.has_plugin(ep.name) or self.pm.is_blocked(ep.name):
+                    continue
+                with without_cwd_on_path():
+                    plugin = ep.load()
+                self.pm.register(plugin, name=ep.name)
+                self._distinfo[id(plugin)] = f"{dist.metadata['name']} {dist.version}"
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {_plugin_label(exc)}: {exc}") from None
         except Exception as exc:  # a broken third-party import must not look like our bug
@@ -76,7 +88,8 @@ class Session:
 
     def plugin_names(self) -> list[tuple[str, str]]:
         """(plugin name, distribution or module) for every registered plugin."""
-        dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in self.pm.list_plugin_distinfo()}
+        dists = {**{id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in self.pm.list_plugin_distinfo()},
+                 **self._distinfo}
         return [(name, dists.get(id(plugin), getattr(plugin, "__name__", type(plugin).__name__)))
                 for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda kv: kv[0])
                 if plugin is not None]
@@ -164,6 +177,19 @@ class Session:
         if not isinstance(pipeline, Pipeline):
             pipeline = self.build(pipeline, datasets=(kwargs.get("datasets") or {}).keys())
         return pipeline.run(model, **kwargs)
+
+
+def _check_block_names(names: Sequence[str]) -> None:
+    """A blocked name that no installed plugin has is a typo: the plugin meant would still load."""
+    from .options import suggest
+    from .plugins.discovery import installed_plugin_names
+    known = installed_plugin_names(PROJECT)
+    for name in names:
+        if name not in known and name != "builtin":
+            hint = suggest(name, known)
+            raise PluginError(f"--block-plugin {name}: no installed plugin is named '{name}'"
+                              + (f"; {hint}" if hint else "")
+                              + f" (installed plugins: {', '.join(known) if known else 'none'})")
 
 
 def _plugin_label(exc: pluggy.PluginValidationError) -> str:

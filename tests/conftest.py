@@ -21,3 +21,13 @@ def shared_path(name: str) -> Path:
 @pytest.fixture
 def session() -> Session:
     return Session(load_entrypoints=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzzing suite (tests/fuzz) reports how many cases it generated and how long they took."""
+    import sys
+    helpers = sys.modules.get("fuzz_helpers")
+    if helpers is not None and helpers.COUNTS:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(helpers.COUNTS.items()))
+        terminalreporter.write_line(f"fuzz: {sum(helpers.COUNTS.values())} generated cases (budget {helpers.TOTAL}) "
+                                    f"in {helpers.SPAN[1] - helpers.SPAN[0]:.1f} s: {detail}")

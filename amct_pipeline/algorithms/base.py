@@ -139,6 +139,11 @@ class LoweringTarget(Algorithm):
 
     domain: ClassVar[str] = ""
     produces: ClassVar[frozenset[str]] = frozenset()
+    suffix: ClassVar[str] = ""          # the file is <prefix>_<suffix>.onnx; empty: the target's name
+
+    @classmethod
+    def file_suffix(cls) -> str:
+        return cls.suffix or cls.name
 
     @abc.abstractmethod
     def lower(self, graph: Any, ctx: LoweringContext) -> Any: ...

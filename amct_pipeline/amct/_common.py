@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
@@ -77,8 +78,14 @@ def layer_types(layers: LayerSpec) -> dict[str, str]:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    """The file as UTF-8 text; a byte that is not UTF-8 is a ConfigFileError at file:line:col."""
+    from ..safeparse import ParseError, decode_utf8
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return decode_utf8(data)
+    except ParseError as exc:
+        raise ConfigFileError([Issue(os.fspath(path), "", exc.message, exc.line, exc.column)]) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -103,24 +110,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def load_json(text: str, source: str) -> Any:
-    """``json.loads`` that reports syntax errors with line/column and refuses repeated keys."""
-    repeated: list[str] = []
-
-    def pairs(items):
-        seen = {}
-        for key, value in items:
-            if key in seen:
-                repeated.append(key)
-            seen[key] = value
-        return seen
-
+    """``json.loads`` that reports syntax errors with line/column and refuses repeated keys and deep nesting."""
+    from ..safeparse import ParseError
+    from ..safeparse import load_json as bounded_load_json
     try:
-        data = json.loads(text, object_pairs_hook=pairs)
-    except json.JSONDecodeError as exc:
-        raise ConfigFileError([Issue(source, "", f"invalid JSON: {exc.msg}", exc.lineno, exc.colno)]) from None
-    if repeated:
-        raise ConfigFileError([Issue(source, "", f"key '{k}' appears more than once; keep one") for k in repeated])
-    return data
+        return bounded_load_json(text)
+    except ParseError as exc:
+        message = exc.message
+        if message.startswith("duplicate key"):
+            message = re.sub(r"^duplicate key '(.*)' \(first at line (\d+)\); keep one$",
+                             r"key '\1' appears more than once (first at line \2); keep one", message, flags=re.S)
+        else:
+            message = f"invalid JSON: {message}"
+        raise ConfigFileError([Issue(source, "", message, exc.line or None, exc.column or None)]) from None
 
 
 _MISSING = object()

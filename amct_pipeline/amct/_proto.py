@@ -59,7 +59,8 @@ def message_class(full_name: str) -> type:
 
 def parse_text(text: str, full_name: str):
     """Parse protobuf text into a new ``full_name`` message with AMCT's semantics (``text_format.Merge``:
-    a repeated optional field or a second ``oneof`` member overrides the earlier one).
+    a second ``oneof`` member overrides the earlier one), except that a non-repeated field given twice
+    in one message (``batch_num: 1 batch_num: 2``) is an error: a silent "last one wins" hides edits.
 
     Raises ``ProtoTextError``; for an unknown field name its message suggests the closest one.
     """
@@ -70,7 +71,65 @@ def parse_text(text: str, full_name: str):
         text_format.Merge(text, msg)
     except text_format.ParseError as exc:
         raise ProtoTextError(_explain(exc), exc.GetLine(), exc.GetColumn()) from None
+    _check_repeated_singular(text, msg.DESCRIPTOR)
     return msg
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)         # protobuf >= 6; ``label`` before
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+_TEXT_TOKEN = re.compile(r"""\s+|#[^\n]*|("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[\w.+-]+|[{}<>\[\]:;,])""")
+
+
+def _check_repeated_singular(text: str, descriptor) -> None:
+    """A ProtoTextError at the second occurrence of a non-repeated field within one message.
+
+    Runs after ``text_format.Merge`` accepted the text, so the syntax and field names are known good;
+    this only follows field names and braces (iteratively: nesting depth costs no recursion).
+    """
+    tokens = [(m.group(1), m.start(1)) for m in _TEXT_TOKEN.finditer(text) if m.group(1)]
+    stack = [(descriptor, {})]            # (message descriptor, field name -> offset of first use)
+    i = 0
+
+    def position(offset: int) -> tuple[int, int]:
+        return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+    while i < len(tokens):
+        tok, offset = tokens[i]
+        i += 1
+        if tok in ("}", ">"):
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        if tok in (",", ";") or tok.startswith(("[", '"', "'")):
+            continue
+        desc, seen = stack[-1]
+        field = desc.fields_by_name.get(tok) if desc is not None else None
+        if i < len(tokens) and tokens[i][0] == ":":
+            i += 1
+        opens = i < len(tokens) and tokens[i][0] in ("{", "<")
+        if field is not None and not _is_repeated(field):
+            if tok in seen:
+                first = position(seen[tok])[0]
+                raise ProtoTextError(f"field '{tok}' of {desc.name} is given twice (first at line {first}); "
+                                     "keep one", *position(offset))
+            seen[tok] = offset
+        if opens:
+            i += 1
+            stack.append((field.message_type if field is not None else None, {}))
+        elif i < len(tokens) and tokens[i][0] == "[":        # a list value: skip to its end
+            depth = 0
+            while i < len(tokens):
+                depth += {"[": 1, "]": -1}.get(tokens[i][0], 0)
+                i += 1
+                if depth == 0:
+                    break
+        else:                                                # one scalar; adjacent strings concatenate
+            i += 1
+            while i < len(tokens) and tokens[i][0][:1] in ('"', "'") and tokens[i - 1][0][:1] in ('"', "'"):
+                i += 1
 
 
 def parse_config_text(text: str, full_name: str, source: str):

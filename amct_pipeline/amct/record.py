@@ -132,11 +132,18 @@ class QuantRecord(MutableMapping):
 
 def read_record(path: str | os.PathLike) -> QuantRecord:
     """Load and validate a record file."""
-    return parse_record(read_text(path), source=os.fspath(path))
+    from .errors import ConfigFileError
+    try:
+        text = read_text(path)
+    except ConfigFileError as exc:
+        issue = exc.issues[0]
+        raise RecordError(issue.source, issue.message, line=issue.line, col=issue.col) from None
+    return parse_record(text, source=os.fspath(path))
 
 
 def parse_record(text: str, source: str = "<string>") -> QuantRecord:
-    """Parse record text. A layer listed twice keeps its last entry (AMCT reads entries into a dict)."""
+    """Parse record text. A layer listed twice is an error naming it (AMCT would keep the last entry,
+    silently dropping the first: an edited or concatenated record must not lose layers unnoticed)."""
     try:
         msg = parse_text(text, _RECORD)
     except ProtoTextError as exc:
@@ -147,11 +154,29 @@ def parse_record(text: str, source: str = "<string>") -> QuantRecord:
     for i, entry in enumerate(msg.record):
         if not entry.key:
             raise RecordError(source, f"record entry #{i + 1} has no key; every entry needs the layer name")
+        if entry.key in record:
+            line, col = _key_position(text, entry.key, 2)
+            first = _key_position(text, entry.key, 1)[0]
+            raise RecordError(source, f"is listed twice (record entries #{list(record).index(entry.key) + 1} and "
+                              f"#{i + 1}{f', first at line {first}' if first else ''}); keep one entry per layer",
+                              layer=entry.key, line=line, col=col)
         rec = _from_entry(entry)
         validate_record({entry.key: rec}, source=source)
-        record.pop(entry.key, None)  # last one wins, and sits where the file last put it
         record[entry.key] = rec
     return record
+
+
+def _key_position(text: str, key: str, nth: int) -> tuple[int | None, int | None]:
+    """(line, column) of the ``nth`` ``key: "<key>"`` in the text, or (None, None) when not found."""
+    import json
+    import re
+    pattern = re.compile(r'\bkey\s*:?\s*(?:' + re.escape(json.dumps(key, ensure_ascii=False)) + "|'"
+                         + re.escape(key) + "')")
+    for count, match in enumerate(pattern.finditer(text), 1):
+        if count == nth:
+            offset = match.start()
+            return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return None, None
 
 
 def _from_entry(entry) -> LayerRecord:

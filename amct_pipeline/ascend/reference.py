@@ -17,6 +17,12 @@ ONNX reference evaluator:
   integer kernels, float inputs fall back to the standard reference implementation of the model's
   opset. Unfused BatchNormalization runs in inference mode (onnx's reference would use batch
   statistics, see :func:`_inference_batchnorm`).
+* ``float_ops="onnxruntime"`` runs every other node (LayerNormalization, Softmax, Gelu, float
+  Conv/MatMul of unquantized layers, ...) in onnxruntime, one node at a time with graph optimisation
+  off, instead of the numpy reference: the float operators between quantized layers then compute
+  exactly what they compute in the fake-quant model, so float rounding differences between two
+  implementations cannot flip a quantization code downstream (``verify-deploy`` uses this).
+  ``float_ops="reference"`` (default) keeps everything in numpy.
 * ``input_offsets="atc"`` (default) emulates the Ascend compiler's activation-offset compensation:
   an integer layer whose input comes from an AscendQuant with ``offset != 0`` (directly or through
   Identity/Reshape/Flatten/Squeeze/Unsqueeze/Transpose/MaxPool/Slice) computes on ``q - offset``,
@@ -225,7 +231,116 @@ _INT_KERNELS = {"Conv": _int_conv, "ConvTranspose": _int_conv_transpose, "Gemm":
                 "MatMul": _int_matmul, "AveragePool": _int_avgpool}
 
 
-def _layer_classes(opset: int, zero_points: Mapping[str, int], on_overflow: str) -> list[type[OpRun]]:
+class _OrtNode:
+    """One node of the deploy model run alone in onnxruntime (graph optimisation off, as the fake-quant
+    model is run by ``verify-deploy``). Inputs that are initializers of the model stay initializers
+    (onnxruntime pre-packs constant weights, as it does in the whole model). One session per input
+    signature (dtypes and ranks); None when onnxruntime cannot run the node (the caller falls back)."""
+
+    def __init__(self, node: onnx.NodeProto, opset_imports, ir_version: int,
+                 constants: Mapping[str, onnx.TensorProto]) -> None:
+        self.node, self.opset_imports, self.ir_version, self.constants = node, list(opset_imports), ir_version, constants
+        self.sessions: dict[tuple, Any] = {}
+
+    def run(self, inputs: Sequence[Any]) -> tuple | None:
+        if not all(x is None or isinstance(x, np.ndarray) for x in inputs):
+            return None
+        names = list(self.node.input)
+        feeds = {n: x for n, x in zip(names, inputs) if n and x is not None and n not in self.constants}
+        key = tuple((n, x.dtype.str, x.ndim) for n, x in feeds.items())
+        if key not in self.sessions:
+            self.sessions[key] = self._session(feeds)
+        session = self.sessions[key]
+        if session is None:
+            return None
+        outputs = [o for o in self.node.output if o]
+        values = dict(zip(outputs, session.run(outputs, feeds)))
+        return tuple(values.get(o) for o in self.node.output)
+
+    def _session(self, feeds: Mapping[str, np.ndarray]):
+        from onnx import helper
+
+        from ..runtime.ort import make_session
+        try:
+            graph_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype),
+                                                          [f"{n}_d{i}" for i in range(x.ndim)])
+                            for n, x in feeds.items()]
+            inits = [self.constants[n] for n in dict.fromkeys(self.node.input) if n in self.constants]
+            graph = helper.make_graph([self.node], "node", graph_inputs, [], inits)
+            model = helper.make_model(graph, opset_imports=self.opset_imports)
+            model.ir_version = self.ir_version
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            types = {v.name: v.type for v in inferred.graph.value_info}
+            for out in self.node.output:
+                if not out:
+                    continue
+                value = onnx.ValueInfoProto(name=out)
+                if out in types and types[out].tensor_type.elem_type:
+                    value.type.tensor_type.elem_type = types[out].tensor_type.elem_type
+                else:
+                    return None
+                model.graph.output.append(value)
+            # one session per node: no thread pool of its own (dozens of spinning pools would starve
+            # the machine); the kernels split work by rows and channels, so results do not depend on it
+            return make_session(model, optimize=False, threads=1, spinning=False)
+        except Exception:  # an op or type onnxruntime lacks: the numpy reference runs the node instead
+            return None
+
+
+def _ort_runner(self, ort_nodes) -> _OrtNode | None:
+    if ort_nodes is None or self.onnx_node.op_type in ASCEND_OPS:
+        return None
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in self.onnx_node.attribute):
+        return None
+    key = id(self)
+    if key not in ort_nodes.runners:
+        ort_nodes.runners[key] = _OrtNode(self.onnx_node, ort_nodes.opset_imports, ort_nodes.ir_version,
+                                          ort_nodes.constants)
+    return ort_nodes.runners[key]
+
+
+class _OrtNodes:
+    """What the onnxruntime-backed classes share: the model's opsets and top-level initializers."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.opset_imports = [i for i in model.opset_import if i.domain in ("", "ai.onnx")]
+        self.ir_version = model.ir_version
+        self.constants = {t.name: t for t in model.graph.initializer}
+        self.runners: dict[int, _OrtNode] = {}
+
+
+def _float_classes(model: onnx.ModelProto, opset: int, ort_nodes: _OrtNodes, skip: set[str]) -> list[type[OpRun]]:
+    """Classes running each remaining default-domain op type of ``model`` in onnxruntime (falling back to
+    the numpy reference where onnxruntime cannot)."""
+    classes = []
+    op_types = sorted({n.op_type for g in all_graphs(model.graph) for n in g.node if n.domain in ("", "ai.onnx")}
+                      - set(ASCEND_OPS) - skip)
+    for op_type in op_types:
+        try:
+            base = load_op("", op_type, opset, evaluator_cls=ReferenceEvaluator)
+            schema = onnx.defs.get_schema(op_type, opset, "")
+        except Exception:  # not in the reference or not in this opset: leave it to the evaluator's own error
+            continue
+
+        def _run(self, *inputs, _base=base, **attrs):
+            runner = _ort_runner(self, ort_nodes)
+            result = runner.run(inputs) if runner is not None else None
+            return result if result is not None else _base._run(self, *inputs, **attrs)
+
+        def run(self, *args, _base=base, **kwargs):
+            runner = _ort_runner(self, ort_nodes)
+            if runner is not None and not kwargs.get("linked_attributes") and not kwargs.get("context"):
+                result = runner.run(args)
+                if result is not None:
+                    return result if len(result) > 1 else (result[0],)
+            return _base.run(self, *args, **kwargs)
+
+        classes.append(type(op_type, (base,), {"op_domain": "", "op_schema": schema, "_run": _run, "run": run}))
+    return classes
+
+
+def _layer_classes(opset: int, zero_points: Mapping[str, int], on_overflow: str,
+                   ort_nodes: _OrtNodes | None = None) -> list[type[OpRun]]:
     classes = []
     for op_type, kernel in _INT_KERNELS.items():
         base = load_op("", op_type, opset, evaluator_cls=ReferenceEvaluator)
@@ -238,6 +353,10 @@ def _layer_classes(opset: int, zero_points: Mapping[str, int], on_overflow: str)
                     return (_kernel(inputs, attrs, zps, on_overflow),)
                 except AscendError as exc:
                     raise AscendError(f"{_where(node)}: {exc}") from None
+            runner = _ort_runner(self, ort_nodes)
+            result = runner.run(inputs) if runner is not None else None
+            if result is not None:
+                return result
             return _base._run(self, *inputs, **attrs)
 
         def run(self, *args, _base=base, **kwargs):
@@ -303,7 +422,8 @@ class DeployEvaluator:
     """A reusable evaluator of one deploy model (build once, :meth:`run` many batches)."""
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike, *, quant_convention: str = "amct",
-                 input_offsets: str = "atc", on_overflow: str = "error", verbose: int = 0) -> None:
+                 input_offsets: str = "atc", on_overflow: str = "error", float_ops: str = "reference",
+                 verbose: int = 0) -> None:
         if isinstance(model, (str, os.PathLike)):
             model = onnx.load(os.fspath(model))
         if quant_convention not in ("amct", "cann"):
@@ -312,10 +432,17 @@ class DeployEvaluator:
             raise AscendError(f"input_offsets must be 'atc' or 'none', got {input_offsets!r}")
         if on_overflow not in ("error", "saturate"):
             raise AscendError(f"on_overflow must be 'error' or 'saturate', got {on_overflow!r}")
+        if float_ops not in ("reference", "onnxruntime"):
+            raise AscendError(f"float_ops must be 'reference' or 'onnxruntime', got {float_ops!r}")
         check_deploy_model(model)
         self.model = _private_copy(model)
         zps = _zero_points(self.model) if input_offsets == "atc" else {}
-        new_ops = _ascend_classes(quant_convention) + _layer_classes(_default_opset(model), zps, on_overflow)
+        opset = _default_opset(model)
+        ort_nodes = _OrtNodes(self.model) if float_ops == "onnxruntime" else None
+        new_ops = _ascend_classes(quant_convention) + _layer_classes(opset, zps, on_overflow, ort_nodes)
+        if ort_nodes is not None:   # BatchNormalization too: onnxruntime runs it in inference mode
+            new_ops = [c for c in new_ops if c.__name__ != "BatchNormalization"]
+            new_ops += _float_classes(self.model, opset, ort_nodes, set(_INT_KERNELS))
         self.input_names = [i.name for i in self.model.graph.input
                             if i.name not in {t.name for t in self.model.graph.initializer}]
         self.output_names = [o.name for o in self.model.graph.output]
@@ -338,7 +465,7 @@ class DeployEvaluator:
 
 
 def make_deploy_evaluator(model, **options) -> DeployEvaluator:
-    """Build a :class:`DeployEvaluator` (options: quant_convention, input_offsets, on_overflow, verbose)."""
+    """Build a :class:`DeployEvaluator` (options: quant_convention, input_offsets, on_overflow, float_ops, verbose)."""
     return DeployEvaluator(model, **options)
 
 

@@ -11,6 +11,11 @@ and that difference in units of the output's quantization step:
 * any other output (after Softmax, Concat, ...) -- the largest step of the model: the largest of
   every AscendDequant scale, AscendAntiQuant scale and AscendQuant ``1/scale``.
 
+Float operators of the deploy model (LayerNormalization, Softmax, Gelu, residual Adds, unquantized
+layers) run in onnxruntime node by node, as in the fake-quant model: with numpy's float rounding
+instead, a value next to a rounding boundary could quantize to a different code in the next layer and
+one flipped code moves an output by up to 127 steps.
+
 The models agree when every output is within one step (in practice they are equal up to float32
 rounding: both compute ``(sum (q - o) * w_q + b_q) * deq``). The AscendQuant rounding convention is
 read from the deploy model's metadata (written by the ``ascend`` target; default ``"amct"``).
@@ -212,7 +217,8 @@ def verify_deploy(deploy, fakequant, feeds_iter: Iterable, *, quant_convention: 
         meta = {p.key: p.value for p in deploy_model.metadata_props}
         quant_convention = meta.get(CONVENTION_METADATA_KEY, "amct")
     try:
-        evaluator = DeployEvaluator(deploy_model, quant_convention=quant_convention, input_offsets=input_offsets)
+        evaluator = DeployEvaluator(deploy_model, quant_convention=quant_convention, input_offsets=input_offsets,
+                                    float_ops="onnxruntime")
     except AscendError as exc:
         raise AscendError(f"{deploy_path + ': ' if deploy_path else ''}{exc}") from None
     session = _ort_session(fake_model)
@@ -300,17 +306,15 @@ def npy_batches(sources: Mapping[str, str | os.PathLike], input_names: Sequence[
     ``sources``: input name -> file; the key ``""`` stands for the only input of a single-input model.
     ``multiple_of``: a model's fixed batch size; trailing samples that do not fill one are left out.
     """
-    arrays: dict[str, np.ndarray] = {}
+    from ..runtime.arrays import read_arrays
+    arrays: dict[str, Any] = {}
     for key, path in sources.items():
         path = Path(os.fspath(path))
-        if not path.is_file():
-            raise DataError(f"data file '{path}' not found")
-        try:
-            loaded = np.load(str(path), mmap_mode="r") if path.suffix == ".npy" else np.load(str(path))
-        except Exception as exc:
-            raise DataError(f"cannot read data file '{path}': {exc}") from None
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            members = dict(loaded.items())
+        if path.suffix not in (".npy", ".npz"):
+            raise DataError(f"data file '{path}': give a .npy or .npz file")
+        loaded = read_arrays(key or "--data", path)       # lazy; FIFOs, devices and bad headers refused
+        if path.suffix == ".npz":
+            members = loaded
             if len(members) == 1 and len(input_names) == 1 and not key:
                 arrays[input_names[0]] = next(iter(members.values()))
             else:
@@ -326,7 +330,7 @@ def npy_batches(sources: Mapping[str, str | os.PathLike], input_names: Sequence[
             key = input_names[0]
         if key not in input_names:
             raise DataError(f"--data {key}=...: '{key}' is not a model input ({', '.join(input_names)})")
-        arrays[key] = loaded
+        arrays[key] = next(iter(loaded.values()))
     missing = [n for n in input_names if n not in arrays]
     if missing:
         raise DataError(f"no data for model input(s) {', '.join(missing)}")

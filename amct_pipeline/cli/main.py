@@ -46,6 +46,10 @@ def _error(message: str) -> None:
         print(f"amct-pipeline: error: {line}", file=sys.stderr)
 
 
+def _warn(message: str) -> None:
+    print(f"amct-pipeline: warning: {message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amct-pipeline", parents=[_global_options(suppress=False)],
                                      description="Compress ONNX models with declarative pipelines (AMCT-compatible).")
@@ -160,8 +164,33 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
 
 def _session(args):
     from ..session import Session
-    plugins = [__import__(name, fromlist=["_"]) for name in args.plugin]
+    plugins = [_import_plugin(name) for name in args.plugin]
     return Session(load_entrypoints=False if args.no_plugins else None, plugins=plugins, block=args.block_plugin)
+
+
+def _import_plugin(name: str):
+    """A ``--plugin MODULE``, imported from the installed environment (never the working directory)."""
+    import importlib
+
+    from ..errors import PluginError
+    from ..plugins.discovery import without_cwd_on_path
+    if not name or any(not part.isidentifier() for part in name.split(".")):
+        raise PluginError(f"--plugin {name!r}: not a module name (expected e.g. mypackage.plugin)")
+    try:
+        with without_cwd_on_path():
+            return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise PluginError(f"--plugin {name}: no module '{exc.name}' is installed in this environment "
+                              "(the working directory is not searched); install the plugin's distribution") from None
+        raise PluginError(f"--plugin {name}: importing it failed: {_one_line(exc)}") from None
+    except Exception as exc:   # a broken plugin is the plugin's bug, reported as such
+        raise PluginError(f"--plugin {name}: importing it failed: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _bindings(items: Sequence[str]) -> dict[str, str]:
@@ -181,6 +210,9 @@ def cmd_run(args) -> int:
     session = _session(args)
     datasets = _bindings(args.data)
     pipeline = session.build(args.pipeline, overrides=args.set, datasets=datasets)
+    from ..pipeline.usage import unused_bindings
+    for message in unused_bindings(pipeline, datasets):
+        _warn(message)
     model = args.model or pipeline.spec.model.input
     if not model:
         raise ConfigError("no model given; pass --model M.onnx")
@@ -189,7 +221,11 @@ def cmd_run(args) -> int:
     instruments = [] if args.quiet else [Progress()]
     timing = Timing() if args.time_passes else None
     instruments += [timing] if timing else []
-    instruments += [DumpIR(args.dump_ir)] if args.dump_ir else []
+    if args.dump_ir:
+        from ..files import relative_folder
+        if not args.output_dir:
+            raise ConfigError("--dump-ir DIR names a folder inside the output folder; give --output-dir too")
+        instruments.append(DumpIR(relative_folder(args.output_dir, args.dump_ir, "--dump-ir")))
     result = pipeline.run(model, datasets=datasets, output_dir=args.output_dir, instruments=instruments,
                           verify_each=False if args.no_verify else None, progress=not args.quiet)
     if not args.quiet:                 # passes never print; their reports come with the result
@@ -214,6 +250,10 @@ def cmd_validate(args) -> int:
             _error(str(exc))
             continue
         print(f"ok: {source} ({len(pipeline.passes)} passes)")
+        from ..pipeline.usage import python_datasets
+        for name, target in python_datasets(pipeline):
+            print(f"note: {source}: datasets.{name} uses the 'python' reader: running this pipeline imports "
+                  f"'{target.partition(':')[0]}' and calls '{target}' (installed code, not data)")
     return EXIT_ERROR if failed else 0
 
 
@@ -303,6 +343,8 @@ _CREATE_FLAGS = {"skip_layers": "--skip-layers", "batch_num": "--batch-num", "ac
 def cmd_config_create(args) -> int:
     from ..amct import ConfigFileError, create_quant_config, write_quant_config
     from ..errors import ConfigError, Problem
+    from ..files import OutputError, describe_os_error
+    _check_config_output(Path(args.output), args.model)
     layer_map = _config_layers(_session(args), args.model)
     skip = [name.strip() for name in args.skip_layers.split(",") if name.strip()]
     try:
@@ -313,10 +355,34 @@ def cmd_config_create(args) -> int:
     except ConfigFileError as exc:   # name the command-line flags, not the API's arguments
         raise ConfigError([Problem("config create", _CREATE_FLAGS.get(i.where.split("[")[0], i.where), i.message)
                            for i in exc.issues]) from None
+    except OSError as exc:
+        raise OutputError(f"config create: --output {args.output}: cannot write ({describe_os_error(exc)})") from None
     print(args.output)
     print(f"{len(layer_map)} quantizable layers ({len(skip)} skipped), batch_num {args.batch_num}, "
           f"activation_offset {str(args.activation_offset).lower()}", file=sys.stderr)
     return 0
+
+
+def _check_config_output(output: Path, model: str) -> None:
+    """Before any work: the folder exists, the file is not a folder, and not the model or its data."""
+    from ..errors import ConfigError
+    from ..files import file_kind, input_keys
+    from ..ir.external import checked_location, is_external
+    from ..ir.io import read_model
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else f"is a {file_kind(folder.stat().st_mode)}, not a folder"
+        raise ConfigError(f"config create: --output {output}: the folder {folder} {what}; create it first")
+    if output.is_dir():
+        raise ConfigError(f"config create: --output {output} is a folder; give a file name such as quant.json")
+    inputs = input_keys(model)
+    if os.path.exists(model):
+        for tensor in read_model(Path(model)).graph.initializer:
+            if is_external(tensor):
+                inputs |= input_keys(checked_location(tensor, Path(model).parent, f"{model}: '{tensor.name}'")[0])
+    if input_keys(output) & inputs:
+        raise ConfigError(f"config create: --output {output} is the model or one of its data files; "
+                          "writing it would destroy an input; choose another file name")
 
 
 def cmd_config_check(args) -> int:

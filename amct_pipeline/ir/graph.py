@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import VerificationError
+from ..errors import AmctError, ModelLoadError, VerificationError
 from .external import ExternalValues, is_external
 from .io import export_proto, read_model
 from .verify import toposort_or_raise, verify_graph
@@ -130,7 +130,15 @@ def load_graph(source, *, copy: bool = True) -> Graph:
     else:
         path = Path(source)
         model, base_dir, name = read_model(path), path.parent, path.stem
-    graph = Graph.from_proto(model, base_dir=base_dir, name=name)
+    try:
+        graph = Graph.from_proto(model, base_dir=base_dir, name=name)
+    except AmctError:
+        raise
+    except Exception as exc:     # onnx-graphsurgeon's import of a malformed model: name the model, one line
+        where = source if isinstance(source, (str, Path)) else "the model"
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ModelLoadError(f"{where}: cannot import the graph ({type(exc).__name__}: {text}); "
+                             "the model is malformed") from None
     verify_graph(graph, where="the input model")
     return graph
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,8 @@ from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..errors import ModelLoadError
-from .external import ExternalValues, external_info, is_external
+from ..files import file_kind, open_regular, read_exact
+from .external import ExternalValues, checked_location, expected_nbytes, is_external
 
 __all__ = ["read_model", "write_model", "export_proto", "atomic_path", "EXTERNAL_THRESHOLD"]
 
@@ -23,31 +25,134 @@ MIN_EXTERNAL_BYTES = 1024                     # small constants stay inline, as 
 
 
 def read_model(path: Path) -> onnx.ModelProto:
-    """Parse a model file without loading external data (ExternalValues read it on demand)."""
+    """Parse a model file without loading external data (ExternalValues read it on demand).
+
+    Every tensor is checked before anything uses it: external data inside the model's folder and
+    long enough, inline data as long as the tensor's dims say, no initializer defined twice.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such model file")
-    if path.stat().st_size == 0:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such model file") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{path}: is a {file_kind(info.st_mode)}, not a model file; give an .onnx file")
+    if info.st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty; expected an ONNX model")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        with open_regular(path, str(path)) as handle:
+            model = onnx.load_model_from_string(handle.read())
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)}); "
                              "check that the file is complete") from None
     if not model.graph.node or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes or no opset); "
                              "check that the file is complete")
-    _check_external_files(model, path)
+    _check_tensors(model, path)
     return model
 
 
-def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
+def _check_tensors(model: onnx.ModelProto, path: Path) -> None:
+    """Check every tensor's data; inline the external data of tensors outside the main initializers."""
+    seen: set[str] = set()
     for tensor in model.graph.initializer:
+        if tensor.name in seen:
+            raise ModelLoadError(f"{path}: initializer '{tensor.name}' is defined twice; names must be unique")
+        seen.add(tensor.name)
+    _check_value_types(model.graph, path, "")
+    for tensor, where, main in _all_tensors(model.graph, ""):
+        label = f"{path}: {where}"
+        if tensor.data_type not in _KNOWN_TYPES or tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelLoadError(f"{label}: unknown data type {tensor.data_type}")
         if is_external(tensor):
-            location = path.parent / external_info(tensor).get("location", "")
-            if not location.is_file():
-                raise ModelLoadError(f"{path}: initializer '{tensor.name}' keeps its data in "
-                                     f"{location.name}, which is missing; put it beside the model")
+            location, offset, length = checked_location(tensor, path.parent, label)
+            if not main:       # subgraph/attribute tensors: read now, checked, not lazily
+                with open_regular(location, f"{label}: external data") as handle:
+                    raw = read_exact(handle, offset, length, f"{label}: external data in {location.name}")
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = raw
+        else:
+            _check_inline(tensor, label)
+
+
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _check_value_types(graph: onnx.GraphProto, path: Path, prefix: str) -> None:
+    """Element types of inputs, outputs and value_info (subgraphs too) must be ONNX types."""
+    for kind, values in (("input", graph.input), ("output", graph.output), ("value_info", graph.value_info)):
+        for value in values:
+            for field in ("tensor_type", "sparse_tensor_type"):
+                if value.type.HasField(field):
+                    elem = getattr(value.type, field).elem_type
+                    if elem not in _KNOWN_TYPES:
+                        raise ModelLoadError(f"{path}: {prefix}{kind} '{value.name}' has unknown element type {elem}")
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _check_value_types(sub, path, f"{prefix}node '{node.name or node.op_type}' subgraph: ")
+
+
+def _all_tensors(graph: onnx.GraphProto, prefix: str) -> Iterator[tuple[onnx.TensorProto, str, bool]]:
+    """Every TensorProto of a graph and its subgraphs (initializers, node attributes), with a label
+    and whether it is an initializer of the main graph (those keep their external data lazily)."""
+    for tensor in graph.initializer:
+        yield tensor, f"{prefix}initializer '{tensor.name}'", not prefix
+    for sparse in graph.sparse_initializer:
+        yield sparse.values, f"{prefix}sparse initializer '{sparse.values.name}'", False
+        yield sparse.indices, f"{prefix}sparse initializer '{sparse.values.name}' (indices)", False
+    for node in graph.node:
+        for attr in node.attribute:
+            where = f"{prefix}node '{node.name or node.op_type}' attribute '{attr.name}'"
+            if attr.HasField("t"):
+                yield attr.t, where, False
+            for tensor in attr.tensors:
+                yield tensor, where, False
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values, where, False
+                yield attr.sparse_tensor.indices, where, False
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub, f"{where} (subgraph '{sub.name}') ")
+
+
+# typed-data field and values per element, for the types stored outside raw_data
+_TYPED = {onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+          onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+          onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+          onnx.TensorProto.UINT64: ("uint64_data", 1)}
+for _name in ("INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16"):
+    _TYPED[getattr(onnx.TensorProto, _name)] = ("int32_data", 1)
+
+
+def _check_inline(tensor: onnx.TensorProto, where: str) -> None:
+    """raw_data (or the typed field) must hold exactly the elements the dims announce."""
+    if any(int(d) < 0 for d in tensor.dims):
+        raise ModelLoadError(f"{where}: negative dimension in dims {list(tensor.dims)}")
+    if tensor.HasField("raw_data"):
+        expected = expected_nbytes(tensor)
+        if expected is not None and len(tensor.raw_data) != expected:
+            raise ModelLoadError(f"{where}: raw_data holds {len(tensor.raw_data)} bytes but dims "
+                                 f"{list(tensor.dims)} of type {_type_name(tensor.data_type)} need {expected}")
+        return
+    field, per = _TYPED.get(tensor.data_type, (None, 1))
+    if field is None:
+        return
+    count = 1
+    for dim in tensor.dims:
+        count *= int(dim)
+    held = len(getattr(tensor, field))
+    if held != count * per:
+        raise ModelLoadError(f"{where}: {field} holds {held} values but dims {list(tensor.dims)} need {count * per}")
+
+
+def _type_name(data_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return str(data_type)
 
 
 def _first_line(exc: BaseException) -> str:

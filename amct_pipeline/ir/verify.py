@@ -16,10 +16,11 @@ def verify_graph(graph, *, where: str = "the graph", full: bool = False) -> None
     known = {t.name for t in g.inputs} | {n for n, t in g.tensors().items() if isinstance(t, gs.Constant)}
     known.add("")
     for node in g.nodes:
-        for tensor in node.inputs:
-            if tensor.name not in known:
+        for tensor in reads(node):
+            if tensor.name not in known and not isinstance(tensor, gs.Constant):
+                inside = "" if any(t is tensor for t in node.inputs) else " in a subgraph"
                 raise VerificationError(f"{where}: node '{node.name}' ({node.op}) reads tensor "
-                                        f"'{tensor.name}', which no node, input or initializer provides")
+                                        f"'{tensor.name}'{inside}, which no node, input or initializer provides")
         known.update(t.name for t in node.outputs)
     for tensor in g.outputs:
         if tensor.name not in known:
@@ -75,7 +76,23 @@ def toposort_or_raise(g: gs.Graph, where: str) -> None:
 
 
 def _deps(node: gs.Node, producer: dict) -> list[gs.Node]:
-    return [producer[t.name] for t in node.inputs if t.name in producer]
+    return [producer[t.name] for t in reads(node) if t.name in producer]
+
+
+def reads(node: gs.Node) -> list[gs.Tensor]:
+    """The tensors a node reads: its inputs and, for If/Loop/Scan, what its subgraphs read from outside."""
+    tensors = list(node.inputs)
+    for value in node.attrs.values():
+        for sub in value if isinstance(value, list) else [value]:
+            if isinstance(sub, gs.Graph):
+                tensors += _outer_reads(sub)
+    return tensors
+
+
+def _outer_reads(graph: gs.Graph) -> list[gs.Tensor]:
+    local = {t.name for t in graph.inputs} | {t.name for n in graph.nodes for t in n.outputs}
+    return [t for node in graph.nodes for t in reads(node)
+            if t.name and t.name not in local and not isinstance(t, gs.Constant)]
 
 
 def check_with_onnx(graph, where: str) -> None:
@@ -90,4 +107,4 @@ def check_with_onnx(graph, where: str) -> None:
 
 def _is_sorted(g: gs.Graph) -> bool:
     produced_by = {t.name: i for i, node in enumerate(g.nodes) for t in node.outputs}
-    return all(produced_by.get(t.name, -1) < i for i, node in enumerate(g.nodes) for t in node.inputs)
+    return all(produced_by.get(t.name, -1) < i for i, node in enumerate(g.nodes) for t in reads(node))

@@ -46,6 +46,7 @@ class ExportAmctPass(Pass):
     summary = "Write AMCT's record.txt and the JSON quant config of the settings used."
     Options = ExportAmctOptions
     requires = frozenset({"quant_record", "layer_map"})
+    writes = ("record", "quant_config")
 
     def run(self, graph, ctx) -> PassResult:
         from ..amct.quant_config import write_quant_config
@@ -53,10 +54,16 @@ class ExportAmctPass(Pass):
         if ctx.outputs.directory is None:
             return PassResult(False, {"written": 0})
         record = ctx.artifacts["quant_record"]
-        files = [self.options.record.format(model=ctx.model_name)]
+        if not record:          # AMCT's files need at least one quantized layer
+            layer_map = ctx.artifacts["layer_map"]
+            reasons = sorted(set(layer_map.skipped.values())) or ["the model has no quantizable layer"]
+            raise ConfigError([Problem("pass 'export_amct'", "", "no layer was quantized, so there is no record "
+                                       f"to write ({len(layer_map)} matched, {len(layer_map.skipped)} skipped: "
+                                       f"{'; '.join(reasons)[:300]})")])
+        files = [ctx.file_name(self.options.record, "record")]
         write_record(record, ctx.output_path(files[0]))
         if self.options.quant_config:
-            files.append(self.options.quant_config.format(model=ctx.model_name))
+            files.append(ctx.file_name(self.options.quant_config, "quant_config"))
             write_quant_config(used_quant_config(graph, ctx.artifacts), ctx.output_path(files[1]))
         return PassResult(False, {"written": len(files), "files": files, "layers": len(record)})
 
@@ -125,6 +132,7 @@ class LoadRecordPass(Pass):
     summary = "Read an AMCT record.txt: activation factors and weights re-quantized with its scale_w."
     Options = LoadRecordOptions
     requires = frozenset({"layer_map"})
+    reads = ("path",)
     produces = frozenset({"act_quant", "weight_quant", "quant_settings", TENSOR_QUANT_ARTIFACT})
 
     def run(self, graph, ctx) -> PassResult:
@@ -180,9 +188,14 @@ def _read(source: str):
     if not Path(source).is_file():
         raise ConfigError([Problem("pass 'load_record'", "path", f"no record file '{source}'")])
     try:
-        return read_record(source)
+        record = read_record(source)
     except RecordError as exc:
-        raise _record_problem(exc.source, exc.layer, exc.field, exc.reason) from None
+        located = exc.source if exc.line is None else f"{exc.source}:{exc.line}:{exc.col}"
+        raise _record_problem(located, exc.layer, exc.field, exc.reason) from None
+    if not len(record):    # every layer would silently stay float
+        raise ConfigError([Problem(source, "", "the record has no layer entries (an empty or truncated file?)",
+                                   "give the record.txt that calibration wrote for this model")])
+    return record
 
 
 def _record_problem(source: str, layer: str | None, field: str | None, message: str) -> ConfigError:

@@ -44,6 +44,7 @@ class ApplyDecompositionPass(Pass):
     name = "apply_decomposition"
     summary = "Re-apply a saved decomposition structure (info file) to a model; load fine-tuned child weights."
     Options = ApplyDecompositionOptions
+    reads = ("info_file", "weights")
 
     def run(self, graph, ctx) -> PassResult:
         opts = self.options

@@ -45,6 +45,16 @@ class Pass(abc.ABC):
     produces: ClassVar[frozenset[str]] = frozenset()     # artifacts this pass writes whatever its options
     # option field -> registry it names ("calibrators", "datasets", ...): checked before running
     references: ClassVar[Mapping[str, str]] = {}
+    # options that are output file-name templates ({model} only; see files.render_filename) and
+    # options that name files the pass reads (never overwritten by the run): checked before running
+    writes: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[str, ...]] = ()
+
+    def output_files(self, render, session) -> list[tuple[str, str]]:
+        """(option, file name) of every file this pass may write. ``render(template, option)`` fills a
+        template and checks the name; override when names are derived (``lower``, ``save``)."""
+        return [(option, render(getattr(self.options, option), option))
+                for option in self.writes if getattr(self.options, option, None)]
 
     def __init__(self, options: Options | Mapping[str, Any] | None = None) -> None:
         if options is None or isinstance(options, Mapping):
@@ -160,3 +170,9 @@ class PassContext:
 
     def output_path(self, filename: str) -> Path:
         return self.outputs.path(filename)
+
+    def file_name(self, template: str, option: str, *, fragment: bool = False) -> str:
+        """An output file-name option with ``{model}`` filled in (see ``files.render_filename``)."""
+        from ..files import render_filename
+        return render_filename(template, f"passes[{self.pass_index}].options.{option}", model=self.model_name,
+                               source=f"pass '{self.pass_name}'", fragment=fragment)

@@ -66,6 +66,7 @@ class FuseBatchNormPass(Pass):
     summary = ("Fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul, "
                "and constant Mul/Add after a BN into the BN (AMCT do_fusion).")
     Options = FuseBatchNormOptions
+    reads = ("amct_config",)
 
     def run(self, graph, ctx) -> PassResult:
         do_fusion, skip_names = self._settings(graph)

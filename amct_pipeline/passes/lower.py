@@ -60,6 +60,13 @@ class LowerPass(Pass):
     requires = frozenset({"layer_map", "act_quant", "weight_quant"})
     produces = frozenset({"quant_record", "lowered"})
     references = {"targets": "targets"}
+    writes = ("prefix",)
+
+    def output_files(self, render, session) -> list[tuple[str, str]]:
+        prefix = render(self.options.prefix, "prefix", fragment=True)
+        registry = session.registry("targets")
+        names = [model_filename(prefix, registry.get(t).file_suffix()) for t in self.options.targets if t in registry]
+        return [("prefix", n) for name in names for n in (name, name + ".data")]
 
     def produced(self, session) -> frozenset[str]:
         """``produces`` plus what the listed targets declare (e.g. ascend's 'ascend_report')."""
@@ -118,7 +125,7 @@ class LowerPass(Pass):
         from ..ir.io import write_model
         if ctx.outputs.directory is None:
             return None
-        filename = model_filename(self.options.prefix.format(model=ctx.model_name), target.suffix)
+        filename = model_filename(ctx.file_name(self.options.prefix, "prefix", fragment=True), target.file_suffix())
         written = write_model(copy, ctx.output_path(filename))
         for extra in written[1:]:
             ctx.outputs.path(extra.name)     # external data is committed with the model

@@ -118,6 +118,7 @@ class MatchLayersPass(Pass):
     name = "match_layers"
     summary = "Find the quantizable Conv/ConvTranspose/Gemm/MatMul/AveragePool layers (artifact 'layer_map')."
     Options = MatchLayersOptions
+    reads = ("amct_config",)
     produces = frozenset({"layer_map"})
 
     def produced(self, session) -> frozenset[str]:
@@ -140,6 +141,10 @@ class MatchLayersPass(Pass):
                 skipped[node.name] = layer
             else:
                 layers.append(layer)
+        nested = _nested_layers(graph)
+        if nested and not layers:
+            raise ConfigError([Problem(WHERE, "", "no quantizable layer in the model's main graph; layers inside "
+                                       f"If/Loop/Scan subgraphs are not quantized: {_preview(nested)}")])
         layer_map = LayerMap(layers, skipped)
         ctx.artifacts["layer_map"] = layer_map
         return PassResult(False, {"matched": len(layer_map), "skipped": len(skipped), "by_type": layer_map.by_type()})
@@ -163,6 +168,21 @@ class MatchLayersPass(Pass):
         if isinstance(found, str):
             return found
         return QuantLayer(options=layer_options, **found)
+
+
+def _nested_layers(graph) -> list[str]:
+    """Quantizable nodes inside subgraphs ('conv (in Loop 'loop')'): never matched, so named in errors."""
+    from ..ir.graph import iter_subgraphs
+    found = []
+
+    def walk(nodes, owner):
+        for node in nodes:
+            if owner is not None and node.op in SUPPORTED_OP_TYPES:
+                found.append(f"{node.name} (in {owner.op} '{owner.name}')")
+            for sub in iter_subgraphs(node):
+                walk(sub.nodes, node if owner is None else owner)
+    walk(graph.nodes, None)
+    return found
 
 
 def _check_names(graph, opts: MatchLayersOptions) -> None:

@@ -63,7 +63,7 @@ class RefineRangesOptions(Options):
         32, description="At most this many samples in all (a batch with a free batch dimension is cut); "
                         "evaluation time grows linearly with it.")
     factors: list[float] = Field(
-        default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+        default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], max_length=100,
         description="Multipliers tried in this order for clip_max (and clip_min); 1.0 = the current range. "
                     "Deep shrinks pay off on the few tensors whose outliers dominate (MobileNetV2: 0.3 and below).")
     sweeps: int = Field(1, ge=1, le=5, description="Passes over all tensors (a sweep without change stops).")

@@ -18,12 +18,17 @@ class SavePass(Pass):
     name = "save"
     summary = "Write the current model into the output directory (atomically, external data over 2 GB)."
     Options = SaveOptions
+    writes = ("filename",)
+
+    def output_files(self, render, session) -> list[tuple[str, str]]:
+        name = render(self.options.filename, "filename")
+        return [("filename", name), ("filename", name + ".data")]      # .data: external data beside it
 
     def run(self, graph, ctx) -> PassResult:
         from ..ir.io import write_model
         if ctx.outputs.directory is None:
             return PassResult(False, {"written": 0})
-        filename = self.options.filename.format(model=ctx.model_name)
+        filename = ctx.file_name(self.options.filename, "filename")
         files = write_model(graph, ctx.output_path(filename), external=self.options.external_data)
         for extra in files[1:]:
             ctx.outputs.path(extra.name)      # the data file is committed with the model

@@ -49,9 +49,20 @@ class DumpIR(PassInstrument):
         return self.only is None or pass_.name in self.only
 
     def _dump(self, graph, label: str) -> None:
+        from ..files import OutputError, describe_os_error
         from ..ir.io import write_model
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_model(graph, self.directory / f"{label}.onnx")
+        created = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_model(graph, self.directory / f"{label}.onnx")
+        except OSError as exc:     # a file in the way, a full disk: one line naming the dump, not a traceback
+            for folder in created:            # innermost first; only the empty folders this dump made
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise OutputError(f"IR dump folder {self.directory}: cannot write {label}.onnx "
+                              f"({describe_os_error(exc)})") from None
 
     def before_pass(self, index, pass_, graph) -> None:
         if self.before and self._wanted(pass_):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from pathlib import Path
@@ -54,17 +53,27 @@ def _from_text(text: str) -> dict[str, Any]:
         raise ConfigError([Problem("<text>", "", str(exc))]) from None
 
 
+MAX_FILE_BYTES = 16 << 20
+
+
 def read_pipeline_file(path: Path) -> dict[str, Any]:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ConfigError([Problem(str(path), "", "unknown pipeline file type",
                                    "use .yaml, .yml, .json or .toml")])
+    from ..files import open_regular
+    from ..safeparse import ParseError, decode_utf8
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path, "pipeline file", ConfigError) as handle:    # a FIFO or device never blocks
+            raw = handle.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError([Problem(str(path), "", f"cannot read: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([Problem(str(path), "", f"is over {MAX_FILE_BYTES >> 20} MiB; a pipeline file is a few KB")])
     try:
-        data = _parse(kind, text)
+        data = _parse(kind, decode_utf8(raw))
+    except ParseError as exc:
+        raise ConfigError([Problem(str(path), exc.where, f"not valid {kind.upper()}: {exc.message}")]) from None
     except Exception as exc:  # each parser has its own error type; the message is what matters
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError([Problem(str(path), "", f"not valid {kind.upper()}: {first}")]) from None
@@ -76,13 +85,12 @@ def read_pipeline_file(path: Path) -> dict[str, Any]:
 
 
 def _parse(kind: str, text: str) -> Any:
+    from .. import safeparse
     if kind == "json":
-        return json.loads(text)
+        return safeparse.load_json(text)
     if kind == "toml":
-        import tomllib
-        return tomllib.loads(text)
-    import yaml
-    return yaml.safe_load(text)
+        return safeparse.load_toml(text)
+    return safeparse.load_yaml(text)
 
 
 def spec_from_mapping(data: Mapping[str, Any], origin: str, base_dir: str = ".") -> PipelineSpec:
@@ -129,21 +137,28 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], origin: str 
         try:
             _apply_one(data, item)
         except ValueError as exc:
-            problems.append(Problem("--set", item, str(exc)))
+            problems.append(Problem("--set", _shorten(item), str(exc)))
     if problems:
         raise ConfigError(problems)
     return data
 
 
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _apply_one(data: dict[str, Any], item: str) -> None:
-    import yaml
+    from ..safeparse import ParseError, load_yaml
     if "=" not in item:
         raise ValueError("expected key.path=value")
     key, raw = item.split("=", 1)
     steps = [m.group(1) if m.group(1) is not None else int(m.group(2)) for m in _STEP.finditer(key.strip())]
     if not steps:
         raise ValueError("empty key path")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = load_yaml(raw, allow_tags=False) if raw.strip() else ""
+    except ParseError as exc:
+        raise ValueError(f"the value is not a plain YAML value: {exc.message}") from None
     node: Any = data
     for i, step in enumerate(steps[:-1]):
         node = _descend(node, step, steps[i - 1] if i else None)
@@ -152,8 +167,10 @@ def _apply_one(data: dict[str, Any], item: str) -> None:
         if not isinstance(last, int) or last >= len(node):
             raise ValueError(f"no list item {last!r}")
         node[last] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ValueError(f"'{steps[-2] if len(steps) > 1 else key}' is not a mapping")
 
 
 def _descend(node: Any, step: Any, parent: Any) -> Any:

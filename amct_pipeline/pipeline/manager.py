@@ -1,8 +1,6 @@
 """Building (all validation, no model) and running pipelines."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -12,6 +10,8 @@ import onnx
 from ..errors import ConfigError, PassError, Problem
 from ..options import parse_options, suggest
 from ..passes.base import PIPELINE_METADATA_KEY, Pass, PassContext, PassResult
+from .guard import RunGuard, output_name_problems
+from .staging import OutputStage
 from .instruments import PassInstrument
 from .spec import PipelineSpec
 from .textual import format_pipeline
@@ -38,7 +38,9 @@ def build_pipeline(session, spec: PipelineSpec, *, extra_datasets: set[str] = fr
                      for p in option_problems]
         if options is not None:
             problems += _check_references(session, spec.source, where, cls, options, datasets)
-            passes.append(cls(options))
+            pass_ = cls(options)
+            problems += output_name_problems(session, spec.source, where, pass_)
+            passes.append(pass_)
     if not problems:
         problems += _dataflow_problems(session, spec.source, passes)
     if problems:
@@ -121,54 +123,6 @@ def _dataflow_problems(session, source: str, passes: Sequence[Pass]) -> list[Pro
     return problems
 
 
-class OutputStage:
-    """Files passes write go to a hidden staging folder; they appear only when the run succeeds."""
-
-    def __init__(self, directory: str | Path | None) -> None:
-        self.directory = Path(directory) if directory is not None else None
-        self._staging: Path | None = None
-        self.files: list[str] = []
-        self.protected: set[Path] = set()
-
-    def protect(self, path: str | Path) -> None:
-        """Never write over this file (the input model, data files)."""
-        self.protected.add(Path(path).resolve())
-
-    def path(self, filename: str) -> Path:
-        if self.directory is None:
-            raise ConfigError(f"this pipeline writes '{filename}'; give an output directory (--output-dir)")
-        if (self.directory / filename).resolve() in self.protected:
-            raise ConfigError(f"writing '{filename}' into {self.directory} would overwrite an input file; "
-                              "choose another output directory or file name")
-        if self._staging is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=".amct-staging-", dir=self.directory))
-        if filename not in self.files:
-            self.files.append(filename)
-        target = self._staging / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
-
-    def commit(self) -> list[Path]:
-        if self._staging is None:
-            return []
-        written = []
-        for filename in self.files:
-            staged = self._staging / filename
-            if staged.exists():
-                final = self.directory / filename
-                final.parent.mkdir(parents=True, exist_ok=True)
-                staged.replace(final)
-                written.append(final)
-        self.abort()
-        return written
-
-    def abort(self) -> None:
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
-
-
 @dataclass
 class PipelineResult:
     """What a run gives back. ``model`` is exported from ``graph`` on first access."""
@@ -215,14 +169,14 @@ class Pipeline:
         from ..ir import load_graph
         from ..runtime.data import open_datasets
         verify_each = self.spec.context.verify_each if verify_each is None else verify_each
+        stage = OutputStage(output_dir)
+        guard = RunGuard(self, stage, model, model_name, instruments)
+        guard.before_loading(datasets or {})           # output folder, names, inputs: before any work
         sources = open_datasets(self.session, self.spec, datasets or {})
         graph = load_graph(model)
         if model_name:
             graph.name = model_name
-        stage = OutputStage(output_dir)
-        for value in [model, *(datasets or {}).values()]:
-            if isinstance(value, (str, Path)):
-                stage.protect(value)
+        guard.after_loading(graph, sources)            # external data and data files are inputs too
         ctx = PassContext(self.session, datasets=sources, outputs=stage, seed=self.spec.context.seed,
                           pipeline_text=self.text, model_name=graph.name, progress=progress)
         try:
@@ -232,7 +186,7 @@ class Pipeline:
                                     reports=[(name, r.report) for name, r in results if r.report])
             result.files = stage.commit()
         finally:
-            stage.abort()
+            stage.abort()                              # after a failure: staged files and new empty folders
         for instrument in reversed(instruments):
             instrument.after_pipeline(result)
         return result

@@ -14,6 +14,7 @@ __all__ = ["parse_pipeline_text", "format_pipeline", "format_value", "TextSyntax
 
 _BARE = re.compile(r"[^\s,\[\]{}=\"]+")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+MAX_DEPTH = 100   # nested lists and mappings (as in pipeline files, see amct_pipeline.safeparse)
 
 
 class TextSyntaxError(ValueError):
@@ -71,10 +72,16 @@ def _scalar(token: str) -> Any:
 
 class _Parser:
     def __init__(self, text: str) -> None:
-        self.text, self.pos = text.strip(), 0
+        self.text, self.pos, self.depth = text.strip(), 0, 0
 
     def error(self, what: str) -> TextSyntaxError:
-        return TextSyntaxError(f"{what} at column {self.pos + 1} of {self.text!r}")
+        shown = self.text if len(self.text) <= 120 else self.text[:120] + f"... ({len(self.text)} characters)"
+        return TextSyntaxError(f"{what} at column {self.pos + 1} of {shown!r}")
+
+    def nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(f"nested more than {MAX_DEPTH} levels deep")
 
     def skip_ws(self) -> None:
         while self.pos < len(self.text) and self.text[self.pos].isspace():
@@ -115,21 +122,30 @@ class _Parser:
 
     def mapping(self) -> dict[str, Any]:
         self.expect("{")
+        self.nest()
         result: dict[str, Any] = {}
         while not self.take("}"):
+            start = self.pos
             key = self.bare()
+            if key in result:
+                self.pos = start
+                self.skip_ws()
+                raise self.error(f"duplicate key '{key}'")
             self.expect("=")
             result[key] = self.value()
             self.take(",")  # tolerate "a=1, b=2" on input; printing uses spaces
+        self.depth -= 1
         return result
 
     def value(self) -> Any:
         if self.peek("["):
             self.expect("[")
+            self.nest()
             items = []
             while not self.take("]"):
                 items.append(self.value())
                 self.take(",")
+            self.depth -= 1
             return items
         if self.peek("{"):
             return self.mapping()

@@ -28,10 +28,22 @@ class InputInfo:
 
 
 def model_inputs(graph) -> list[InputInfo]:
+    """Name, shape and dtype of each input; an input without type or shape is an error naming it."""
     out = []
     for tensor in graph.gs.inputs:
-        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in (tensor.shape or ()))
-        out.append(InputInfo(tensor.name, shape, np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype("float32")))
+        if tensor.dtype is None:
+            raise DataError(f"model input '{tensor.name}' has no element type in the model, so no data can be "
+                            "fed to it; give the input a type (e.g. float32) in the model")
+        try:
+            dtype = np.dtype(tensor.dtype)
+        except TypeError:
+            raise DataError(f"model input '{tensor.name}' has type {tensor.dtype}, which numpy cannot hold") from None
+        if tensor.shape is None:
+            raise DataError(f"model input '{tensor.name}' has no shape in the model (not even its rank), so data "
+                            "cannot be checked against it and onnx.checker refuses the model; give the input a "
+                            "shape, e.g. [N, 3, 224, 224] with N symbolic")
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in tensor.shape)
+        out.append(InputInfo(tensor.name, shape, dtype))
     return out
 
 
@@ -153,33 +165,22 @@ def conform(dataset: str, info: InputInfo, batch: np.ndarray) -> np.ndarray:
 
 class NpyReader(DataReader):
     name = "npy"
-    summary = ".npy / .npz files or a directory of them ([N, ...] arrays, .npy memory-mapped)"
+    summary = ".npy / .npz file or a folder of shards ([N, ...] arrays, read lazily: only the samples used)"
 
     def open(self, name: str, spec: DatasetSpec, base_dir: Path) -> DataSource:
+        from .arrays import read_arrays, read_directory
         if not spec.path:
             raise ConfigError(f"dataset '{name}' has no path; set datasets.{name}.path or use --data {name}=PATH")
         path = Path(spec.path) if Path(spec.path).is_absolute() else Path(base_dir) / spec.path
         if not path.exists():
             raise DataError(f"dataset '{name}': {path} does not exist")
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz")) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"dataset '{name}': {path} holds no .npy or .npz file")
-        parts = [_read_arrays(name, f) for f in files]
-        keys = set(parts[0])
-        if any(set(p) != keys for p in parts):
-            raise DataError(f"dataset '{name}': the files in {path} do not hold the same array names")
-        arrays = {k: parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return ArraySource(name, arrays, spec, str(path))
-
-
-def _read_arrays(name: str, path: Path) -> dict[str, np.ndarray]:
-    try:
-        if path.suffix == ".npy":
-            return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"dataset '{name}': cannot read {path}: {exc}") from None
+        if path.is_dir():
+            arrays, files = read_directory(name, path)
+        else:
+            arrays, files = read_arrays(name, path), [path]
+        source = ArraySource(name, arrays, spec, str(path))
+        source.files = files            # what the run reads: never an output (see pipeline/guard.py)
+        return source
 
 
 class IterableSource(DataSource):

@@ -247,7 +247,7 @@ def test_json_syntax_errors_and_repeated_keys(tmp_path):
     with pytest.raises(ConfigFileError, match=r"quant.json:3:18: invalid JSON: Expecting property name"):
         read_quant_config(path)
     path.write_text('{"conv1": {"quant_enable": true}, "conv1": {"quant_enable": false}}')
-    with pytest.raises(ConfigFileError, match=r"quant.json: key 'conv1' appears more than once; keep one$"):
+    with pytest.raises(ConfigFileError, match=r"quant.json:1:35: key 'conv1' appears more than once \(first at line 1\); keep one$"):
         read_quant_config(path)
 
 

@@ -85,14 +85,14 @@ def test_layer_record_rounds_scales_to_float32():
     assert parse_record(format_record({"a": rec}))["a"] == rec
 
 
-def test_duplicates_last_one_wins():
-    text = ('record { key: "a" value { scale_d: 1.0 scale_d: 2.0 offset_d: 1 } }\n'
+def test_duplicates_are_errors_naming_file_line_and_key():
+    text = ('record { key: "a" value { scale_d: 1.0 offset_d: 1 } }\n'
             'record { key: "b" value { scale_d: 3.0 } }\n'
             'record { key: "a" value { scale_d: 4.0 } }\n')
-    record = parse_record(text)
-    assert record["a"] == LayerRecord(scale_d=4.0)
-    assert list(record) == ["b", "a"]
-    assert parse_record(text.splitlines()[0])["a"].scale_d == 2.0
+    with pytest.raises(RecordError, match=r"^r.txt:3:10: layer 'a': is listed twice .*first at line 1"):
+        parse_record(text, source="r.txt")
+    with pytest.raises(RecordError, match=r"^r.txt:1:40: field 'scale_d' of SingleLayerRecord is given twice"):
+        parse_record('record { key: "a" value { scale_d: 1.0 scale_d: 2.0 offset_d: 1 } }', source="r.txt")
 
 
 def test_caffe_fields_prune_and_kv_cache_entries_load_and_survive_a_round_trip():

@@ -105,7 +105,7 @@ def test_unknown_ascend_attribute_is_a_one_line_error(built, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "nothere.npy"], "data file 'nothere.npy' not found"),
+    (["--data", "nothere.npy"], "nothere.npy does not exist"),
     (["--data", "wrong={data}"], "'wrong' is not a model input (input)"),
     (["--batch-size", "0"], None),
 ])

@@ -80,7 +80,7 @@ class _FakeDist:
 def fake_entrypoint(monkeypatch):
     module = _plugin_module("fake_plugin", TouchPass)
     dist = _FakeDist([_FakeEntryPoint("fake", module)])
-    monkeypatch.setattr("importlib.metadata.distributions", lambda: [dist])
+    monkeypatch.setattr("importlib.metadata.distributions", lambda **kwargs: [dist])
     monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
     return module
 

@@ -29,6 +29,15 @@ def _xlogx(v: np.ndarray) -> np.ndarray:
     return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
 
 
+MAX_SEARCH_WORK = 1 << 26      # (candidates x quantized bins) per tensor: a few s; the default is 2.5e5
+CHUNK_WORK = 1 << 20           # candidates are evaluated in chunks of about this many bin evaluations
+
+
+def search_work(num_bins: int, num_quantized_bins: int) -> int:
+    """Bin evaluations of one KL search: (candidates) x (quantized bins + 1)."""
+    return max(num_bins - num_quantized_bins + 1, 0) * (num_quantized_bins + 1)
+
+
 def kl_divergences(hist: np.ndarray, num_quantized_bins: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """KL(P || Q) for every candidate ``i`` in ``num_quantized_bins .. len(hist)``, all in closed form.
 
@@ -43,18 +52,23 @@ def kl_divergences(hist: np.ndarray, num_quantized_bins: int = 128) -> tuple[np.
     z = np.concatenate([[0], np.cumsum(h > 0)])
     hlogh = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
     total = s[-1]
-    i = np.arange(nq, nb + 1)
-    outliers = total - s[i]
-    last = h[i - 1]
-    bounds = (np.arange(nq + 1)[None, :] * i[:, None] + nq - 1) // nq   # first source bin of each q bin
-    qs, nz = np.diff(s[bounds], axis=1), np.diff(z[bounds], axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p_log_q = np.where(qs > 0, qs * np.log(qs / nz), 0.0).sum(axis=1)
-        p_log_q += np.where(outliers > 0, outliers * np.log(qs[:, -1] / nz[:, -1]), 0.0)
-        p_log_p = hlogh[i - 1] + _xlogx(last + outliers)
-        kl = (p_log_p - p_log_q) / total - np.log(total) + np.log(s[i])
-    kl[((last == 0) & (outliers > 0)) | (s[i] <= 0)] = np.inf
-    return i, kl
+    candidates = np.arange(nq, nb + 1)
+    rows = max(1, CHUNK_WORK // (nq + 1))
+    kl = np.empty(candidates.size)
+    for start in range(0, candidates.size, rows):     # rows are independent: memory ~ CHUNK_WORK, not nb x nq
+        i = candidates[start:start + rows]
+        outliers = total - s[i]
+        last = h[i - 1]
+        bounds = (np.arange(nq + 1)[None, :] * i[:, None] + nq - 1) // nq   # first source bin of each q bin
+        qs, nz = np.diff(s[bounds], axis=1), np.diff(z[bounds], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p_log_q = np.where(qs > 0, qs * np.log(qs / nz), 0.0).sum(axis=1)
+            p_log_q += np.where(outliers > 0, outliers * np.log(qs[:, -1] / nz[:, -1]), 0.0)
+            p_log_p = hlogh[i - 1] + _xlogx(last + outliers)
+            part = (p_log_p - p_log_q) / total - np.log(total) + np.log(s[i])
+        part[((last == 0) & (outliers > 0)) | (s[i] <= 0)] = np.inf
+        kl[start:start + rows] = part
+    return candidates, kl
 
 
 class EntropyCalibrator(StreamingCalibrator):
@@ -69,6 +83,13 @@ class EntropyCalibrator(StreamingCalibrator):
         def _check_bins(self):
             if self.num_quantized_bins is not None and self.num_quantized_bins > self.num_bins:
                 raise ValueError("num_quantized_bins must be <= num_bins")
+            quantized = ([self.num_quantized_bins] if self.num_quantized_bins is not None else
+                         [min(1 << (self.num_bits - 1), self.num_bins), min(1 << self.num_bits, self.num_bins)])
+            work, nq = max((search_work(self.num_bins, nq), nq) for nq in quantized)
+            if work > MAX_SEARCH_WORK:
+                raise ValueError(f"num_bins {self.num_bins} with {nq} quantized bins costs {work:.3g} "
+                                 f"bin evaluations per tensor; at most {MAX_SEARCH_WORK:.3g} are allowed "
+                                 "(fewer num_bins, or num_quantized_bins near 128 or near num_bins)")
             return self
 
     def _quantized_bins(self, stats: FloatHistogram) -> int:

@@ -22,6 +22,9 @@ from .histogram import Distribution, FloatHistogram
 __all__ = ["IfmrCalibrator", "ifmr_ratios", "ifmr_percentile_rank", "ifmr_search"]
 
 
+MAX_SEARCH_CANDIDATES = 10_000   # (end - start) / step: time and memory grow with it (AMCT's default: 60)
+
+
 def ifmr_ratios(start: float, end: float, step: float) -> np.ndarray:
     """``start + i*step`` for ``i = 0..floor((end-start)/step)``: end included, as AMCT's C++ core does."""
     count = math.floor((end - start) / step + 1e-6)   # tolerate 59.999999 for 0.6/0.01
@@ -88,6 +91,10 @@ class IfmrCalibrator(StreamingCalibrator):
                 raise ValueError("search_range_start must be < search_range_end")
             if self.search_step > span:
                 raise ValueError("search_step must be in (0, search_range_end - search_range_start]")
+            if span / self.search_step > MAX_SEARCH_CANDIDATES:
+                raise ValueError(f"search_step {self.search_step:g} gives {span / self.search_step:.3g} candidate "
+                                 f"ranges; at most {MAX_SEARCH_CANDIDATES} are allowed (search_step >= "
+                                 f"{span / MAX_SEARCH_CANDIDATES:.3g} for this search range)")
             return self
 
     tail_size = 1024   # exact extreme values per side (see FloatHistogram); per-batch cost grows with it

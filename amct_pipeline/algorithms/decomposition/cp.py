@@ -22,7 +22,7 @@ class CpOptions(MethodOptions):
     rank_rule: Literal["vbmf"] = Field(
         "vbmf", description="Rank when no override or target applies: the larger VBMF rank of the channel "
                             "unfoldings (a heuristic: CP has no closed-form rank rule; prefer a target).")
-    n_iter_max: int = Field(100, ge=1, description="ALS iterations of tensorly's parafac.")
+    n_iter_max: int = Field(100, ge=1, le=10_000, description="ALS iterations of tensorly's parafac.")
     seed: int = Field(0, description="random_state given to tensorly (ALS initialisation beyond the SVD).")
 
 

@@ -22,7 +22,7 @@ __all__ = ["Tucker2", "Tucker2Options"]
 class Tucker2Options(MethodOptions):
     rank_rule: Literal["vbmf"] = Field("vbmf", description="Ranks when no override or target applies: EVBMF "
                                                            "rank of the output- and input-channel unfoldings.")
-    n_iter_max: int = Field(50, ge=0, description="HOOI iterations of tensorly's partial_tucker (0 = HOSVD).")
+    n_iter_max: int = Field(50, ge=0, le=10_000, description="HOOI iterations of tensorly's partial_tucker (0 = HOSVD).")
     seed: int = Field(0, description="random_state given to tensorly.")
 
 
