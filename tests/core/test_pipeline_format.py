@@ -107,7 +107,7 @@ def test_unreadable_files(tmp_path, content, message):
 
 
 def test_missing_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_pipeline(tmp_path / "nope.yaml")
 
 
