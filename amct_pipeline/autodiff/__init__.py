@@ -2,7 +2,8 @@
 
 ``Program`` is a graph as the engine runs it (engine operators may be inserted: fake quantization);
 ``Executor`` runs a program, or the block between two tensor sets, forward and computes
-vector-Jacobian products back to chosen parameters and inputs.
+vector-Jacobian products back to chosen parameters and inputs. ``quantops`` holds the fake-quant
+operators with straight-through, ULQ, LSQ (``ulq_retrain``) and AdaRound gradients.
 
 Sits at the runtime level: imports numpy, onnx, ``ir``, ``quant``, ``options`` and ``errors`` only.
 Importing it registers the ONNX operators in its own table and does nothing else.
@@ -12,6 +13,7 @@ from ._util import AutodiffError
 from .executor import Executor
 from .op import Op, supported_ops
 from .program import Node, Program
+from .quantops import ULQ, AdaRound, ARQRetrain, FakeQuant, LSQWeight, ulq_factors, ulq_guard
 
 __all__ = [
     "AutodiffError",
@@ -20,4 +22,11 @@ __all__ = [
     "Node",
     "Op",
     "supported_ops",
+    "FakeQuant",
+    "ULQ",
+    "ARQRetrain",
+    "LSQWeight",
+    "AdaRound",
+    "ulq_factors",
+    "ulq_guard",
 ]
