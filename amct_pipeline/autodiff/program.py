@@ -114,6 +114,63 @@ class Program:
             return base
         return next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in taken)
 
+    def cut_points(self) -> list[str]:
+        """Tensors that alone carry everything later nodes need: after one is produced, no other
+        non-constant tensor is still to be read. The program input comes first when it is the only
+        one; a graph output is live to the end. Block boundaries for block-by-block training."""
+        static = self.static_tensors()
+        readers: dict[str, int] = {}
+        for node in self.nodes:
+            for t in set(node.inputs):
+                if t and t not in static:
+                    readers[t] = readers.get(t, 0) + 1
+        outputs = set(self.outputs)
+        live = {t for t in self.inputs if readers.get(t) or t in outputs}
+        cuts = list(live) if len(live) == 1 else []
+        for node in self.nodes:
+            for t in set(node.inputs):
+                if t in readers:
+                    readers[t] -= 1
+                    if not readers[t] and t not in outputs:
+                        live.discard(t)
+            live.update(t for t in node.outputs if t and t not in static and (readers.get(t) or t in outputs))
+            if len(live) == 1 and next(iter(live)) in node.outputs:
+                cuts.append(next(iter(live)))
+        return cuts
+
+    def blocks(self, min_layers: int = 1, layer_types: Sequence[str] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+               ) -> list[tuple[list[str], list[str]]]:
+        """Consecutive ``(inputs, outputs)`` pieces between cut points, each with at least ``min_layers``
+        nodes of ``layer_types`` where the graph allows (a short tail joins the last piece, which ends at
+        the program outputs)."""
+        cuts = [c for c in self.cut_points() if c not in self.outputs]
+        position = {t: i for i, n in enumerate(self.nodes) for t in n.outputs}
+        pieces: list[tuple[list[str], list[str]]] = []
+        start, count = list(self.inputs), 0
+        last = -1
+        for cut in cuts:
+            end = position.get(cut, -1)
+            count += sum(1 for n in self.nodes[last + 1:end + 1] if n.op_type in layer_types)
+            last = max(last, end)
+            if count >= min_layers and cut not in start:
+                pieces.append((start, [cut]))
+                start, count = [cut], 0
+        if start != list(self.outputs):
+            count += sum(1 for n in self.nodes[last + 1:] if n.op_type in layer_types)
+            if pieces and count < min_layers:
+                pieces[-1] = (pieces[-1][0], list(self.outputs))      # a short tail joins the last piece
+            else:
+                pieces.append((start, list(self.outputs)))
+        return pieces
+
+    def static_tensors(self) -> set[str]:
+        """Constants and what nodes compute from constants alone (a weight seen through Reshape)."""
+        static = set(self.constants) | {""}
+        for node in self.nodes:
+            if all(t in static for t in node.inputs):
+                static.update(node.outputs)
+        return static
+
     # -- edits -----------------------------------------------------------------------------------
     def add_constant(self, name: str, value) -> str:
         """A new constant tensor (e.g. a learnable clip or scale, made trainable by the Executor)."""

@@ -164,3 +164,27 @@ def test_sub_graph_between_two_tensor_sets():
     np.testing.assert_array_equal(block.forward({"r1": kept["r1"]})["r2"], kept["r2"])
     g = block.backward({"r2": np.ones_like(kept["r2"])})
     assert g["r1"].shape == kept["r1"].shape
+
+
+def test_cut_points_and_blocks_of_a_small_cnn():
+    program = Program.from_graph(small_cnn())
+    assert program.cut_points() == ["x", "c1", "r1", "c2", "r2", "gap", "flat", "y"]
+    assert program.blocks(1) == [(["x"], ["c1"]), (["c1"], ["c2"]), (["c2"], ["y"])]
+    assert program.blocks(2) == [(["x"], ["y"])]          # the one-layer tail joins the last block
+
+
+def test_mobilenet_blocks_chain_back_to_the_model():
+    """Three-layer blocks (found from the graph alone) run one after another give the model's output."""
+    program = Program.from_graph(shared_path("models/mobilenetv2_fp32.onnx"))
+    blocks = program.blocks(3)
+    assert len(blocks) == 17
+    assert blocks[0][0] == program.inputs and blocks[-1][1] == program.outputs
+    x = RNG.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    values = {program.inputs[0]: x}
+    covered = set()
+    for inputs, outputs in blocks:
+        exe = Executor(program, inputs=inputs, outputs=outputs)
+        covered.update(n.name for n in exe.program.nodes)
+        values.update(exe.forward({t: values[t] for t in inputs}, grad=False))
+    assert covered == {n.name for n in program.nodes}
+    np.testing.assert_array_equal(values[program.outputs[0]], Executor(program).run({program.inputs[0]: x})[0])
