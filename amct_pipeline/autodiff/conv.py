@@ -111,6 +111,14 @@ def _depthwise_backward(x4, w4, gy, geo, need):
         gw = gwr.reshape((n, c) + tuple(geo["kernel"])).sum(axis=0)[:, None]
         del rows
     if need[0]:
+        (kh, kw), (dh, dw) = geo["kernel"], geo["dilations"]
+        h, w = geo["spatial"]
+        begin = [(kh - 1) * dh - geo["begin"][0], (kw - 1) * dw - geo["begin"][1]]
+        end = [h - ho - begin[0] + (kh - 1) * dh, w - wo - begin[1] + (kw - 1) * dw]
+        if geo["strides"] == [1, 1] and min(begin + end) >= 0:
+            # stride 1: the input gradient is the correlation of gy with the flipped kernel (a forward)
+            full = dict(geo, begin=begin, need=end, out=[h, w])
+            return _depthwise_forward(gy, w4[:, :, ::-1, ::-1], full), gw
         _, kernels = _depthwise_rows(np.zeros((n, c, 1, 1), gy.dtype), w4, dict(geo, begin=[0, 0], need=[0, 0]))
         padded = tuple(s + b + e for s, b, e in zip(geo["spatial"], geo["begin"], geo["need"]))
         gxp = np.zeros((n * c,) + padded, dtype=gy.dtype)

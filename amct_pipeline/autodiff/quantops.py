@@ -35,16 +35,25 @@ def _qrange(num_bits: int) -> tuple[int, int]:
     return -half, half - 1
 
 
-def _act_fake_quant(x: np.ndarray, scale: float, offset: int, qmin: int, qmax: int):
-    """(fake-quantized x, pre-clip codes) with the lowering's float arithmetic."""
+def _multiplier(x: np.ndarray, scale: float):
     t = x.dtype.type
-    m = t(quant_multiplier(scale)) if x.dtype == np.float32 else t(1.0 / scale)
-    codes = np.rint(x * m)
-    codes += t(offset)
-    q = np.clip(codes, qmin, qmax)
+    return t(quant_multiplier(scale)) if x.dtype == np.float32 else t(1.0 / scale)
+
+
+def _act_fake_quant(x: np.ndarray, scale: float, offset: int, qmin: int, qmax: int, mask: bool = False):
+    """(fake-quantized x, [codes in range]) with the lowering's float arithmetic, in place on one buffer."""
+    t = x.dtype.type
+    q = np.multiply(x, _multiplier(x, scale))
+    np.rint(q, out=q)
+    q += t(offset)
+    inside = None
+    if mask:
+        inside = q >= qmin
+        np.logical_and(inside, q <= qmax, out=inside)
+    np.clip(q, t(qmin), t(qmax), out=q)
     q -= t(offset)
     q *= t(scale)
-    return q, codes
+    return q, inside
 
 
 class FakeQuant(Op):
@@ -58,9 +67,8 @@ class FakeQuant(Op):
 
     def forward(self, xs, need):
         p = self.params
-        y, codes = _act_fake_quant(xs[0], p.scale, p.offset, p.qmin, p.qmax)
-        saved = ((codes >= p.qmin) & (codes <= p.qmax)) if need is not None else None
-        return [y], saved
+        y, inside = _act_fake_quant(xs[0], p.scale, p.offset, p.qmin, p.qmax, mask=need is not None)
+        return [y], inside
 
     def backward(self, saved, gys, need):
         return [masked(gys[0], saved)]
@@ -116,15 +124,30 @@ class ULQ(Op):
         lo, hi = t(p.scale * (p.qmin - p.offset)), t(p.scale * (p.qmax - p.offset))
         upper = x > hi
         lower = x < lo
-        xt = np.clip(x, lo, hi) / t(p.scale)
-        e = (np.rint(xt) - xt) / t((1 << self.num_bits) - 1)
-        out = [masked(g, ~(upper | lower)) if need[0] else None]
-        ge = (g * e).sum(dtype=np.float64)
-        out.append(np.asarray(ge + g[upper].sum(dtype=np.float64), dtype=g.dtype).reshape(shape_max)
-                   if need[1] else None)
-        if not self.fixed_min:
-            out.append(np.asarray(g[lower].sum(dtype=np.float64) - ge, dtype=g.dtype).reshape(shape_min)
-                       if need[2] else None)
+        inside = np.logical_or(upper, lower)
+        np.logical_not(inside, out=inside)
+        gx = masked(g, inside)
+        out = [gx if need[0] else None]
+        if need[1] or (not self.fixed_min and need[2]):
+            # e = (round(x~) - x~) / (2^b - 1); on a clipped element x~ is a code, so e = 0 there.
+            # Sums as dot products (np.sum(where=) is several times slower on large arrays).
+            levels = (1 << self.num_bits) - 1
+            v = np.multiply(x, _multiplier(x, p.scale))
+            r = np.rint(v)
+            r -= v
+            del v
+            np.multiply(r, inside, out=r)
+            flat_g = g.reshape(-1)
+            ge = float(np.dot(flat_g, r.reshape(-1))) / levels
+            np.putmask(r, upper, t(levels))
+            g_upper = float(np.dot(flat_g, r.reshape(-1))) / levels - ge
+            del r
+            out.append(np.asarray(ge + g_upper, dtype=g.dtype).reshape(shape_max) if need[1] else None)
+            if not self.fixed_min:
+                g_lower = float(np.sum(g, dtype=np.float64) - np.sum(gx, dtype=np.float64)) - g_upper
+                out.append(np.asarray(g_lower - ge, dtype=g.dtype).reshape(shape_min) if need[2] else None)
+        else:
+            out += [None] * (len(need) - 1)
         return out
 
 

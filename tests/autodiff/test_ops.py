@@ -60,6 +60,7 @@ CASES = [
     conv("conv_depthwise_s2", (1, 4, 7, 7), (4, 1, 3, 3), group=4, pads=[1, 1, 1, 1], strides=[2, 2]),
     conv("conv_depthwise_dilated", (1, 2, 7, 7), (2, 1, 3, 3), group=2, pads=[2, 2, 2, 2], dilations=[2, 2]),
     conv("conv_depth_multiplier", (1, 3, 5, 5), (6, 1, 3, 3), group=3),
+    conv("conv_depthwise_asym_pads", (1, 3, 6, 6), (3, 1, 3, 3), group=3, pads=[0, 1, 2, 0]),
     conv("conv_pointwise", (2, 4, 3, 3), (5, 4, 1, 1), bias=False),
     conv("conv_pointwise_s2", (1, 3, 5, 5), (2, 3, 1, 1), strides=[2, 2]),
     conv("conv_same_upper_even_k", (1, 2, 5, 6), (2, 2, 4, 4), auto_pad="SAME_UPPER", strides=[2, 2]),
@@ -257,6 +258,16 @@ def test_forward_matches_onnxruntime(case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.grad], ids=[c.id for c in CASES if c.grad])
 def test_vjp_matches_finite_differences(case):
+    check_gradients(case)
+
+
+@pytest.mark.parametrize("strides", [[1, 1], [2, 2]])
+def test_depthwise_chunking(monkeypatch, strides):
+    """Depthwise convolutions run in chunks of rows (image x channel); a tiny chunk forces many."""
+    from amct_pipeline.autodiff import conv as conv_module
+    monkeypatch.setattr(conv_module, "_CHUNK", 20)
+    case = conv("dw_chunks", (2, 3, 6, 5), (3, 1, 3, 3), group=3, pads=[1, 1, 1, 1], strides=strides)
+    check_forward(case)
     check_gradients(case)
 
 
