@@ -180,13 +180,14 @@ class Program:
         return name
 
     def insert(self, op: Op, inputs: Sequence[str], output: str | None = None,
-               consumers: Iterable[str] | None = None, name: str | None = None) -> str:
-        """Insert ``op`` reading ``inputs``; the nodes ``consumers`` (node names; default every reader of
-        ``inputs[0]``) then read its output instead of ``inputs[0]``. Returns the output's name.
+               consumers: Iterable[str] | None = None, name: str | None = None, replaces: str | None = None) -> str:
+        """Insert ``op`` reading ``inputs``; the nodes ``consumers`` (node names; default every reader)
+        then read its output instead of ``replaces`` (default ``inputs[0]``). Returns the output's name.
 
-        Typical use: ``prog.insert(ULQ(), [x, clip_max, clip_min], consumers=[conv])`` or, on a weight,
-        ``prog.insert(ARQRetrain(), [weight], consumers=[conv])``."""
-        source = inputs[0]
+        Typical use: ``prog.insert(ULQ(), [x, clip_max, clip_min], consumers=[conv])``, on a weight
+        ``prog.insert(ARQRetrain(), [weight], consumers=[conv])``, and for a weight computed from other
+        parameters ``prog.insert(AdaRound(w, s), [alpha], replaces=weight, consumers=[conv])``."""
+        source = replaces or inputs[0]
         known = self.tensor_names()
         for tensor in inputs:
             if tensor and tensor not in known:
@@ -198,6 +199,8 @@ class Program:
             if missing:
                 raise AutodiffError(f"insert: node(s) {sorted(missing)} do not read '{source}'")
             readers = [n for n in readers if n.name in wanted]
+        if source not in known:
+            raise AutodiffError(f"insert: tensor '{source}' does not exist")
         output = output or self.unique_name(f"{source}.{op.op_type.lower()}")
         if output in known:
             raise AutodiffError(f"insert: tensor '{output}' already exists")
