@@ -245,3 +245,21 @@ def test_adaround_training_beats_round_to_nearest_at_4_bits():
     codes = op.codes(exe.params[alpha])
     assert np.abs(codes - p.quantized).max() <= 1          # only the rounding direction is learned
     assert ada_error < 0.6 * rtn_error, (ada_error, rtn_error)         # measured: 0.43x
+
+
+def test_engine_imports_respect_the_layering():
+    """autodiff/ sits at the runtime level: numpy, onnx and the ir / quant / options / errors packages only."""
+    import ast
+    from pathlib import Path
+
+    import amct_pipeline.autodiff as autodiff
+    allowed_internal = {"ir", "quant", "options", "errors"}
+    for path in Path(autodiff.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                assert (node.module or "").split(".")[0] in allowed_internal, (path.name, node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in {"__future__", "typing", "dataclasses", "pathlib", "numpy",
+                                                     "onnx", "itertools", "math"}, (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] in {"math", "itertools", "numpy", "onnx"} for a in node.names), path.name
