@@ -155,3 +155,19 @@ def test_ultraface_box_decoding_gradients():
     exe = Executor(program, inputs=heads, grad_inputs=heads, dtype=np.float64)
     assert {"Shape", "Gather", "Slice", "Exp", "Softmax"} <= set(n.op_type for n in exe.nodes)
     directional_check(exe, {h: kept[h].astype(np.float64) for h in heads}, heads, directions=1)
+
+
+def test_engine_runs_the_lowered_fake_quant_model_like_onnxruntime(session, tmp_path):
+    """The AMCT fake-quant model of the ptq_int8 preset (Mul / Round / Add / Clip / Sub chains, integer
+    weights, Mul dequant) runs in the engine as in onnxruntime: what a retrained model is checked with."""
+    x = resnet8_input()[0]
+    data = tmp_path / "calib.npy"
+    np.save(data, np.concatenate([x] * 4))
+    result = session.build("ptq_int8").run(shared_path("models/resnet8_cifar10_bn.onnx"), datasets={"calib": str(data)})
+    fake = result.artifacts["lowered"]["fakequant"]
+    ref = make_session(fake, optimize=False).run(None, {fake.graph.input[0].name: x})
+    exe = Executor(fake)
+    assert {"Round", "Clip", "Sub"} <= set(n.op_type for n in exe.nodes)
+    got = exe.run({exe.program.inputs[0]: x})
+    for r, g in zip(ref, got):
+        assert np.abs(r - g).max() <= 1e-4 * np.abs(r).max()
