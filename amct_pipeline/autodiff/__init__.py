@@ -9,7 +9,7 @@ Adam and the mean squared error.
 Sits at the runtime level: imports numpy, onnx, ``ir``, ``quant``, ``options`` and ``errors`` only.
 Importing it registers the ONNX operators in its own table and does nothing else.
 """
-from . import conv, ops, resize  # noqa: F401  (operator registration)
+from . import conv, elementwise, linear, movement, resize  # noqa: F401  (operator registration)
 from ._util import AutodiffError
 from .executor import Executor
 from .op import Op, supported_ops

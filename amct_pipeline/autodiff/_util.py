@@ -5,6 +5,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+import onnx
 
 from ..errors import AmctError
 
@@ -84,3 +85,25 @@ def erf(x: np.ndarray) -> np.ndarray:
     """The error function to double precision (``math.erf`` elementwise; numpy has none)."""
     x = np.asarray(x)
     return _erf(x).astype(x.dtype if x.dtype.kind == "f" else np.float64)
+
+
+# -- operator helpers ------------------------------------------------------------------------
+def scalar_like(x: np.ndarray, value: float):
+    return x.dtype.type(value) if x.dtype.kind == "f" else value
+
+
+def np_dtype(onnx_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(onnx_type)))
+
+
+def optional(xs, i):
+    return xs[i] if len(xs) > i else None
+
+
+def axes_of(op, xs, attr_until: int, index: int = 1):
+    """Axes from the attribute (opset < ``attr_until``) or from input ``index``; None when absent."""
+    if op.opset < attr_until:
+        value = op.attr("axes")
+    else:
+        value = optional(xs, index)
+    return None if value is None else as_ints(value)
