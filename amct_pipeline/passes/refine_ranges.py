@@ -100,6 +100,7 @@ class _Unit:
     noise: float = 0.0
     all_readers: bool = False     # every reader of the tensor reads the branch, not only ``layers``
     output: str = ""              # the fake-quantized tensor, named when the evaluation model is built
+    extra: tuple = ()             # more tensors quantized with these factors (QDQ data movement, Concat inputs)
 
     @property
     def names(self) -> tuple[str, str, str, str, str]:
@@ -122,7 +123,7 @@ class RefineRangesPass(Pass):
         layer_map = ctx.artifacts["layer_map"]
         blocks = ctx.artifacts.get("tensor_quant")
         qdq = self.options.layout == "qdq" or (self.options.layout == "auto" and blocks is not None)
-        units = _units(layer_map, act_quant, (blocks or {}) if qdq else None)
+        units = _qdq_units(graph, layer_map, act_quant, blocks or {}) if qdq else _units(layer_map, act_quant)
         if not units:
             return PassResult(False, {"tensors": 0, "tensors_changed": 0, "sweeps": 0})
         feeds = _subset(graph, ctx.dataset(self.options.dataset), self.options)
@@ -162,6 +163,15 @@ def _units(layer_map, act_quant, blocks: dict[str, ActQuantParams] | None = None
         if tensor not in first:
             units[(tensor, id(params))] = _Unit(tensor, [], params, index=len(units), all_readers=True)
     return list(units.values())
+
+
+def _qdq_units(graph, layer_map, act_quant, blocks: dict[str, ActQuantParams]) -> list[_Unit]:
+    """The quantizers of the QDQ model ``lower{targets=[qdq]}`` writes (``quant.facts.qdq_quantizers``):
+    data movement and Concat inputs share their class's factors, so one unit may quantize several tensors."""
+    from ..quant.facts import qdq_quantizers
+    layers = {layer.name: layer for layer in layer_map.layers() if act_quant.get(layer.name) is not None}
+    return [_Unit(q.key, list(q.layers), q.params, index=i, all_readers=not q.own, extra=q.tensors[1:])
+            for i, q in enumerate(qdq_quantizers(graph, layers, act_quant, blocks))]
 
 
 def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.ndarray]]:
@@ -245,6 +255,11 @@ def _insert_fake_quant(model, namer: Namer, unit: _Unit) -> None:
     else:
         for name in unit.layers:
             model.node(name).inputs[0] = out
+    for index, name in enumerate(unit.extra):
+        extra = model.tensors()[name]
+        readers = list(extra.outputs)
+        codes = emit_fake_quant(model, namer, extra, f"{base}.{index}", QuantFactors(inv, offset, low, high))
+        reroute(extra, emit_antiquant(model, namer, codes, f"{base}.{index}.dequant", scale), readers)
 
 
 def factor_feed(unit: _Unit, params: ActQuantParams) -> dict[str, np.ndarray]:
