@@ -410,14 +410,16 @@ def _width(params: ActQuantParams) -> float:
 
 
 def _pad_into_conv(graph, plan: LayoutPlan, tensor: gs.Tensor, sources: Mapping[str, Source]) -> bool:
-    """A zero Pad whose input has the same factors and whose readers are all Convs: no pair, so
-    onnxruntime folds the Pad into the Conv (a Q/DQ pair between them would keep a float Pad)."""
+    """A zero Pad whose input has the same factors and whose only reader is a Conv: no pair, so
+    onnxruntime folds the Pad into the Conv (a Q/DQ pair between them would keep a float Pad). A Pad
+    read by several nodes stays a float Pad between its pairs (onnxruntime has no integer rule for it)."""
     producer = graph.producer(tensor)
     if producer is None or producer.op != "Pad" or plan.parent.get(tensor.name) is None:
         return False
     source = sources.get(plan.parent[tensor.name])
     return (source is not None and source == sources.get(tensor.name) and not graph.is_graph_output(tensor)
-            and all(reader.op in PAD_FUSING_OPS and reader.inputs[0] is tensor for reader in tensor.outputs))
+            and len(tensor.outputs) == 1 and tensor.outputs[0].op in PAD_FUSING_OPS
+            and tensor.outputs[0].inputs[0] is tensor)
 
 
 # -- what calibration observes --------------------------------------------------------------------
