@@ -32,7 +32,7 @@ def test_bias_correction_removes_the_measured_mean_shift(session):
     calibration data, checked in numpy on the first conv (its input is the model input)."""
     base = "fuse_bn,match_layers,calibrate{algorithm=mean_minmax}"
     plain = _run(session, base + ",quantize_weights")
-    corrected = _run(session, base + ",quantize_weights{bias_correction=true}")
+    corrected = _run(session, base + ",quantize_weights{bias_correction=true bias_correction_input=quantized}")
     stats = corrected.stats_for("quantize_weights")
     assert stats["bias_corrected"] == 3 and "bias_not_corrected" not in stats
     layer = plain.artifacts["layer_map"]["conv1"]
@@ -49,10 +49,20 @@ def test_bias_correction_removes_the_measured_mean_shift(session):
     assert plain.model.graph.initializer and corrected.model is not plain.model
 
 
-def test_bias_correction_options_and_weight_only_fallback(session):
-    """Without act_quant only the weights are measured; the dataset is checked when given."""
+def test_bias_correction_of_the_weights_alone(session):
+    """By default the layer reads its float input: the shift is that of the weights' rounding alone
+    (checked on the first conv); the dataset is checked when given."""
     result = _run(session, "fuse_bn,match_layers,quantize_weights{bias_correction=true batch_num=2}")
     assert result.stats_for("quantize_weights")["bias_corrected"] == 3
+    plain = _run(session, "fuse_bn,match_layers,quantize_weights")
+    layer = plain.artifacts["layer_map"]["conv1"]
+    wq = plain.artifacts["weight_quant"]["conv1"]
+    x = build_demo_data(48)[:32]                      # batch_num=2 batches of 16
+    w = weight_values(plain.graph, layer)
+    shift = _conv3x3(x, dequantize_weight(wq.quantized, wq.scale, layer) - w).mean(axis=(0, 2, 3))
+    after = effective_bias(result.graph, result.artifacts["layer_map"]["conv1"])
+    before = effective_bias(plain.graph, layer)
+    np.testing.assert_allclose(after, before - shift, rtol=0, atol=2e-5 * np.abs(before).max())
     with pytest.raises(ConfigError, match="dataset 'other'"):
         session.build("fuse_bn,match_layers,quantize_weights{bias_correction=true dataset=other}",
                       datasets=["calib"])
