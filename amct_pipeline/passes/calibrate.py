@@ -61,7 +61,7 @@ class CalibrateOptions(Options):
         default_factory=list,
         description="More calibrators run on the same batches (one run of the model); their ranges of every "
                     "calibrated tensor go to artifact 'range_candidates' (tensor -> [the chosen range, then each "
-                    "candidate's]), from which refine_ranges picks per tensor by the model's output error.")
+                    "candidate's, in this order]), from which refine_ranges picks by the model's output error.")
     candidate_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Options per candidate calibrator, e.g. {percentile: {percentile: 99.99}}; asymmetric and "
@@ -207,14 +207,14 @@ def _candidate_groups(session, group: _Group, options: CalibrateOptions) -> list
 
 
 def _range_candidates(groups: list[_Group]) -> dict[str, list[Any]]:
-    """tensor -> [its chosen range, then each distinct candidate range] (first group of a tensor wins)."""
+    """tensor -> [its chosen range, then each candidate calibrator's range, in the order of
+    ``candidates``] (first group of a tensor wins; equal ranges are kept, so position k is always
+    the k-th calibrator's)."""
     out: dict[str, list[Any]] = {}
     for group in groups:
         for tensor in group.tensors:
-            if tensor in out:
-                continue
-            ranges = [_finalize_group(member)[tensor] for member in (group, *group.candidates)]
-            out[tensor] = [p for i, p in enumerate(ranges) if p not in ranges[:i]]
+            if tensor not in out:
+                out[tensor] = [_finalize_group(member)[tensor] for member in (group, *group.candidates)]
     return out
 
 

@@ -135,6 +135,8 @@ def _pairs(graph) -> list[_Pair]:
             continue
         second = _own_constant(nxt, 1)
         channels = weight.shape[0]
+        # depthwise only: dividing a plain conv's input channels would move its per-channel integer
+        # weights off their grid (MobileNetV2, depthwise -> project pairs too: 21.5 -> 18.2 dB)
         if (second is None or int(nxt.attrs.get("group", 1)) != channels or second.shape[0] != channels
                 or second.shape[1] != 1):
             continue

@@ -77,8 +77,12 @@ class RefineRangesOptions(Options):
                             "fake-quant and Ascend models) or 'qdq' (also the other readers of those tensors and "
                             "the block outputs in 'tensor_quant'); auto: qdq when 'tensor_quant' exists.")
     candidates: bool = Field(
-        True, description="First try, per tensor, the other ranges in artifact 'range_candidates' (calibrate's "
-                          "'candidates': ranges of other calibrators) and keep the one with the lowest output error.")
+        True, description="Use artifact 'range_candidates' (calibrate's 'candidates': the ranges of other "
+                          "calibrators): first the whole model takes each calibrator's ranges in turn and keeps the "
+                          "one with the lowest output error, then each tensor tries the others.")
+    max_evaluations: Optional[PositiveInt] = Field(
+        None, description="Stop the per-tensor search after this many evaluations of the model (noisiest tensors "
+                          "first): bounds the time on large models.")
     patience: int = Field(
         2, ge=1, description="Stop trying further factors of one range after this many candidates in a row "
                              "each worse than the one before (the error curve has turned up).")
@@ -388,13 +392,17 @@ def _coordinate_descent(evaluator: _Evaluator, units: list[_Unit], options: Refi
     current = [u.params for u in units]
     before, mse_before = evaluator.run(current, probe=True)
     state = {"error": before, "mse": mse_before}
+    chosen = _whole_model_pick(evaluator, units, current, state, options)
     order = sorted(range(len(units)), key=lambda i: -units[i].noise)     # noisiest first
     sweeps = 0
+    budget = options.max_evaluations if options.max_evaluations is not None else math.inf
     with _bar(progress, len(units) * options.sweeps) as bar:
         for _ in range(options.sweeps):
             sweeps += 1
             changed = 0
             for i in order:
+                if evaluator.evaluations >= budget:
+                    break
                 others = [p for p in units[i].candidates if p != current[i]] if sweeps == 1 else []
                 if others and _refine_side(evaluator, current, i, others, state, options, ordered=False):
                     units[i].changed, changed = True, changed + 1
@@ -405,11 +413,29 @@ def _coordinate_descent(evaluator: _Evaluator, units: list[_Unit], options: Refi
             if not changed:
                 break
     for unit, params in zip(units, current):
+        unit.changed = unit.changed or params is not unit.params
         unit.params = params
-    return {"tensors": len(units), "tensors_changed": sum(u.changed for u in units), "sweeps": sweeps,
+    return {"whole_model_pick": chosen, "tensors": len(units), "tensors_changed": sum(u.changed for u in units),
+            "changed": [u.tensor for u in units if u.changed], "sweeps": sweeps,
             "evaluations": evaluator.evaluations, "samples": evaluator.samples,
             "mse_before": mse_before, "mse_after": state["mse"],
             "sqnr_db_before": _db(before), "sqnr_db_after": _db(state["error"])}
+
+
+def _whole_model_pick(evaluator: _Evaluator, units: list[_Unit], current: list[ActQuantParams],
+                      state: dict[str, float], options: RefineRangesOptions) -> int:
+    """Every unit takes its k-th candidate at once (k = 1 .. the most any unit has); the lowest output
+    error (by ``min_improvement``) becomes the start of the per-tensor search. Returns the k taken
+    (0: the calibrator's own ranges)."""
+    count = max((len(u.candidates) for u in units), default=0)
+    best = 0
+    for k in range(1, count):
+        trial = [u.candidates[k] if k < len(u.candidates) else p for u, p in zip(units, current)]
+        error, mse = evaluator.run(trial)
+        if error < state["error"] * (1.0 - options.min_improvement):
+            state["error"], state["mse"], best = error, mse, k
+            current[:] = trial
+    return best
 
 
 def _refine_side(evaluator: _Evaluator, current: list[ActQuantParams], i: int, side: list[ActQuantParams],

@@ -26,7 +26,7 @@ def test_candidates_are_the_other_calibrators_ranges_of_every_tensor(session):
     for layer in layer_map.layers():
         first, *others = candidates[layer.input]
         assert first is act[layer.name]                     # the chosen range comes first
-        assert len(others) <= 2 and all(p != first for p in others)
+        assert len(others) == 2                               # minmax's, mse's (mean_minmax is the pass's own)
     # the candidates are what the calibrators give alone on the same batches (bounds fitted alike)
     alone = _run(session, "fuse_bn,match_layers,calibrate{algorithm=minmax block_outputs=true}")
     for layer in layer_map.layers():
@@ -51,6 +51,7 @@ def test_selection_picks_per_tensor_by_output_error_and_never_worsens_it(session
     result = _run(session, text)
     stats = result.stats_for("refine_ranges")
     assert stats["sqnr_db_after"] >= stats["sqnr_db_before"] and stats["evaluations"] > 1
+    assert stats["whole_model_pick"] in (0, 1, 2)
     candidates = result.artifacts["range_candidates"]
     act, blocks = result.artifacts["act_quant"], result.artifacts["tensor_quant"]
     for layer in result.artifacts["layer_map"].layers():
@@ -63,3 +64,18 @@ def test_selection_picks_per_tensor_by_output_error_and_never_worsens_it(session
     # without candidates and factors there is nothing to try
     plain = _run(session, text.replace("refine_ranges{", "refine_ranges{candidates=false "))
     assert plain.stats_for("refine_ranges")["tensors_changed"] == 0
+
+
+def test_whole_model_pick_and_evaluation_budget(session):
+    """The whole model first takes each calibrator's ranges in turn; max_evaluations bounds the rest."""
+    text = ("fuse_bn,match_layers,calibrate{algorithm=minmax block_outputs=true candidates=[mean_minmax]},"
+            "quantize_weights,refine_ranges{factors=[] max_evaluations=3 min_improvement=0}")
+    result = _run(session, text)
+    stats = result.stats_for("refine_ranges")
+    assert stats["evaluations"] == 3                          # the start, the whole-model candidate, one tensor
+    candidates = result.artifacts["range_candidates"]
+    act = result.artifacts["act_quant"]
+    picked = [act[layer.name] is candidates[layer.input][1] for layer in result.artifacts["layer_map"].layers()]
+    if stats["whole_model_pick"] == 1:
+        assert sum(picked) >= len(picked) - 1
+
