@@ -1,18 +1,30 @@
-"""PTQ benchmark: our calibrators and pipeline against ONNX Runtime's quantize_static, one run.
+"""PTQ benchmark: our pipelines against ONNX Runtime's quantize_static and Intel NNCF, in one run.
 
     python benchmarks/ptq.py                       # every model, accuracy + latency tables
-    python benchmarks/ptq.py --models mobilenetv2 --json ptq.json
+    python benchmarks/ptq.py --models mobilenetv2,detector --json ptq.json
     python benchmarks/ptq.py --memory              # peak RSS of calibration, 16 vs 128 images
-    python benchmarks/ptq.py --speed --models mobilenetv2   # QDQ speed-ups, every model in one loop
+    python benchmarks/ptq.py --speed --models mobilenetv2   # QDQ speed-ups only, more rounds
+
+NNCF is a benchmark-only peer: ``pip install -r benchmarks/requirements-peers.txt`` (nncf==3.4.0);
+without it the NNCF rows are skipped, and the run says so.
 
 Per model and variant: top-1 accuracy (where labels exist), top-1 agreement with the float
-model, output SQNR (dB), calibration wall time (median of 5 when under 1 s), peak calibration
-memory (a fresh process per calibrator), and the QDQ model's onnxruntime latency against the float
-model at batch 1 and 8. Reads models and data from ../shared (skips what is missing).
+model, output SQNR (dB; the detector also per part: boxes, objectness, classes), calibration wall
+time (median of 5 when under 1 s), peak calibration memory (a fresh process per variant), and the
+QDQ model's onnxruntime speed-up over the float model at batch 1 and 8: our default model, NNCF's and
+ORT's QDQ models and the float model run in ONE interleaved loop per batch size (shuffled each
+round, medians), so every ratio uses the same float timings. A summary table gives our default and
+best variants against the best peer of each kind (differences and ratios). Reads models and data
+from ../shared (skips what is missing); the ShuffleNetV2-style detector is built in code
+(amct_pipeline.testing.detector) and runs on the ImageNet images resized to 320 x 320.
+
+Adding one of our variants is one line in OUR_VARIANTS: a label and the passes between
+match_layers and lower, in the textual pipeline form.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -29,10 +41,41 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-OURS = ["ifmr", "hfmg", "minmax", "percentile", "entropy", "mse"]
-TUNED = [("percentile", {"percentile": 99.99})]    # one more point: clip 0.005% of each tail
-REFINED = [("ifmr", {}), ("percentile", {"percentile": 99.99})]   # also run with output-aware refinement
 ORT_METHODS = ["MinMax", "Entropy", "Percentile"]
+
+
+@dataclass(frozen=True)
+class Ours:
+    """One of our variants: ``steps`` are the passes between ``match_layers`` and ``lower`` (the textual
+    form); ``PRESET`` runs the shipped ``ptq_int8`` pipeline as it is. ``quick``: also in --quick runs."""
+
+    label: str
+    steps: str
+    quick: bool = False
+
+    @property
+    def slow(self) -> bool:
+        return "refine_ranges" in self.steps
+
+
+PRESET = "@ptq_int8"
+BLOCKS = "block_outputs=true"           # the layer / Add / pooling / Concat outputs the QDQ layout quantizes
+# One line per variant.
+OUR_VARIANTS = [
+    Ours("ours ptq_int8 (default)", PRESET, quick=True),
+    Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},quantize_weights{{algorithm=arq}}", quick=True),
+    Ours("ours hfmg", f"calibrate{{algorithm=hfmg {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
+    Ours("ours minmax", f"calibrate{{algorithm=minmax {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
+    Ours("ours percentile", f"calibrate{{algorithm=percentile {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
+    Ours("ours entropy", f"calibrate{{algorithm=entropy {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
+    Ours("ours mse", f"calibrate{{algorithm=mse {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
+    Ours("ours percentile 99.99", f"calibrate{{algorithm=percentile algorithm_options={{percentile=99.99}} {BLOCKS}}},"
+                                  "quantize_weights{algorithm=arq}", quick=True),
+    Ours("ours ifmr + refine", f"calibrate{{algorithm=ifmr {BLOCKS}}},quantize_weights{{algorithm=arq}},refine_ranges"),
+    Ours("ours percentile 99.99 + refine", f"calibrate{{algorithm=percentile algorithm_options={{percentile=99.99}} "
+                                           f"{BLOCKS}}},quantize_weights{{algorithm=arq}},refine_ranges"),
+]
+DEFAULT = OUR_VARIANTS[0].label
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -51,6 +94,7 @@ class Case:
     fixed_batch: bool
     calib_count: int = 0     # memory mode: how many images to calibrate on (0: the calibration batches)
     key: str = ""            # the --models name
+    parts: dict[str, slice] | None = None    # SQNR per slice of the last output axis, besides the whole
 
 
 def _imagenet(count: int | None = None):
@@ -86,6 +130,7 @@ def load_cases(names: list[str]) -> list[Case]:
                                  *_split((_y_channel()[:132], None), 32), batch=8, fixed_batch=False),
         "ultraface": lambda: Case("ultraface", SHARED / "models" / "ultraface_rfb320_bn.onnx", "input",
                                   *_split((_faces(), None), 8), batch=1, fixed_batch=True),
+        "detector": _detector_case,
     }
     cases = []
     for name in names:
@@ -95,6 +140,40 @@ def load_cases(names: list[str]) -> list[Case]:
         except FileNotFoundError as exc:
             print(f"skipping {name}: missing {exc.filename}", file=sys.stderr)
     return cases
+
+
+DETECTOR_SIZE = 320
+
+
+def _detector_case() -> Case:
+    """The ShuffleNetV2-style detector (built in code, written next to the benchmark's temp files) on
+    the ImageNet images resized to 320 x 320, RGB / 255; first 100 calibrate, the other 150 evaluate."""
+    from amct_pipeline.testing.detector import DETECTOR_INPUT, detector_parts, shufflenet_detector
+    model = shufflenet_detector(size=DETECTOR_SIZE)
+    images, _ = _imagenet()                   # read first: a missing file skips the case
+    path = Path(tempfile.mkdtemp(prefix="amct_ptq_bench_")) / "shufflenet_detector.onnx"
+    onnx.save(model, str(path))
+    classes = model.graph.output[0].type.tensor_type.shape.dim[2].dim_value - 5
+    return Case("shufflenet_detector", path, DETECTOR_INPUT, *_split((_resized(images, DETECTOR_SIZE), None), 100),
+                batch=16, fixed_batch=False, parts=detector_parts(classes))
+
+
+def _resized(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW / 255, bilinear (half-pixel centres) to size x size."""
+    def taps(out: int, size_in: int):
+        pos = np.clip((np.arange(out) + 0.5) * size_in / out - 0.5, 0, size_in - 1)
+        low = np.floor(pos).astype(int)
+        return low, np.minimum(low + 1, size_in - 1), (pos - low).astype(np.float32)
+    _, height, width, _ = images.shape
+    y0, y1, fy = taps(size, height)
+    x0, x1, fx = taps(size, width)
+    out = np.empty((len(images), 3, size, size), np.float32)
+    for start in range(0, len(images), 25):            # a slice at a time: bounded scratch memory
+        img = images[start:start + 25].astype(np.float32) / 255.0
+        rows = img[:, y0] * (1 - fy)[None, :, None, None] + img[:, y1] * fy[None, :, None, None]
+        cols = rows[:, :, x0] * (1 - fx)[None, None, :, None] + rows[:, :, x1] * fx[None, None, :, None]
+        out[start:start + 25] = cols.transpose(0, 3, 1, 2)
+    return out
 
 
 def _split(data, count: int):
@@ -157,11 +236,12 @@ def predict(model, case: Case) -> list[np.ndarray]:
     return [np.concatenate(o) for o in outs]
 
 
-def score(reference: list[np.ndarray], quantized: list[np.ndarray], labels) -> dict:
+def score(reference: list[np.ndarray], quantized: list[np.ndarray], labels, parts=None) -> dict:
     ref = np.concatenate([r.reshape(len(r), -1) for r in reference], axis=1).astype(np.float64)
     got = np.concatenate([q.reshape(len(q), -1) for q in quantized], axis=1).astype(np.float64)
-    noise = np.sum((ref - got) ** 2)
-    out = {"sqnr_db": float(10 * np.log10(np.sum(ref ** 2) / max(noise, 1e-30)))}
+    out = {"sqnr_db": _sqnr(ref, got)}
+    for part, cut in (parts or {}).items():
+        out[f"sqnr_{part}_db"] = _sqnr(reference[0][..., cut], quantized[0][..., cut])
     logits_ref, logits_q = reference[0].reshape(len(reference[0]), -1), quantized[0].reshape(len(quantized[0]), -1)
     if logits_ref.shape[1] > 1 and reference[0].ndim == 2:
         out["agreement"] = float(np.mean(logits_ref.argmax(1) == logits_q.argmax(1)))
@@ -171,16 +251,10 @@ def score(reference: list[np.ndarray], quantized: list[np.ndarray], labels) -> d
     return out
 
 
-def speedup(float_model, quantized, case: Case, batch: int, rounds: int = 20) -> float | None:
-    """median(float) / median(quantized), timed in one interleaved loop (see ``median_times``)."""
-    if case.fixed_batch and batch != 1:
-        return None
-    try:
-        sessions = {"float": session_for(float_model), "quantized": session_for(quantized)}
-    except Exception:
-        return None
-    times = median_times(sessions, {case.input_name: np.ascontiguousarray(case.evaluate[:batch])}, rounds)
-    return times["float"] / times["quantized"]
+def _sqnr(reference, got) -> float:
+    reference, got = np.asarray(reference, np.float64), np.asarray(got, np.float64)
+    noise = np.sum((reference - got) ** 2)
+    return float(10 * np.log10(np.sum(reference ** 2) / max(noise, 1e-30)))
 
 
 def median_times(sessions: dict, feed: dict, rounds: int) -> dict[str, float]:
@@ -203,25 +277,27 @@ def median_times(sessions: dict, feed: dict, rounds: int) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------
-# variants
+# variants: ours, ONNX Runtime's, NNCF's
 
-def run_ours(case: Case, algorithm: str, refine: bool, options: dict | None = None) -> dict:
+def our_pipeline(session, variant: Ours, lower: str = "lower{targets=[qdq,fakequant]}"):
+    if variant.steps == PRESET:
+        return session.build("ptq_int8", datasets=["calib"])
+    return session.build(f"fuse_bn,match_layers,{variant.steps},{lower}", datasets=["calib"])
+
+
+def run_ours(case: Case, variant: Ours) -> dict:
+    """``calib_s``: every pass before ``lower`` (what computes the factors); ``total_s``: the whole run."""
     import amct_pipeline as ap
     from amct_pipeline.pipeline.instruments import Timing
-    session = ap.Session(load_entrypoints=False)
-    algo_opts = "" if not options else " algorithm_options={" + " ".join(f"{k}={v}" for k, v in options.items()) + "}"
-    # block_outputs: the layer and Add outputs are calibrated too, so onnxruntime fuses whole blocks
-    # (and refine_ranges then minimises the error of exactly the QDQ model)
-    steps = ["fuse_bn", "match_layers", f"calibrate{{algorithm={algorithm} dataset=calib block_outputs=true{algo_opts}}}",
-             "quantize_weights{algorithm=arq}"]
-    steps += ["refine_ranges{dataset=calib}"] if refine else []
-    steps += ["lower{targets=[qdq,fakequant]}"]
     timing = Timing()
     start = time.perf_counter()
-    result = session.build(",".join(steps), datasets=["calib"]).run(
+    result = our_pipeline(ap.Session(load_entrypoints=False), variant).run(
         str(case.model), datasets={"calib": batches(case.calib, case.batch, case.input_name)}, instruments=[timing])
     total = time.perf_counter() - start
-    calib = sum(t for label, t in timing.times if label.endswith(":calibrate") or label.endswith(":refine_ranges"))
+    calib, lowering = 0.0, False
+    for label, seconds in timing.times:
+        lowering = lowering or label.endswith(":lower")
+        calib += 0.0 if lowering else seconds
     return {"qdq": result.artifacts["lowered"]["qdq"], "calib_s": calib, "total_s": total}
 
 
@@ -238,13 +314,42 @@ def run_ort(case: Case, method: str, per_channel: bool, workdir: Path) -> dict:
 
     out = workdir / f"ort_{method}_{per_channel}.onnx"
     start = time.perf_counter()
-    quantize_static(str(case.model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method))
+    with contextlib.redirect_stdout(sys.stderr):         # its calibrators print progress
+        quantize_static(str(case.model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
     total = time.perf_counter() - start
     first = ort_calibration_time(case, method, workdir)
     calib = median_seconds(lambda: ort_calibration_time(case, method, workdir), first)
     return {"qdq": out, "calib_s": calib, "total_s": total}
+
+
+def nncf_available() -> str | None:
+    """None when NNCF can run, else why not (the rows are skipped and the run says so)."""
+    try:
+        import nncf  # noqa: F401
+    except Exception as exc:       # not installed, or broken
+        return (f"NNCF not installed ({type(exc).__name__}); pip install -r benchmarks/requirements-peers.txt "
+                "(nncf==3.4.0) to compare against it")
+    return None
+
+
+def run_nncf(case: Case, workdir: Path) -> dict:
+    """``nncf.quantize`` on the ONNX model with its defaults (8-bit, mixed preset, fast bias correction),
+    the same calibration images one sample at a time (a fixed batch: that batch). ``calib_s``: the
+    whole call (statistics, its algorithms, its graph edits)."""
+    import logging
+    import nncf
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    size = case.batch if case.fixed_batch else 1
+    items = batches(case.calib, size, case.input_name)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):         # progress bars
+        quantized = nncf.quantize(onnx.load(str(case.model)), nncf.Dataset(items), subset_size=len(items) * size)
+    seconds = time.perf_counter() - start
+    out = workdir / "nncf.onnx"
+    onnx.save(quantized, str(out))
+    return {"qdq": out, "calib_s": seconds, "total_s": seconds}
 
 
 def median_seconds(measure: Callable[[], float], first: float, short: float = 1.0, runs: int = 5) -> float:
@@ -271,143 +376,183 @@ def ort_calibration_time(case: Case, method: str, workdir: Path) -> float:
         def get_next(self):
             return next(self.items, None)
 
-    calibrator.collect_data(Reader())
-    calibrator.compute_data()
+    with contextlib.redirect_stdout(sys.stderr):
+        calibrator.collect_data(Reader())
+        calibrator.compute_data()
     return time.perf_counter() - start
 
 
-def evaluate_case(case: Case, quick: bool, refine: bool = True) -> list[dict]:
-    rows = []
+# the QDQ models timed in the one interleaved loop (structure-identical variants run alike: our
+# calibrator variants share one layout, ORT's Entropy / Percentile models MinMax's structure)
+SPEED_ORT = [("MinMax", True), ("MinMax", False)]
+
+
+def evaluate_case(case: Case, quick: bool, refine: bool = True, rounds: int = 60, memory: bool = True,
+                  ort_methods: list[str] | None = None) -> list[dict]:
+    rows: list[dict] = []
     reference = predict(case.model, case)
     warm_up(case)
-    variants = [(a, {}, False) for a in (["ifmr", "percentile"] if quick else OURS)]
-    variants += [(a, o, False) for a, o in TUNED]
-    variants += [(a, o, True) for a, o in REFINED] if refine else []
-    peaks: dict[str, dict] = {}       # calibration peak RSS per calibrator, measured once in a child process
+    peaks: dict[str, dict] = {}       # calibration peak RSS per variant, measured once in a child process
+    timed: dict[str, object] = {}     # label -> QDQ model, for the interleaved speed loop
 
-    def peak_mb(algorithm: str):
-        if algorithm not in peaks:
-            peaks[algorithm] = measure_memory(case.key, algorithm, 0, block_outputs=True)
-        return peaks[algorithm].get("peak_rss_mb")
+    def peak_mb(kind: str, spec: str):
+        if not memory:
+            return None
+        if (kind, spec) not in peaks:
+            peaks[kind, spec] = measure_memory(case.key, kind, spec, 0)
+        return peaks[kind, spec].get("peak_rss_mb")
 
-    for algorithm, options, refine in variants:
-        label = (f"ours {algorithm}" + "".join(f" {k}={v}" for k, v in options.items()) + (" + refine" if refine else "")
-                 + (" (default)" if algorithm == "ifmr" and not refine else ""))
+    def add(label: str, run: Callable[[], dict], again: Callable[[], float] | None, kind: str, spec: str | None):
         try:
-            got = run_ours(case, algorithm, refine, options)
-            got["calib_s"] = median_seconds(lambda: run_ours(case, algorithm, refine, options)["calib_s"],
-                                            got["calib_s"])
+            got = run()
+            if again is not None:
+                got["calib_s"] = median_seconds(again, got["calib_s"])
         except Exception as exc:  # a failing variant is a row, not a crash
             rows.append({"model": case.name, "variant": label, "error": f"{type(exc).__name__}: {exc}"[:200]})
-            continue
+            print(rows[-1], file=sys.stderr, flush=True)
+            return None
         rows.append(_row(case, label, got, reference))
-        if not refine:               # options such as the percentile do not change what is kept
-            rows[-1]["peak_mb"] = peak_mb(algorithm)
+        if spec is not None and "error" not in rows[-1]:
+            rows[-1]["peak_mb"] = peak_mb(kind, spec)
         print(rows[-1], file=sys.stderr, flush=True)
+        return got
+
+    for variant in OUR_VARIANTS:
+        if (quick and not variant.quick) or (variant.slow and not refine):
+            continue
+        got = add(variant.label, lambda: run_ours(case, variant), lambda: run_ours(case, variant)["calib_s"],
+                  "ours", None if variant.slow else variant.label)
+        if got is not None and not timed:      # the default; another of ours (same layout) if it failed
+            timed[variant.label] = got["qdq"]
     with tempfile.TemporaryDirectory() as tmp:
-        for method in (["MinMax", "Percentile"] if quick else ORT_METHODS):
+        for method in ort_methods or (["MinMax", "Percentile"] if quick else ORT_METHODS):
             for per_channel in (True, False):
                 label = f"ORT {method} {'per-channel' if per_channel else 'per-tensor'}"
-                try:
-                    got = run_ort(case, method, per_channel, Path(tmp))
-                    rows.append(_row(case, label, got, reference))
-                    rows[-1]["peak_mb"] = peak_mb(f"ORT {method}")
-                    print(rows[-1], file=sys.stderr, flush=True)
-                except Exception as exc:
-                    rows.append({"model": case.name, "variant": label, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                got = add(label, lambda: run_ort(case, method, per_channel, Path(tmp)), None, "ort", method)
+                if got is not None and (method, per_channel) in SPEED_ORT:
+                    timed[label] = onnx.load(str(got["qdq"]))
+        missing = nncf_available()
+        if missing:
+            print(f"{case.name}: skipping NNCF: {missing}", file=sys.stderr)
+            rows.append({"model": case.name, "variant": "NNCF 3.4 defaults", "error": missing})
+        else:
+            got = add("NNCF 3.4 defaults", lambda: run_nncf(case, Path(tmp)), None, "nncf", "defaults")
+            if got is not None:
+                timed["NNCF 3.4 defaults"] = onnx.load(str(got["qdq"]))
+        speed = speed_loop(case, timed, rounds, Path(tmp))
+    for row in rows:
+        row.update(speed.get(row["variant"], {}))
     return rows
 
 
 def warm_up(case: Case) -> None:
     """One untimed calibration each side: the first run in a process pays for imports and first-use
     setup (tens of ms), which would decide the comparison on a model that calibrates in 50 ms."""
-    run_ours(case, "ifmr", False)
+    run_ours(case, OUR_VARIANTS[1])
     with tempfile.TemporaryDirectory() as tmp:
         ort_calibration_time(case, "MinMax", Path(tmp))
 
 
 def _row(case, label, got, reference) -> dict:
-    row = {"model": case.name, "variant": label, "calib_s": round(got["calib_s"], 3)}
+    row = {"model": case.name, "variant": label, "calib_s": round(got["calib_s"], 3),
+           "total_s": round(got["total_s"], 3)}
     try:
         quantized = predict(got["qdq"], case)
     except Exception as exc:
         row["error"] = f"onnxruntime cannot run the QDQ model: {type(exc).__name__}: {str(exc)[:120]}"
         return row
-    row.update({k: round(v, 4) for k, v in score(reference, quantized, case.labels).items()})
-    for b in (1, 8):
-        ratio = speedup(case.model, got["qdq"], case, b)
-        if ratio:
-            row[f"speedup_b{b}"] = round(ratio, 2)
+    row.update({k: round(v, 4) for k, v in score(reference, quantized, case.labels, case.parts).items()})
     return row
 
 
 # -------------------------------------------------------------------------------------------
-# speed: our default QDQ model and ONNX Runtime's, timed in ONE interleaved loop
+# speed: our default QDQ model, NNCF's, ORT's and the float model timed in ONE interleaved loop
 
-def speed_table(case: Case, rounds: int = 60) -> list[dict]:
-    """Speed-up over float of our default QDQ model and ORT's QDQ models at batch 1 and 8.
-
-    Every model runs in one ``median_times`` loop, so each ratio uses the same float timings. Also
-    counts the integer kernels in onnxruntime's optimized graph."""
-    models = {"ours ifmr (default)": run_ours(case, "ifmr", False)["qdq"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in ("MinMax", "Percentile"):
-            for per_channel in (True, False):
-                label = f"ORT {method} {'per-channel' if per_channel else 'per-tensor'}"
-                try:
-                    models[label] = onnx.load(str(run_ort(case, method, per_channel, Path(tmp))["qdq"]))
-                except Exception as exc:
-                    print(f"{label}: {exc}", file=sys.stderr)
-        rows = {}
-        for label, model in list(models.items()):
-            try:
-                rows[label] = {"model": case.name, "variant": label, **integer_ops(model, Path(tmp))}
-            except Exception as exc:     # e.g. ORT's per-channel models of old opsets do not load
-                print(f"{label}: onnxruntime cannot load it: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
-                del models[label]
+def speed_loop(case: Case, models: dict, rounds: int, tmp: Path) -> dict[str, dict]:
+    """Speed-up over float at batch 1 and 8 of every model in ``models`` (label -> QDQ model), all run
+    in one ``median_times`` loop per batch size, plus the kernels onnxruntime's optimized graph keeps.
+    A model onnxruntime cannot load is reported, not timed."""
+    found: dict[str, dict] = {}
+    for label, model in list(models.items()):
+        try:
+            found[label] = integer_ops(model, tmp)
+        except Exception as exc:     # e.g. ORT's per-channel models of old opsets do not load
+            print(f"{label}: onnxruntime cannot load it: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
+            models = {k: v for k, v in models.items() if k != label}
     for batch in (1, 8):
-        if case.fixed_batch and batch != 1:
+        if not models or (case.fixed_batch and batch != 1):
             continue
         sessions = {"float": session_for(case.model), **{k: session_for(m) for k, m in models.items()}}
         times = median_times(sessions, {case.input_name: np.ascontiguousarray(case.evaluate[:batch])}, rounds)
         for label in models:
-            rows[label][f"ms_b{batch}"] = round(1e3 * times[label], 2)
-            rows[label][f"speedup_b{batch}"] = round(times["float"] / times[label], 3)
-            rows[label][f"float_ms_b{batch}"] = round(1e3 * times["float"], 2)
-    return list(rows.values())
+            found[label][f"ms_b{batch}"] = round(1e3 * times[label], 2)
+            found[label][f"speedup_b{batch}"] = round(times["float"] / times[label], 3)
+            found[label][f"float_ms_b{batch}"] = round(1e3 * times["float"], 2)
+        print(f"{case.name} batch {batch}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()),
+              file=sys.stderr, flush=True)
+    return found
 
 
-def integer_ops(model: onnx.ModelProto, tmp: Path) -> dict:
-    """Counts of integer kernels (and float Conv left) in onnxruntime's optimized graph."""
+def speed_table(case: Case, rounds: int = 60) -> list[dict]:
+    """--speed: only the models of the interleaved loop (our default, ORT MinMax, NNCF)."""
+    models = {DEFAULT: run_ours(case, OUR_VARIANTS[0])["qdq"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, per_channel in SPEED_ORT:
+            label = f"ORT {method} {'per-channel' if per_channel else 'per-tensor'}"
+            try:
+                models[label] = onnx.load(str(run_ort(case, method, per_channel, Path(tmp))["qdq"]))
+            except Exception as exc:
+                print(f"{label}: {exc}", file=sys.stderr)
+        missing = nncf_available()
+        if missing:
+            print(f"{case.name}: skipping NNCF: {missing}", file=sys.stderr)
+        else:
+            try:
+                models["NNCF 3.4 defaults"] = onnx.load(str(run_nncf(case, Path(tmp))["qdq"]))
+            except Exception as exc:
+                print(f"NNCF: {exc}", file=sys.stderr)
+        speed = speed_loop(case, models, rounds, Path(tmp))
+    return [{"model": case.name, "variant": label, **values} for label, values in speed.items()]
+
+
+def integer_ops(model, tmp: Path) -> dict:
+    """Integer kernels, float Conv and the Q/DQ nodes left in onnxruntime's optimized graph."""
     session_for(model, optimized_path=tmp / "optimized.onnx")
     ops: dict[str, int] = {}
     for node in onnx.load(str(tmp / "optimized.onnx")).graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    keep = ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm", "QLinearMatMul", "Conv", "FusedConv")
-    return {"ops": " ".join(f"{k}={ops[k]}" for k in keep if k in ops), "nodes": sum(ops.values())}
+    keep = ("QLinearConv", "QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool", "QGemm", "QLinearMatMul",
+            "Conv", "FusedConv", "Concat")
+    return {"ops": " ".join(f"{k}={ops[k]}" for k in keep if k in ops), "nodes": sum(ops.values()),
+            "qdq_left": ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)}
 
 
 # -------------------------------------------------------------------------------------------
 # memory: each measurement in a fresh child process
 
-def measure_memory(case_name: str, algorithm: str, images: int, block_outputs: bool = False) -> dict:
-    """Peak RSS and time of one calibration in a fresh process; ``images`` 0: the case's own batches."""
-    code = [sys.executable, __file__, "--_child", case_name, algorithm, str(images), str(int(block_outputs))]
+def measure_memory(case_name: str, kind: str, spec: str, images: int) -> dict:
+    """Peak RSS and time of one calibration in a fresh process; ``kind``: ours (``spec``: a variant
+    label), ort (a method) or nncf; ``images`` 0: the case's own batches."""
+    code = [sys.executable, __file__, "--_child", case_name, kind, spec, str(images)]
     done = subprocess.run(code, capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child_memory(case_name: str, algorithm: str, images: int, block_outputs: bool) -> None:
+def child_memory(case_name: str, kind: str, spec: str, images: int) -> None:
     (case,) = load_cases([case_name])
     case.calib_count = images       # batches cycle over the calibration images: data memory stays flat
     start = time.perf_counter()
-    if algorithm.startswith("ORT "):
-        with tempfile.TemporaryDirectory() as tmp:
-            ort_calibration_time(case, algorithm.split()[1], Path(tmp))
-    else:
-        run_ours_calibration_only(case, algorithm, block_outputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "ort":
+            ort_calibration_time(case, spec, Path(tmp))
+        elif kind == "nncf":
+            if images:
+                case.calib = np.stack([case.calib[i % len(case.calib)] for i in range(images)])
+            run_nncf(case, Path(tmp))
+        else:
+            run_ours_calibration_only(case, next(v for v in OUR_VARIANTS if v.label == spec))
     print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "seconds": round(time.perf_counter() - start, 2)}))
 
 
@@ -423,20 +568,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours_calibration_only(case: Case, algorithm: str, block_outputs: bool) -> None:
+def run_ours_calibration_only(case: Case, variant: Ours) -> None:
+    """The variant's passes up to (not including) lower."""
     import amct_pipeline as ap
     session = ap.Session(load_entrypoints=False)
     feeds = cycled_batches(case) if case.calib_count else batches(case.calib, case.batch, case.input_name)
-    calibrate = f"calibrate{{algorithm={algorithm} dataset=calib block_outputs={str(block_outputs).lower()}}}"
-    session.build(f"fuse_bn,match_layers,{calibrate}", datasets=["calib"]).run(str(case.model),
-                                                                              datasets={"calib": feeds})
+    if variant.steps == PRESET:
+        text = session.build("ptq_int8", datasets=["calib"]).text.split(",lower{")[0]
+    else:
+        text = f"fuse_bn,match_layers,{variant.steps}"
+    session.build(text, datasets=["calib"]).run(str(case.model), datasets={"calib": feeds})
+
+
+MEMORY_VARIANTS = ["ours ifmr", "ours hfmg", "ours minmax", "ours percentile", "ours entropy", "ours mse"]
 
 
 def memory_table(case_name: str) -> list[dict]:
     rows = []
-    for algorithm in OURS + [f"ORT {m}" for m in ORT_METHODS]:
-        small, large = measure_memory(case_name, algorithm, 16), measure_memory(case_name, algorithm, 128)
-        row = {"model": case_name, "calibrator": algorithm, "rss_16_mb": small.get("peak_rss_mb"),
+    points = [("ours", label) for label in [DEFAULT] + MEMORY_VARIANTS]
+    points += [("ort", method) for method in ORT_METHODS]
+    points += [] if nncf_available() else [("nncf", "defaults")]
+    for kind, spec in points:
+        small, large = measure_memory(case_name, kind, spec, 16), measure_memory(case_name, kind, spec, 128)
+        label = {"ours": spec, "ort": f"ORT {spec}", "nncf": "NNCF 3.4 defaults"}[kind]
+        row = {"model": case_name, "calibrator": label, "rss_16_mb": small.get("peak_rss_mb"),
                "rss_128_mb": large.get("peak_rss_mb"), "s_16": small.get("seconds"), "s_128": large.get("seconds")}
         if row["rss_16_mb"] and row["rss_128_mb"]:
             row["growth"] = round(row["rss_128_mb"] / row["rss_16_mb"], 3)
@@ -446,8 +601,47 @@ def memory_table(case_name: str) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------------
+# summary: our default and best against the best peer of each kind
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per model: our default, our best (highest SQNR), ORT's best and NNCF, with our default's
+    differences and ratios against each peer (SQNR dB, agreement points, calibration time, speed-up)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        good = [r for r in rows if r["model"] == model and "sqnr_db" in r]
+        ours = [r for r in good if r["variant"].startswith("ours")]
+        default = next((r for r in ours if r["variant"] == DEFAULT), None)
+        if default is None:
+            continue
+        picks = {"ours default": default, "ours best": max(ours, key=lambda r: r["sqnr_db"])}
+        ort = [r for r in good if r["variant"].startswith("ORT")]
+        if ort:
+            picks["ORT best"] = max(ort, key=lambda r: r["sqnr_db"])
+        nncf = [r for r in good if r["variant"].startswith("NNCF")]
+        if nncf:
+            picks["NNCF"] = nncf[0]
+        for role, row in picks.items():
+            entry = {"model": model, "role": role, "variant": row["variant"]}
+            for key in ("sqnr_db", "agreement", "top1", "calib_s", "speedup_b1", "speedup_b8"):
+                if row.get(key) is not None:
+                    entry[key] = row[key]
+            if role not in ("ours default", "ours best"):
+                entry["default_minus_peer_db"] = round(default["sqnr_db"] - row["sqnr_db"], 3)
+                if "agreement" in default and "agreement" in row:
+                    entry["default_minus_peer_agreement"] = round(default["agreement"] - row["agreement"], 4)
+                entry["calib_time_ratio"] = round(default["calib_s"] / max(row["calib_s"], 1e-9), 3)
+                for batch in (1, 8):
+                    key = f"speedup_b{batch}"
+                    if default.get(key) and row.get(key):
+                        entry[f"speedup_ratio_b{batch}"] = round(default[key] / row[key], 3)
+            out.append(entry)
+    return out
+
+
+# -------------------------------------------------------------------------------------------
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
+    columns = [c for c in columns if any(row.get(c) is not None for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
@@ -462,36 +656,59 @@ def _cell(value) -> str:
     return str(value)
 
 
+MAIN_COLUMNS = ["model", "variant", "top1", "top1_float", "agreement", "sqnr_db", "sqnr_boxes_db",
+                "sqnr_objectness_db", "sqnr_classes_db", "calib_s", "total_s", "peak_mb", "speedup_b1", "speedup_b8",
+                "qdq_left", "error"]
+SPEED_COLUMNS = ["model", "variant", "speedup_b1", "speedup_b8", "ms_b1", "ms_b8", "float_ms_b1", "float_ms_b8",
+                 "nodes", "qdq_left", "ops"]
+SUMMARY_COLUMNS = ["model", "role", "variant", "sqnr_db", "agreement", "top1", "calib_s", "speedup_b1", "speedup_b8",
+                   "default_minus_peer_db", "default_minus_peer_agreement", "calib_time_ratio", "speedup_ratio_b1",
+                   "speedup_ratio_b8"]
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
-        child_memory(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")
+        child_memory(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mobilenetv2,mnist,resnet8,superres,ultraface")
+    parser.add_argument("--models", default="mobilenetv2,mnist,resnet8,superres,ultraface,detector")
     parser.add_argument("--quick", action="store_true", help="fewer variants")
     parser.add_argument("--no-refine", action="store_true", help="skip the (slow) output-aware refinement rows")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak memory children")
     parser.add_argument("--memory", action="store_true", help="measure calibration peak RSS (16 vs 128 images)")
-    parser.add_argument("--speed", action="store_true", help="QDQ speed-ups of ours and ORT's in one interleaved loop")
-    parser.add_argument("--rounds", type=int, default=60, help="timed runs of each model in --speed")
+    parser.add_argument("--speed", action="store_true", help="only the QDQ speed-ups, in one interleaved loop")
+    parser.add_argument("--rounds", type=int, default=60, help="timed runs of each model in the speed loop")
+    parser.add_argument("--ort", help="ORT calibration methods, e.g. MinMax (default: all; --quick: MinMax,Percentile; "
+                                      "Percentile and Entropy hold every activation in memory: ~10 GB on the detector)")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
+    missing = nncf_available()
+    if missing and not args.memory:
+        print(f"note: {missing}", file=sys.stderr)
+    result: dict = {}
     if args.speed:
         rows = [row for case in load_cases(args.models.split(",")) for row in speed_table(case, args.rounds)]
-        print(markdown(rows, ["model", "variant", "speedup_b1", "speedup_b8", "ms_b1", "ms_b8", "float_ms_b1",
-                              "float_ms_b8", "nodes", "ops"]))
+        print(markdown(rows, SPEED_COLUMNS))
+        result["speed"] = rows
     elif args.memory:
         rows = memory_table(args.models.split(",")[0])
         print(markdown(rows, ["model", "calibrator", "rss_16_mb", "rss_128_mb", "growth", "s_16", "s_128"]))
+        result["memory"] = rows
     else:
         rows = []
         for case in load_cases(args.models.split(",")):
             print(f"== {case.name}", file=sys.stderr)
-            rows += evaluate_case(case, args.quick, refine=not args.no_refine)
-        print(markdown(rows, ["model", "variant", "top1", "top1_float", "agreement", "sqnr_db", "calib_s", "peak_mb",
-                              "speedup_b1", "speedup_b8", "error"]))
+            rows += evaluate_case(case, args.quick, refine=not args.no_refine, rounds=args.rounds,
+                                  memory=not args.no_memory, ort_methods=args.ort.split(",") if args.ort else None)
+        result["rows"], result["summary"] = rows, summary(rows)
+        print(markdown(rows, MAIN_COLUMNS))
+        print()
+        print(markdown(result["summary"], SUMMARY_COLUMNS))
+    if missing:
+        result["note"] = missing
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    print(json.dumps(rows))
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
     return 0
 
 

@@ -282,7 +282,7 @@ class _OrtNode:
                 model.graph.output.append(value)
             # one session per node: no thread pool of its own (dozens of spinning pools would starve
             # the machine); the kernels split work by rows and channels, so results do not depend on it
-            return make_session(model, optimize=False, threads=1, spinning=False)
+            return make_session(model, optimize=False, threads=1, config={"session.intra_op.allow_spinning": "0"})
         except Exception:  # an op or type onnxruntime lacks: the numpy reference runs the node instead
             return None
 

@@ -57,6 +57,15 @@ class CalibrateOptions(Options):
         False, description="Also calibrate the tensors a QDQ model quantizes beyond the layer inputs (layer "
                            "outputs, Add and pooling outputs) into artifact 'tensor_quant', so onnxruntime "
                            "fuses whole blocks and refine_ranges can refine them.")
+    candidates: list[str] = Field(
+        default_factory=list,
+        description="More calibrators run on the same batches (one run of the model); their ranges of every "
+                    "calibrated tensor go to artifact 'range_candidates' (tensor -> [the chosen range, then each "
+                    "candidate's, in this order]), from which refine_ranges picks by the model's output error.")
+    candidate_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Options per candidate calibrator, e.g. {percentile: {percentile: 99.99}}; asymmetric and "
+                    "num_bits follow each tensor's own configuration.")
 
 
 @dataclass
@@ -68,6 +77,7 @@ class _Group:
     calibrator: Any = None
     tensors: dict[str, list[str]] = field(default_factory=dict)
     params: Optional[dict[str, Any]] = None       # the calibrator's result, once finalized
+    candidates: list["_Group"] = field(default_factory=list)   # same tensors, other calibrators
 
 
 class CalibratePass(Pass):
@@ -76,7 +86,10 @@ class CalibratePass(Pass):
     Options = CalibrateOptions
     requires = frozenset({"layer_map"})
     produces = frozenset({"act_quant", "tensor_quant"})
-    references = {"algorithm": "calibrators", "dataset": "datasets"}
+    references = {"algorithm": "calibrators", "dataset": "datasets", "candidates": "calibrators"}
+
+    def produced(self, session) -> frozenset[str]:
+        return self.produces | ({"range_candidates"} if self.options.candidates else set())
 
     def run(self, graph, ctx) -> PassResult:
         from ..runtime.collector import collect
@@ -85,6 +98,8 @@ class CalibratePass(Pass):
         blocks = _block_group(ctx.session, graph, layer_map, self.options) if self.options.block_outputs else None
         if blocks is not None:
             groups.append(blocks)
+        for group in groups:
+            group.candidates = _candidate_groups(ctx.session, group, self.options)
         batch_num = self._batch_num(ctx)
         tensors = list(dict.fromkeys(t for g in groups for t in g.tensors))
         batches = 0
@@ -93,17 +108,20 @@ class CalibratePass(Pass):
             for acts in collect(graph, source, tensors, batch_num, progress=ctx.progress, desc="calibrate"):
                 for group in groups:
                     for tensor, layers in group.tensors.items():
-                        _observe(group, tensor, layers, acts[tensor], batches)
+                        for member in (group, *group.candidates):
+                            _observe(member, tensor, layers, acts[tensor], batches)
                 batches += 1
                 del acts
         if self.options.fit_activation_bounds:
-            _fit_bounds(graph, groups)
+            _fit_bounds(graph, groups + [c for g in groups for c in g.candidates])
         act_quant = _finalize(groups, layer_map)
         ctx.artifacts["act_quant"] = act_quant
         stats = _stats(self.options, [g for g in groups if g is not blocks], act_quant, tensors, batches)
         if blocks is not None:
             ctx.artifacts["tensor_quant"] = {t: _finalize_group(blocks)[t] for t in blocks.tensors}
             stats["block_outputs"] = len(blocks.tensors)
+        if self.options.candidates:
+            ctx.artifacts["range_candidates"] = _range_candidates(groups)
         return PassResult(False, stats)
 
     def _batch_num(self, ctx) -> int | None:
@@ -170,6 +188,34 @@ def _make_groups(session, layer_map, options: CalibrateOptions) -> list[_Group]:
 
 def _new_group(session, algorithm: str, algo_options: dict[str, Any]) -> _Group:
     return _Group(algorithm, algo_options, session.make_algorithm("calibrators", algorithm, algo_options))
+
+
+def _candidate_groups(session, group: _Group, options: CalibrateOptions) -> list[_Group]:
+    """One group per candidate calibrator over the group's tensors, with the group's asymmetric and
+    num_bits (a candidate equal to the group's own configuration is skipped)."""
+    out = []
+    for name in dict.fromkeys(options.candidates):
+        algorithm, algo_options = _resolve(session, {"algorithm": name, "algorithm_options": {
+            **(options.candidate_options.get(name) or {}),
+            **{k: group.options[k] for k in ("asymmetric", "num_bits") if k in group.options}}},
+            options.model_copy(update={"algorithm_options": {}}), f"candidates '{name}'")
+        if (algorithm, algo_options) == (group.algorithm, group.options):
+            continue
+        out.append(_Group(algorithm, algo_options, session.make_algorithm("calibrators", algorithm, algo_options),
+                          group.tensors))
+    return out
+
+
+def _range_candidates(groups: list[_Group]) -> dict[str, list[Any]]:
+    """tensor -> [its chosen range, then each candidate calibrator's range, in the order of
+    ``candidates``] (first group of a tensor wins; equal ranges are kept, so position k is always
+    the k-th calibrator's)."""
+    out: dict[str, list[Any]] = {}
+    for group in groups:
+        for tensor in group.tensors:
+            if tensor not in out:
+                out[tensor] = [_finalize_group(member)[tensor] for member in (group, *group.candidates)]
+    return out
 
 
 def _block_group(session, graph, layer_map, options: CalibrateOptions) -> _Group:

@@ -9,14 +9,20 @@ arq, algorithm_options: {num_bits: 7}}}``, the algorithm's options also accepted
 Besides ``weight_quant`` (layer -> WeightQuantParams) the pass records the settings it used per layer
 in ``ctx.artifacts["quant_settings"][layer]["wts"]`` (AMCT config spelling: algo, num_bits,
 channel_wise), which ``export_amct`` writes into AMCT's JSON quant config.
+
+``bias_correction: true`` then measures, on the calibration data, the mean output shift each layer's
+quantized weights cause (with ``bias_correction_input: quantized`` also its quantized input, from
+``act_quant``) and subtracts it from the layer's bias in the graph
+(``algorithms.weights.bias_correction``): one more run of the model, and the only case in which this
+pass changes the graph.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, Optional
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from ..algorithms.base import WeightQuantParams
 from ..errors import ConfigError, Problem
@@ -35,6 +41,15 @@ class QuantizeWeightsOptions(Options):
     algorithm: str = Field("arq", description="Weight quantizer (see `amct-pipeline list quantizers`).")
     algorithm_options: dict[str, Any] = Field(default_factory=dict,
                                               description="Options of the weight quantizer, e.g. {channel_wise: true}.")
+    bias_correction: bool = Field(
+        False, description="Subtract from each layer's bias the mean output shift its quantization causes on the "
+                           "calibration data (quantized weights, and the quantized input when 'act_quant' exists).")
+    bias_correction_input: Literal["float", "quantized"] = Field(
+        "float", description="Input of the measured layer: 'float' (the shift of the weights' rounding alone) or "
+                             "'quantized' (also the input's quantization, from 'act_quant'; its clipping shifts "
+                             "means too, but correcting that hurt MobileNetV2 with per-sample ranges: 20.4 -> 14.1 dB).")
+    dataset: Optional[str] = Field(None, description="Dataset for bias_correction (default 'calib').")
+    batch_num: Optional[PositiveInt] = Field(None, description="Batches bias_correction measures on (default: all).")
 
 
 class QuantizeWeightsPass(Pass):
@@ -43,7 +58,7 @@ class QuantizeWeightsPass(Pass):
     Options = QuantizeWeightsOptions
     requires = frozenset({"layer_map"})
     produces = frozenset({"weight_quant", "quant_settings"})
-    references = {"algorithm": "weight_quantizers"}
+    references = {"algorithm": "weight_quantizers", "dataset": "datasets"}
 
     def run(self, graph, ctx) -> PassResult:
         layer_map = ctx.artifacts["layer_map"]
@@ -63,8 +78,35 @@ class QuantizeWeightsPass(Pass):
             settings.setdefault(layer.name, {})["wts"] = _settings_record(quantizer, params, layer)
         ctx.artifacts["weight_quant"] = results
         weighted = sum(1 for layer in layer_map.layers() if layer.weight is not None)
-        return PassResult(False, {"layers": weighted, "per_channel": per_channel,
-                                  "weightless": len(results) - weighted})
+        stats = {"layers": weighted, "per_channel": per_channel, "weightless": len(results) - weighted}
+        modified = False
+        if self.options.bias_correction:
+            corrected = self._correct_biases(graph, ctx, layer_map, results)
+            modified = corrected["corrected"] > 0
+            stats["bias_corrected"] = corrected["corrected"]
+            stats["bias_largest_shift"] = corrected["largest_shift"]
+            if corrected["skipped"]:
+                stats["bias_not_corrected"] = corrected["skipped"]
+        return PassResult(modified, stats)
+
+    def _correct_biases(self, graph, ctx, layer_map, weight_quant) -> dict[str, Any]:
+        from ..algorithms.weights.bias_correction import apply_shifts, bias_shifts
+        from ..runtime.collector import collect
+        from ..runtime.data import model_inputs
+        source = ctx.dataset(self.options.dataset or "calib")
+        first = model_inputs(graph)[0].name
+
+        def batches(model, fetch):
+            for got in collect(graph, source, [*fetch, first], self.options.batch_num, model=model,
+                               progress=ctx.progress, desc="bias_correction"):
+                yield got, len(got[first])
+
+        layers = [layer for layer in layer_map.layers() if layer.weight is not None]
+        act_quant = ctx.artifacts.get("act_quant") if self.options.bias_correction_input == "quantized" else None
+        shifts, skipped = bias_shifts(graph, layers, weight_quant, act_quant, batches)
+        stats = apply_shifts(graph, {layer.name: layer for layer in layers}, shifts)
+        stats["skipped"].update(skipped)
+        return stats
 
     # -- per-layer settings ---------------------------------------------------------------------
     def _layer_settings(self, layer) -> tuple[str, dict[str, Any]]:

@@ -21,8 +21,9 @@ def amct_register_passes():
     from ..passes.lower import LowerPass
     from ..passes.amct_files import ExportAmctPass, LoadRecordPass
     from ..passes.convert_qat import ConvertQatPass
+    from ..passes.equalize import EqualizeChannelsPass
     return [FuseBatchNormPass, MatchLayersPass, SavePass, CalibratePass, RefineRangesPass, DecomposePass, ApplyDecompositionPass,
-            QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass]
+            QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass, EqualizeChannelsPass]
 
 
 @hookimpl

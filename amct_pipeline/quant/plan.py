@@ -41,6 +41,7 @@ __all__ = [
     "TensorPlan",
     "LoweringPlan",
     "build_plan",
+    "with_input_factors",
     "normalized_act",
     "parse_tensor_key",
     "multi_output_entries",
@@ -254,6 +255,21 @@ def normalized_act(act: ActQuantParams, name: str) -> ActQuantParams:
     if not act.qmin <= act.offset <= act.qmax:
         raise _problem(name, f"offset_d {act.offset} is outside [{act.qmin}, {act.qmax}]")
     return act
+
+
+def with_input_factors(graph, plan: LayerPlan, act: ActQuantParams) -> LayerPlan:
+    """``plan`` with ``act`` quantizing the layer's input instead of the record's factors, the INT32 bias
+    requantized to ``scale_d * scale_w`` of the new ``scale_d`` (a QDQ model whose data movement shares
+    one set of factors; onnxruntime fuses a Conv only when the bias scale is input scale x weight scale)."""
+    if act == plan.act:
+        return plan
+    bias_q = plan.bias_q
+    if bias_q is not None:
+        try:
+            bias_q = quantize_bias(effective_bias(graph, plan.layer), act.scale, plan.scale_w, plan.name)
+        except ValueError as exc:
+            raise ConfigError([Problem(WHERE, f"layer '{plan.name}'", str(exc))]) from None
+    return dataclasses.replace(plan, act=act, bias_q=bias_q)
 
 
 def _layer_plan(graph, layer, act: ActQuantParams, weights) -> LayerPlan:

@@ -11,12 +11,13 @@ __all__ = ["make_session", "run_model", "expose_tensors"]
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True, threads: int = 0,
-                 memory_pattern: bool = True, spinning: bool = True):
+                 memory_pattern: bool = True, config: Mapping[str, str] | None = None):
     """An InferenceSession on the CPU for an in-memory model or a model file (a file's external data
     is found beside it). ``optimize=False`` disables onnxruntime's graph optimisations;
     ``memory_pattern=False`` its memory pattern (see ``runtime.collector``); ``threads`` > 0 sets the
-    intra-op and inter-op thread counts; ``spinning=False`` stops idle threads spinning (many small
-    sessions alive at once would otherwise starve the machine)."""
+    intra-op and inter-op thread counts; ``config`` adds session configuration entries (e.g.
+    ``{"session.disable_quant_qdq": "1"}``, or ``{"session.intra_op.allow_spinning": "0"}`` when many
+    small sessions are alive at once)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -26,8 +27,8 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool =
     options.log_severity_level = 3      # old models warn about initializers listed as inputs
     if threads:
         options.intra_op_num_threads = options.inter_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 

@@ -510,7 +510,7 @@ def test_float_histogram_tails_exact_with_ties_and_any_batch_size(kind):
 
 def test_registry_and_option_validation():
     names = [c.name for c in BUILTIN_CALIBRATORS]
-    assert sorted(names) == ["entropy", "hfmg", "ifmr", "minmax", "mse", "percentile"]
+    assert sorted(names) == ["entropy", "hfmg", "ifmr", "mean_minmax", "minmax", "mse", "percentile", "sample_quantile"]
     for c in BUILTIN_CALIBRATORS:
         assert issubclass(c, ActivationCalibrator) and c.summary and "\n" not in c.summary
         assert c.Options().asymmetric is True and c.Options().num_bits == 8

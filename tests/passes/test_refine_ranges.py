@@ -9,7 +9,7 @@ from amct_pipeline.demo import build_demo_data, build_demo_model
 from amct_pipeline.errors import ConfigError
 from amct_pipeline.passes.base import Pass, PassResult
 from amct_pipeline.quant.weights import weight_values
-from amct_pipeline.passes.refine_ranges import _units, build_eval_model, factor_feed
+from amct_pipeline.passes.refine_ranges import _units, build_eval_model, eval_session, factor_feed
 from amct_pipeline.quant.weights import dequantize_weight
 from amct_pipeline.pipeline.spec import DatasetSpec, Preprocess
 from amct_pipeline.quant.math import arq, fake_quant
@@ -94,7 +94,7 @@ def test_eval_model_matches_numpy_fake_quant(session):
     unit = next(u for u in units if u.layers == ["conv1"])
     branch = unit.output
     from amct_pipeline.runtime.ort import expose_tensors
-    ort_session = make_session(expose_tensors(model, [branch]))
+    ort_session = eval_session(expose_tensors(model, [branch]))
     x = build_demo_data(4, seed=5)
     feed = {"input": x}
     for u in units:

@@ -1,6 +1,7 @@
 """Built-in streaming activation calibrators (numpy only) and their shared histogram statistics."""
 from .common import CalibratorOptions, StreamingCalibrator
 from .entropy import EntropyCalibrator
+from .extremes import MeanMinMaxCalibrator, SampleQuantileCalibrator
 from .hfmg import HfmgCalibrator
 from .ifmr import IfmrCalibrator
 from .minmax import MinMaxCalibrator
@@ -17,6 +18,8 @@ __all__ = [
     "PercentileCalibrator",
     "EntropyCalibrator",
     "MseCalibrator",
+    "MeanMinMaxCalibrator",
+    "SampleQuantileCalibrator",
 ]
 
 BUILTIN_CALIBRATORS = [
@@ -26,4 +29,6 @@ BUILTIN_CALIBRATORS = [
     PercentileCalibrator,
     EntropyCalibrator,
     MseCalibrator,
+    MeanMinMaxCalibrator,
+    SampleQuantileCalibrator,
 ]

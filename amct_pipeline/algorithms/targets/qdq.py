@@ -7,19 +7,20 @@ initializer behind a ``DequantizeLinear`` (per channel with ``axis`` for Conv/Co
 bias an INT32 initializer behind ``DequantizeLinear(scale = scale_d * scale_w, zero point 0)``.
 
 onnxruntime fuses ``DQ -> Conv -> Q`` into QLinearConv only when the layer output is itself quantized
-(and read by nothing else), so, like onnxruntime's own quantizer, the layout also quantizes:
+(and read by nothing else), so, like onnxruntime's own quantizer, the layout also quantizes (see
+``quant.facts`` for the rules, shared with ``calibrate{block_outputs}``):
 
 * every consumer of a quantized tensor (all of them read the dequantized copy, so the producer's only
   reader is the QuantizeLinear);
-* tensors whose factors follow from a layer input through value-preserving ops (MaxPool, Reshape,
-  Flatten, Transpose, Squeeze, Unsqueeze, Identity): ``Conv -> Relu -> MaxPool -> Conv`` quantizes the
-  Relu output with the second Conv's factors, which is exact for these ops;
-* "extra" tensors the record has no factors for (see :func:`extra_tensors`): layer outputs (after a
-  following Relu/Clip) and the outputs of Add and GlobalAveragePool nodes whose inputs are quantized.
-  Their factors come from the ``tensor_quant`` artifact (tensor name -> ActQuantParams) that
-  ``calibrate{block_outputs: true}`` (or ``refine_ranges``) provides; without it they stay float
-  (slower). The target never calibrates: the tensor set is ``quant.facts.extra_tensors``, the same
-  function the calibration pass observes.
+* layer outputs (after a following Relu/Clip) and the outputs of Add and GlobalAveragePool nodes
+  whose inputs are quantized, with factors from the ``tensor_quant`` artifact (tensor name ->
+  ActQuantParams) that ``calibrate{block_outputs: true}`` (or ``refine_ranges``) provides; without it
+  they stay float (slower). The target never calibrates;
+* data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool, Split, Slice, Gather,
+  nearest Resize, zero Pad) with one set of factors on its input and outputs, which is exact, so
+  onnxruntime drops the pairs and moves uint8 codes; Concats of quantized inputs become QLinearConcat,
+  each input requantized at most once (inside its producer's kernel when nothing else reads it, else
+  by QLinearConcat), except where the inputs' ranges are too far apart to share a scale.
 
 A Relu/Clip right before a quantized tensor is moved onto the codes (dropped when the quantizer
 saturates where it clips, else a uint8 Clip after the QuantizeLinear), which is exact and lets the
@@ -36,9 +37,9 @@ from pydantic import Field
 from ...errors import ConfigError, Problem
 from ...ir.edit import Namer, add_node, constant, reroute
 from ...options import Options
-from ...quant.facts import FOLDABLE_ACTIVATIONS, activation_bounds, extra_tensors, propagate_factors, record_factors
+from ...quant.facts import FOLDABLE_ACTIVATIONS, QdqLayout, activation_bounds, plan_layout, resolve_layout
 from ...quant.params import ActQuantParams
-from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act
+from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, with_input_factors
 from .base import PlanTarget
 
 __all__ = ["QdqTarget", "QdqOptions"]
@@ -47,9 +48,10 @@ UINT8_SHIFT = 128                             # uint8 zero point = int8-domain o
 
 
 class QdqOptions(Options):
-    extra_tensors: bool = Field(True, description="Also quantize layer outputs, Add and pooling outputs when "
-                                                  "factors exist for them (artifact 'tensor_quant' from "
-                                                  "calibrate{block_outputs: true}), so onnxruntime fuses whole blocks.")
+    extra_tensors: bool = Field(True, description="Also quantize layer outputs, Add, pooling and Concat outputs and "
+                                                  "data movement when factors exist for them (artifact 'tensor_quant' "
+                                                  "from calibrate{block_outputs: true}), so onnxruntime fuses whole "
+                                                  "blocks and moves data in integers.")
 
 
 class QdqTarget(PlanTarget):
@@ -60,25 +62,32 @@ class QdqTarget(PlanTarget):
 
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
         _check_bits(plan)
-        factors = record_factors(plan)
-        if self.options.extra_tensors:
-            propagate_factors(graph, factors)
-            wanted = extra_tensors(graph, plan.layers, factors)
-            factors.update(_extra_factors(ctx, wanted))
-            propagate_factors(graph, factors)
+        layout = self.layout(graph, plan, ctx)
         namer = Namer(graph)
-        _quantize_activations(graph, namer, plan, factors)
+        _quantize_activations(graph, namer, plan, layout)
         nodes = {node.name: node for node in graph.nodes}
-        for layer_plan in plan.layers.values():
-            _quantize_constants(graph, namer, nodes, layer_plan)
+        for name, layer_plan in plan.layers.items():
+            act = layout.layer_pairs.get(name) or layout.factors.get(layer_plan.layer.input, layer_plan.act)
+            _quantize_constants(graph, namer, nodes, with_input_factors(graph, layer_plan, act))
 
-
-def _extra_factors(ctx, wanted: list[str]) -> dict[str, ActQuantParams]:
-    found = {name: ctx.tensor_quant[name] for name in wanted if name in ctx.tensor_quant}
-    if len(found) < len(wanted):
-        ctx.logger.info("qdq: %d layer/Add/pooling outputs have no factors and stay float (calibrate with "
-                        "block_outputs: true for full integer fusion)", len(wanted) - len(found))
-    return {name: normalized_act(found[name], name) for name in wanted if name in found}
+    def layout(self, graph, plan: LoweringPlan, ctx) -> QdqLayout:
+        """Which tensors get which factors (``quant.facts``); layer inputs only without ``extra_tensors``."""
+        act = {name: layer_plan.act for name, layer_plan in plan.layers.items()}
+        structure = plan_layout(graph, plan.layers)
+        if not self.options.extra_tensors:
+            structure.sources = {t: s for t, s in structure.sources.items() if t in structure.layer_inputs}
+            structure.concats = []
+            return resolve_layout(graph, structure, act, {})
+        wanted = structure.wanted()
+        found = {name: normalized_act(ctx.tensor_quant[name], name) for name in wanted if name in ctx.tensor_quant}
+        if len(found) < len(wanted):
+            ctx.logger.info("qdq: %d layer/Add/pooling/Concat outputs have no factors and stay float (calibrate "
+                            "with block_outputs: true for full integer fusion)", len(wanted) - len(found))
+        layout = resolve_layout(graph, structure, act, found)
+        if layout.float_concats:
+            ctx.logger.info("qdq: %d Concats stay float (their inputs' ranges differ too much to share one scale): "
+                            "%s", len(layout.float_concats), ", ".join(layout.float_concats))
+        return layout
 
 
 def _check_bits(plan: LoweringPlan) -> None:
@@ -90,23 +99,21 @@ def _check_bits(plan: LoweringPlan) -> None:
 
 
 # -- emitting -------------------------------------------------------------------------------------
-def _quantize_activations(graph, namer: Namer, plan: LoweringPlan, factors: dict[str, ActQuantParams]) -> None:
-    """One Q/DQ pair per tensor; every reader takes the dequantized copy. A layer whose own record
+def _quantize_activations(graph, namer: Namer, plan: LoweringPlan, layout: QdqLayout) -> None:
+    """One Q/DQ pair per paired tensor; every reader takes the dequantized copy. A layer whose own record
     factors differ from the tensor's (two layers, different settings) gets its own pair."""
     tensors = graph.tensors()
-    for name, params in factors.items():
-        tensor = tensors[name]
+    for name in layout.paired:
+        tensor, params = tensors[name], layout.factors[name]
         readers = list(tensor.outputs)
         source, code_range = _fold_activation(graph, tensor, params)
         _, dequantized = _qdq_pair(graph, namer, source, params, name, code_range)
         reroute(tensor, dequantized, readers)
     nodes = {node.name: node for node in graph.nodes}
-    for layer_plan in plan.layers.values():
-        tensor = tensors[layer_plan.layer.input]
-        if factors[tensor.name] != layer_plan.act:
-            node = nodes[layer_plan.name]
-            _, dequantized = _qdq_pair(graph, namer, tensor, layer_plan.act, f"{layer_plan.name}.input")
-            node.inputs[0] = dequantized
+    for name, params in layout.layer_pairs.items():
+        node = nodes[name]
+        _, dequantized = _qdq_pair(graph, namer, tensors[plan.layers[name].layer.input], params, f"{name}.input")
+        node.inputs[0] = dequantized
 
 
 def _fold_activation(graph, tensor: gs.Tensor, params: ActQuantParams) -> tuple[gs.Tensor, tuple[int, int] | None]:
