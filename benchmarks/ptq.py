@@ -63,6 +63,7 @@ BLOCKS = "block_outputs=true"           # the layer / Add / pooling / Concat out
 # One line per variant.
 OUR_VARIANTS = [
     Ours("ours ptq_int8 (default)", PRESET, quick=True),
+    Ours("ours ptq_int8_accurate", "@ptq_int8_accurate", quick=True),
     Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},quantize_weights{{algorithm=arq}}", quick=True),
     Ours("ours hfmg", f"calibrate{{algorithm=hfmg {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
     Ours("ours minmax", f"calibrate{{algorithm=minmax {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
