@@ -161,9 +161,8 @@ class RefineRangesPass(Pass):
 
 
 # -- units and data ----------------------------------------------------------------------------
-def _units(layer_map, act_quant, blocks: dict[str, ActQuantParams] | None = None) -> list[_Unit]:
-    """One unit per (layer input, params object); with ``blocks`` (the QDQ layout) the first unit of
-    each tensor also takes its other readers, and every block output is a unit of its own."""
+def _units(layer_map, act_quant) -> list[_Unit]:
+    """The fake-quant layout's quantizers: one unit per (layer input, params object)."""
     units: dict[tuple[str, int], _Unit] = {}
     for layer in layer_map.layers():
         params = act_quant.get(layer.name)
@@ -173,14 +172,6 @@ def _units(layer_map, act_quant, blocks: dict[str, ActQuantParams] | None = None
         if key not in units:
             units[key] = _Unit(layer.input, [], params, index=len(units))
         units[key].layers.append(layer.name)
-    if blocks is None:
-        return list(units.values())
-    first: dict[str, _Unit] = {}
-    for unit in units.values():
-        first.setdefault(unit.tensor, unit).all_readers = True
-    for tensor, params in blocks.items():
-        if tensor not in first:
-            units[(tensor, id(params))] = _Unit(tensor, [], params, index=len(units), all_readers=True)
     return list(units.values())
 
 
