@@ -127,9 +127,11 @@ def test_kill_minus_nine_at_random_points(tmp_path):
                 if not entry.name.startswith("."):
                     assert entry.read_bytes() == reference[entry.name], f"kill {kill}: {entry.name} is partial"
             assert digests(tmp_path / "in") == inputs_before, f"kill {kill}: an input changed"
-            # this run removed the stale staging folders of the runs killed before it
+            # a run that reached its passes removed the stale staging folders of the runs killed before it
+            # (one killed while still importing or checking its inputs never got that far)
             staging = _staging(out)
-            assert not (staging & previous_staging), f"kill {kill}: stale {staging & previous_staging}"
+            if progress:
+                assert not (staging & previous_staging), f"kill {kill}: stale {staging & previous_staging}"
             assert len(staging) <= 1
             previous_staging = staging
     finally:
