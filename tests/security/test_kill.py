@@ -86,6 +86,25 @@ class Zygote:
         self.proc.wait(timeout=30)
 
 
+def _pass_times(log: str) -> list[tuple[str, float]]:
+    """(progress line head ``[i/n] name`` of each pass, its duration) from a complete run's log."""
+    times = []
+    for line in log.splitlines():
+        if line.startswith("[") and " done in " in line:
+            head, took = line.split(" done in ", 1)
+            times.append((head, float(took.split("s", 1)[0])))
+    return times
+
+
+def _wait_for(log: Path, marker: str, timeout: float) -> None:
+    """Until the run's log holds ``marker`` (its progress line), polling every millisecond."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if log.exists() and marker in log.read_text():
+            return
+        time.sleep(0.001)
+
+
 def _staging(out: Path) -> set[str]:
     return {p.name for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)} if out.exists() else set()
 
@@ -109,12 +128,20 @@ def test_kill_minus_nine_at_random_points(tmp_path):
 
         out = tmp_path / "out"
         rng = random.Random(20260512)
+        passes = _pass_times((tmp_path / "ref.log").read_text())
         reached, previous_staging = [], set()
         for kill in range(KILLS):
             log = tmp_path / f"kill{kill}.log"
             pid = zygote.start(argv + ["-o", str(out)], log)
-            # half the kills anywhere in the run, half in its last part (lower, export_amct, the renames)
-            time.sleep(rng.uniform(0.0, duration * 1.05) if kill % 2 else rng.uniform(0.6 * duration, duration))
+            # phases in turn: setup, inside each pass (after its progress line), and after the last pass
+            # (staged writes, the final renames); a random point within the phase's reference duration
+            phase = kill % (len(passes) + 2)
+            if phase == 0:
+                time.sleep(rng.uniform(0.0, 0.05))
+            else:
+                head, span = passes[phase - 1] if phase <= len(passes) else (passes[-1][0], 0.02)
+                _wait_for(log, f"{head} ..." if phase <= len(passes) else f"{head} done", timeout=duration * 5 + 5)
+                time.sleep(rng.uniform(0.0, span))
             os.kill(pid, signal.SIGKILL)      # our own grandchild, by pid; not reaped yet, so never reused
             status = zygote.wait()
             progress = [line.split(" ")[:3] for line in log.read_text().splitlines() if line.startswith("[")]
