@@ -24,10 +24,12 @@ match_layers and lower, in the textual pipeline form.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,7 +154,9 @@ def _detector_case() -> Case:
     from amct_pipeline.testing.detector import DETECTOR_INPUT, detector_parts, shufflenet_detector
     model = shufflenet_detector(size=DETECTOR_SIZE)
     images, _ = _imagenet()                   # read first: a missing file skips the case
-    path = Path(tempfile.mkdtemp(prefix="amct_ptq_bench_")) / "shufflenet_detector.onnx"
+    folder = tempfile.mkdtemp(prefix="amct_ptq_bench_")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / "shufflenet_detector.onnx"
     onnx.save(model, str(path))
     classes = model.graph.output[0].type.tensor_type.shape.dim[2].dim_value - 5
     return Case("shufflenet_detector", path, DETECTOR_INPUT, *_split((_resized(images, DETECTOR_SIZE), None), 100),
