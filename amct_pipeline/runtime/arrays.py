@@ -81,7 +81,33 @@ def _read_npy(name: str, path: Path) -> np.ndarray:
 
 
 # -- .npz ----------------------------------------------------------------------------------------------
-class NpzArray:
+class _LazyRows:
+    """An array read only where sliced along axis 0 (``shape``, ``dtype`` and ``_rows`` from subclasses)."""
+
+    shape: tuple
+    dtype: np.dtype
+    ndim = property(lambda self: len(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, slice):
+            return self[:][key]
+        lo, hi, step = key.indices(len(self))
+        if step != 1:
+            return self[lo:hi][::step] if hi > lo else self[lo:lo]
+        return self._rows(lo, hi)
+
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NpzArray(_LazyRows):
     """One member of an .npz, sliced along axis 0 by streaming only the needed bytes out of the zip."""
 
     def __init__(self, archive: zipfile.ZipFile, member: zipfile.ZipInfo, what: str) -> None:
@@ -98,21 +124,7 @@ class NpzArray:
         self._stream = None
         self._whole: np.ndarray | None = None
 
-    ndim = property(lambda self: len(self.shape))
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, slice):
-            return self[:][key]
-        lo, hi, step = key.indices(len(self))
-        if step != 1:
-            return self[lo:hi][::step] if hi > lo else self[lo:lo]
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
         hi = max(hi, lo)
         if self.fortran:                    # samples are not contiguous: the whole member, once
             if self._whole is None:
@@ -187,7 +199,7 @@ def read_arrays(name: str, path: Path) -> dict[str, Any]:
 
 
 # -- shards ----------------------------------------------------------------------------------------------
-class ShardedArray:
+class ShardedArray(_LazyRows):
     """Arrays concatenated along axis 0 without reading them: slices gather from the shards."""
 
     def __init__(self, parts: Sequence[Any]) -> None:
@@ -196,21 +208,7 @@ class ShardedArray:
         self.shape = (int(self.starts[-1]),) + tuple(self.parts[0].shape[1:])
         self.dtype = self.parts[0].dtype
 
-    ndim = property(lambda self: len(self.shape))
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if not isinstance(key, slice):
-            return self[:][key]
-        lo, hi, step = key.indices(len(self))
-        if step != 1:
-            return self[lo:hi][::step] if hi > lo else self[lo:lo]
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
         pieces = []
         for part, start, end in zip(self.parts, self.starts[:-1], self.starts[1:]):
             a, b = max(lo, start), min(hi, end)

@@ -59,20 +59,27 @@ def feeds(model: onnx.ModelProto, count: int = 2, seed: int = 1, batches: int = 
     return [{x.name: rng.normal(size=shape).astype(np.float32)} for _ in range(batches)]
 
 
-def conv_flops(model: onnx.ModelProto, names: Sequence[str] | None = None) -> dict[str, int]:
-    """SPEC 8.2 FLOPs of every Conv, from onnx shape inference (independent of the pass's own count)."""
+def conv_geometry(model: onnx.ModelProto):
+    """(node, cout, cin/group, kh, kw, output h, output w) of every Conv, from onnx shape inference
+    (independent of the passes' own counts)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    out = {}
     for node in model.graph.node:
-        if node.op_type != "Conv" or (names is not None and node.name not in names):
-            continue
-        cout, cin_g, kh, kw = inits[node.input[1]]
-        _, _, h, w = shapes[node.output[0]]
-        bias = int(len(node.input) > 2 and bool(node.input[2]))
-        out[node.name] = (2 * cin_g * kh * kw - 1 + bias) * h * w * cout
+        if node.op_type == "Conv":
+            cout, cin_g, kh, kw = inits[node.input[1]]
+            _, _, h, w = shapes[node.output[0]]
+            yield node, cout, cin_g, kh, kw, h, w
+
+
+def conv_flops(model: onnx.ModelProto, names: Sequence[str] | None = None) -> dict[str, int]:
+    """SPEC 8.2 FLOPs of every Conv (or those in ``names``)."""
+    out = {}
+    for node, cout, cin_g, kh, kw, h, w in conv_geometry(model):
+        if names is None or node.name in names:
+            bias = int(len(node.input) > 2 and bool(node.input[2]))
+            out[node.name] = (2 * cin_g * kh * kw - 1 + bias) * h * w * cout
     return out
 
 

@@ -6,22 +6,12 @@ import onnx
 import pytest
 
 from conftest import shared_path
-from decomp_helpers import conv_chain, conv_flops
+from decomp_helpers import conv_chain, conv_flops, conv_geometry
 
 
 def conv_macs(model: onnx.ModelProto) -> dict[str, int]:
-    """Multiply-accumulates of every Conv, from onnx shape inference (independent of the pass)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            cout, cin_g, kh, kw = inits[node.input[1]]
-            _, _, h, w = shapes[node.output[0]]
-            out[node.name] = cout * cin_g * kh * kw * h * w
-    return out
+    """Multiply-accumulates of every Conv (weights x output pixels)."""
+    return {node.name: cout * cin_g * kh * kw * h * w for node, cout, cin_g, kh, kw, h, w in conv_geometry(model)}
 
 
 def kept(original, result, count) -> float:

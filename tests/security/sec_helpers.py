@@ -10,16 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from amct_pipeline.cli.main import main as cli_main
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-
-
-def shared_path(name: str) -> Path:
-    """A file under ../shared (beside the project root), or skip the test naming the missing file."""
-    import pytest
-    path = SHARED / name
-    if not path.exists():
-        pytest.skip(f"missing ../shared/{name}")
-    return path
+from conftest import shared_path  # noqa: F401  (re-exported for the security tests)
 
 WEIGHT_SHAPE = (16, 3, 3, 3)
 
