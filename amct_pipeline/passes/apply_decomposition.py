@@ -97,11 +97,11 @@ def _load_weights(path: str) -> dict[str, np.ndarray]:
     source = Path(path)
     if not source.is_file():
         raise ConfigError([Problem(WHERE, "weights", f"{path}: no such file")])
-    if source.suffix == ".onnx":
-        import onnx
-        from onnx import numpy_helper
-        model = onnx.load(str(source))
-        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    if source.suffix == ".onnx":    # read like an input model: external data confined to its folder
+        import onnx_graphsurgeon as gs
+        from ..ir.graph import load_graph
+        return {name: np.asarray(tensor.values) for name, tensor in load_graph(source).tensors().items()
+                if isinstance(tensor, gs.Constant)}
     try:
         with np.load(source, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}

@@ -228,3 +228,29 @@ def test_plot_png(session, tmp_path):
                   plot="{model}_tradeoff.png", plot_targets=[0.3, 0.7])
     png = tmp_path / "model_tradeoff.png"
     assert png in result.files and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weights_from_an_onnx_model_are_read_like_an_input_model(session, tmp_path):
+    """An .onnx weights file loads its initializers; its external data may not leave its folder."""
+    model = conv_chain(LAYERS)
+    result = session.build({"passes": [{"pass": "decompose", "options": {"target": 0.5}}]}).run(
+        model, output_dir=tmp_path)
+    info = str(tmp_path / "model_decompose_info.json")
+    tuned = tmp_path / "tuned" / "tuned.onnx"
+    tuned.parent.mkdir()
+    tuned.write_bytes(result.model.SerializeToString())
+    loaded = session.build({"passes": [{"pass": "apply_decomposition", "options": {
+        "info_file": info, "weights": str(tuned)}}]}).run(model)
+    feed = feeds(model)[0]
+    assert max_rel_diff(run_model(result.model, feed)[0], run_model(loaded.model, feed)[0]) < 1e-6
+    (tmp_path / "secret.bin").write_bytes(b"S" * (1 << 16))
+    hostile = onnx.ModelProto()
+    hostile.CopyFrom(result.model)
+    target = max(hostile.graph.initializer, key=lambda t: len(t.raw_data))
+    target.ClearField("raw_data")
+    target.data_location = onnx.TensorProto.EXTERNAL
+    target.external_data.add(key="location", value="../secret.bin")
+    tuned.write_bytes(hostile.SerializeToString())
+    with pytest.raises(Exception, match=r"'\.\.' to leave the model's folder"):
+        session.build({"passes": [{"pass": "apply_decomposition", "options": {
+            "info_file": info, "weights": str(tuned)}}]}).run(model)
