@@ -68,10 +68,7 @@ class LayerMatch(Options):
         if self.op_type is not None:
             _check_op_types([self.op_type])
         if self.name_regex is not None:
-            try:
-                re.compile(self.name_regex)
-            except re.error as exc:
-                raise ValueError(f"name_regex {self.name_regex!r} is not a regular expression: {exc}") from None
+            _check_name_regex(self.name_regex)
         return self
 
     def matches(self, layer_name: str, op_type: str) -> bool:
@@ -80,6 +77,45 @@ class LayerMatch(Options):
         if self.op_type is not None:
             return op_type == self.op_type
         return re.fullmatch(self.name_regex, layer_name) is not None
+
+
+MAX_REGEX_CHARS = 1000
+
+
+def _check_name_regex(pattern: str) -> None:
+    """A valid pattern without nested repetition: ``(a+)+`` backtracks exponentially on a crafted name,
+    and layer names come from the model, which may be hostile."""
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise ValueError(f"name_regex is {len(pattern)} characters (at most {MAX_REGEX_CHARS})")
+    try:
+        from re import _parser as sre_parse     # Python >= 3.11
+    except ImportError:                          # pragma: no cover
+        import sre_parse
+    try:
+        tree = sre_parse.parse(pattern)
+    except re.error as exc:
+        raise ValueError(f"name_regex {pattern!r} is not a regular expression: {exc}") from None
+    if _nested_repeat(tree, inside=False):
+        raise ValueError(f"name_regex {pattern!r} repeats a repetition (like (a+)+), which can take exponential "
+                         "time on long layer names; rewrite it without the nested quantifier")
+
+
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+
+
+def _nested_repeat(items, inside: bool) -> bool:
+    for op, value in items:
+        if str(op) in _REPEATS:
+            low, high, sub = value
+            if (inside and high > 1) or _nested_repeat(sub, inside or high > 1):
+                return True
+        elif str(op) == "SUBPATTERN":
+            if _nested_repeat(value[-1], inside):
+                return True
+        elif str(op) == "BRANCH":
+            if any(_nested_repeat(branch, inside) for branch in value[1]):
+                return True
+    return False
 
 
 class LayerOverride(Options):

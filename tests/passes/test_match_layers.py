@@ -154,6 +154,9 @@ def test_non_quantizable_name_is_an_error(session):
     ("match_layers{overrides=[{match={name=a op_type=Conv}}]}", "exactly one"),
     ("match_layers{overrides=[{match={}}]}", "exactly one"),
     ("match_layers{overrides=[{match={name_regex=\"(\"}}]}", "not a regular expression"),
+    ("match_layers{overrides=[{match={name_regex=\"(a+)+b\"}}]}", "repeats a repetition"),
+    ("match_layers{overrides=[{match={name_regex=\"(?:x|y*)*z\"}}]}", "repeats a repetition"),
+    ("match_layers{overrides=[{match={name_regex=\"%s\"}}]}" % ("a" * 1001), "at most 1000"),
     ("match_layers{amct_confg=x.json}", "did you mean .amct_config."),
 ])
 def test_bad_options_fail_at_build(session, text, message):
