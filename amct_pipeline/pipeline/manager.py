@@ -215,7 +215,8 @@ class Pipeline:
             except Exception as exc:
                 for instrument in reversed(instruments):
                     instrument.after_pass_failed(index, pass_, exc)
-                raise PassError(index, pass_.name, ran, exc) from exc
+                cause = ctx.outputs.write_error(exc) or exc     # a full disk names the output file
+                raise PassError(index, pass_.name, ran, cause) from exc
             for instrument in reversed(instruments):
                 instrument.after_pass(index, pass_, graph, result)
             results.append((pass_.name, result))

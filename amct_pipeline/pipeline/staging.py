@@ -24,7 +24,7 @@ from typing import Iterable
 
 from ..errors import ConfigError, Problem
 from ..files import (STAGING_PREFIX, OutputError, check_file_name, describe_os_error, entry_path, file_kind,
-                    input_keys)
+                    input_keys, is_within)
 
 __all__ = ["OutputStage", "remove_stale_staging", "staging_owner", "LEGACY_STALE_SECONDS"]
 
@@ -184,6 +184,17 @@ class OutputStage:
         if filename not in self.files:
             self.files.append(filename)
         return self._staging / filename
+
+    def write_error(self, exc: BaseException) -> OutputError | None:
+        """A pass's failed write into the staging folder, told as the output file it was writing."""
+        filename = getattr(exc, "filename", None)
+        if not isinstance(exc, OSError) or self._staging is None or not filename:
+            return None
+        staged = Path(os.fsdecode(filename))
+        if not is_within(staged, self._staging):
+            return None
+        name = staged.relative_to(self._staging).as_posix() if staged.is_absolute() else staged.name
+        return OutputError(f"{self.option} {self.directory}: cannot write {name} ({describe_os_error(exc)})")
 
     def _make_staging(self) -> None:
         missing = []

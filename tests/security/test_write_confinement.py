@@ -163,3 +163,18 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and "File too large" in lines[0], done.stderr
     assert "internal error" not in lines[0] and not out.exists() and digests(tmp_path) == before
+
+
+def test_a_full_disk_names_the_output_file(capsys, tmp_path, monkeypatch):
+    model = save_model(build_demo_model(), tmp_path / "demo.onnx")
+    data = tmp_path / "calib.npy"
+    np.save(data, build_demo_data(32))
+    import amct_pipeline.ir.io as ir_io
+
+    def full(graph, path, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(ir_io, "write_model", full)
+    out = tmp_path / "out"
+    line = one_error(capsys, "run", "ptq_int8", "--model", model, "--data", f"calib={data}", "-o", out, "-q")
+    assert f"--output-dir {out}: cannot write demo_fake_quant_model.onnx (no space left on device)" in line, line
+    assert ".amct-staging" not in line and not out.exists()
