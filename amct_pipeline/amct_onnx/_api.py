@@ -19,18 +19,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._common import CALIBRATION_METADATA_KEY, hermetic_session, run_passes
+from ._common import CALIBRATION_METADATA_KEY, api_error, hermetic_session, run_passes
 
 __all__ = ["create_quant_config", "quantize_model", "save_model", "convert_qat_model",
-           "accuracy_based_auto_calibration", "quantize_preprocess", "evaluator_base", "DEPLOY_TARGETS"]
+           "accuracy_based_auto_calibration", "quantize_preprocess", "evaluator_base", "model_path", "DEPLOY_TARGETS"]
 
 DEPLOY_TARGETS = ["fakequant", "ascend"]            # AMCT's two models
 ASCEND_OPTIONS = {"ascend": {"domain": "", "quant_convention": "amct"}}   # as preset ptq_int8_ascend
 
 
 def _argument(function: str, name: str, message: str):
-    from ..errors import ConfigError
-    return ConfigError(f"{function}: argument {name}: {message}")
+    return api_error(function, f"argument {name}: {message}")
 
 
 def _existing_file(function: str, name: str, path: Any, kind: str) -> str:
@@ -63,7 +62,8 @@ def _save_prefix(function: str, save_path: Any) -> tuple[str, str]:
     return folder or ".", prefix
 
 
-def _model_name(folder: str, prefix: str, suffix: str) -> str:
+def model_path(folder: str, prefix: str, suffix: str) -> str:
+    """The file lower writes for a target of ``suffix`` (AMCT's naming: <prefix>_<suffix>.onnx)."""
     from ..passes.lower import model_filename
     return os.path.join(folder, model_filename(prefix, suffix))
 
@@ -105,7 +105,6 @@ def quantize_model(config_file, model_file, modified_onnx_file, record_file) -> 
     the weights' factors. Run the modified model in onnxruntime with ``AMCT_SO`` for ``batch_num``
     batches: the record then gets the activation factors, and ``save_model`` can run."""
     from ..amct import LayerRecord, write_record
-    from ..errors import ConfigError
     from ._calibration import CalibrationSpec, add_taps, forget
     where = "quantize_model"
     config_file = _existing_file(where, "config_file", config_file, "the quant config from create_quant_config")
@@ -119,7 +118,7 @@ def quantize_model(config_file, model_file, modified_onnx_file, record_file) -> 
                   model_file)
     layer_map, weights = result.artifacts["layer_map"], result.artifacts["weight_quant"]
     if not len(layer_map):
-        raise ConfigError(f"{where}: {config_file}: no layer of {model_file} is enabled for quantization; "
+        raise api_error(where, f"{config_file}: no layer of {model_file} is enabled for quantization; "
                           "nothing to calibrate")
     spec = CalibrationSpec(model=os.path.abspath(model_file), config=os.path.abspath(config_file),
                            record=os.path.abspath(record_file), batch_num=result.artifacts["amct_config"].batch_num,
@@ -171,9 +170,8 @@ def convert_qat_model(model_file, save_path, record_file=None) -> None:
 
 # -- passes of other work (auto calibration, DMQ) -------------------------------------------------
 def _require_pass(function: str, name: str, issue: str) -> None:
-    from ..errors import ConfigError
     if name not in hermetic_session().registry("passes"):
-        raise ConfigError(f"{function}: needs the '{name}' pass ({issue}), which this installation does not have")
+        raise api_error(function, f"needs the '{name}' pass ({issue}), which this installation does not have")
 
 
 def evaluator_base():
@@ -181,8 +179,7 @@ def evaluator_base():
     try:
         from ..algorithms.autocal import AutoCalibrationEvaluatorBase
     except ImportError:
-        from ..errors import ConfigError
-        raise ConfigError("AutoCalibrationEvaluatorBase: needs amct_pipeline.algorithms.autocal (the auto "
+        raise api_error("AutoCalibrationEvaluatorBase", "needs amct_pipeline.algorithms.autocal (the auto "
                           "calibration work), which this installation does not have") from None
     return AutoCalibrationEvaluatorBase
 

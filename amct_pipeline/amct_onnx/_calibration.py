@@ -26,10 +26,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError
 from ..runtime.data import ActivationSource
+from ._common import api_error
 
-__all__ = ["CalibrationSpec", "session_options", "add_taps", "strip_taps", "check_finished", "forget",
+__all__ = ["CalibrationSpec", "session_options", "add_taps", "strip_taps", "check_finished", "forget", "failure",
            "calibration_passes"]
 
 _runs: dict[str, "_Run"] = {}        # record path -> calibration in progress (or finished) in this process
@@ -56,7 +57,7 @@ class CalibrationSpec:
             data = json.loads(text)
             return cls(**data)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}: the calibration description in the model is damaged ({exc}); "
+            raise api_error(where, f"the calibration description in the model is damaged ({exc}); "
                               "run quantize_model again") from None
 
 
@@ -87,7 +88,7 @@ def strip_taps(path: str, where: str):
     graph = load_graph(path)
     text = graph.meta.metadata.pop(CALIBRATION_METADATA_KEY, None)
     if text is None:
-        raise ConfigError(f"{where}: {path} is not a modified model written by quantize_model (no calibration "
+        raise api_error(where, f"{path} is not a modified model written by quantize_model (no calibration "
                           "description); give the modified_onnx_file of quantize_model")
     graph.gs.nodes = [n for n in graph.gs.nodes if not (n.op == TAP_OP and n.domain == TAP_DOMAIN)]
     graph.gs.cleanup(remove_unused_graph_inputs=False)
@@ -107,7 +108,7 @@ def check_finished(spec: CalibrationSpec, record_file: str, modified: str) -> No
     try:
         record = read_record(record_file)
     except RecordError as exc:
-        raise ConfigError(f"save_model: {exc}") from None
+        raise api_error("save_model", str(exc)) from None
     pending = [name for name, rec in record.items() if rec.scale_d is None]
     if not len(record) or pending:
         layer = f" (layer '{pending[0]}' has no scale_d)" if pending else ""
@@ -120,6 +121,12 @@ def check_finished(spec: CalibrationSpec, record_file: str, modified: str) -> No
 def session_options():
     from ..runtime.ort import tap_session_options
     return tap_session_options(_on_tap)
+
+
+def failure(record: str | os.PathLike) -> BaseException | None:
+    """The error that stopped the calibration writing ``record`` in this process, if any."""
+    run = _runs.get(os.path.abspath(record))
+    return run.error if run is not None else None
 
 
 def forget(record: str) -> None:

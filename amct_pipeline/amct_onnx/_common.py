@@ -4,11 +4,17 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
-__all__ = ["CALIBRATION_METADATA_KEY", "hermetic_session", "run_passes"]
+__all__ = ["CALIBRATION_METADATA_KEY", "api_error", "hermetic_session", "run_passes"]
 
 # metadata of a modified (calibration) model: what it calibrates, for save_model
 CALIBRATION_METADATA_KEY = "amct_pipeline.amct_onnx.calibration"
 
+
+
+def api_error(where: str, message: str):
+    """A one-line ConfigError 'where: message' (where: the AMCT function or command)."""
+    from ..errors import ConfigError, Problem
+    return ConfigError([Problem(where, "", message)])
 
 
 def hermetic_session():

@@ -1,4 +1,5 @@
-"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo, config, verify-deploy."""
+"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo, config, verify-deploy,
+amct-calibration."""
 from __future__ import annotations
 
 import argparse
@@ -128,7 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="AscendQuant rounding of the reference (default: the deploy model's metadata, else amct)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_verify_deploy)
+    calibration = sub.add_parser("amct-calibration", parents=[common],
+                                 help="AMCT's `amct_onnx calibration`: PTQ from raw .bin batch folders")
+    from ..amct_onnx.cli import add_calibration_arguments
+    add_calibration_arguments(calibration)
+    calibration.set_defaults(func=cmd_amct_calibration)
     return parser
+
+
+def cmd_amct_calibration(args) -> int:
+    from ..amct_onnx.cli import run_calibration
+    for path in run_calibration(args):
+        print(path)
+    return 0
 
 
 def _positive(text: str) -> int:

@@ -7,7 +7,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-__all__ = ["make_session", "run_model", "expose_tensors", "tap_session_options", "TAP_OP", "TAP_DOMAIN"]
+__all__ = ["make_session", "run_model", "expose_tensors", "tap_session_options", "open_session", "TAP_OP",
+           "TAP_DOMAIN"]
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True, threads: int = 0,
@@ -89,3 +90,10 @@ def tap_session_options(handler) -> Any:
     options.register_custom_ops_library(get_library_path())
     options.log_severity_level = 3
     return options
+
+
+def open_session(model: str | os.PathLike, options: Any):
+    """An InferenceSession on the CPU for a model file with the caller's ``SessionOptions`` (e.g.
+    those of ``tap_session_options``)."""
+    import onnxruntime as ort
+    return ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
