@@ -27,7 +27,8 @@ from ..quant.params import weightless_params
 from ..quant.weights import effective_weight, quantize_with_scale
 from .base import Pass, PassResult
 
-__all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordOptions", "used_quant_config"]
+__all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordOptions", "used_quant_config",
+           "with_balance_factors"]
 
 AMCT_ACT_ALGOS = ("ifmr", "hfmg")
 USER_SKIP_PREFIXES = ("in skip_layers", "skipped by", "op type in skip_layer_types", "op type not in include",
@@ -60,12 +61,25 @@ class ExportAmctPass(Pass):
             raise ConfigError([Problem("pass 'export_amct'", "", "no layer was quantized, so there is no record "
                                        f"to write ({len(layer_map)} matched, {len(layer_map.skipped)} skipped: "
                                        f"{'; '.join(reasons)[:300]})")])
+        record = with_balance_factors(record, ctx.artifacts.get("balance_factors") or {})
         files = [ctx.file_name(self.options.record, "record")]
         write_record(record, ctx.output_path(files[0]))
         if self.options.quant_config:
             files.append(ctx.file_name(self.options.quant_config, "quant_config"))
             write_quant_config(used_quant_config(graph, ctx.artifacts), ctx.output_path(files[1]))
         return PassResult(False, {"written": len(files), "files": files, "layers": len(record)})
+
+
+def with_balance_factors(record, factors):
+    """A copy of the record whose balanced layers carry their DMQ factors (``tensor_balance_factor``)."""
+    import dataclasses
+
+    from ..amct.record import QuantRecord
+    if not factors:
+        return record
+    return QuantRecord({name: dataclasses.replace(rec, tensor_balance_factor=list(factors[name]))
+                        if name in factors else rec for name, rec in record.items()},
+                       prune_records=getattr(record, "prune_records", ()))
 
 
 def used_quant_config(graph, artifacts):
@@ -133,7 +147,8 @@ class LoadRecordPass(Pass):
     Options = LoadRecordOptions
     requires = frozenset({"layer_map"})
     reads = ("path",)
-    produces = frozenset({"act_quant", "weight_quant", "quant_settings", TENSOR_QUANT_ARTIFACT})
+    produces = frozenset({"act_quant", "weight_quant", "quant_settings", TENSOR_QUANT_ARTIFACT, "layer_map",
+                          "balance_factors"})
 
     def run(self, graph, ctx) -> PassResult:
         layer_map = ctx.artifacts["layer_map"]
@@ -146,6 +161,11 @@ class LoadRecordPass(Pass):
         if tensors:
             ctx.artifacts[TENSOR_QUANT_ARTIFACT] = tensors
         self._check_names(record, layer_map, source)
+        factors = _balance_factors(graph, record, layer_map, source)
+        if factors:     # AMCT's DMQ: the record's scale_w are those of the balanced weights
+            from ..quant.balance import apply_balance
+            layer_map = ctx.artifacts["layer_map"] = apply_balance(graph, layer_map, factors)
+            ctx.artifacts["balance_factors"] = factors
         act_quant, weight_quant = {}, {}
         settings = ctx.artifacts.setdefault("quant_settings", {})
         for name, rec in record.items():
@@ -159,8 +179,9 @@ class LoadRecordPass(Pass):
             weight_quant[name] = quantize_with_scale(effective_weight(graph, layer), scale_w, layer, bits)
             settings.setdefault(name, {})["wts"] = {"algo": "arq", "num_bits": bits, "channel_wise": scale_w.size > 1}
         ctx.artifacts["act_quant"], ctx.artifacts["weight_quant"] = act_quant, weight_quant
-        return PassResult(False, {"layers": len(record), "tensors": len(tensors), "unlisted": len(layer_map) - len(record),
-                                  "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)})
+        return PassResult(bool(factors), {"layers": len(record), "tensors": len(tensors),
+                                          "unlisted": len(layer_map) - len(record), "balanced": len(factors),
+                                          "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)})
 
     def _check_names(self, record, layer_map, source: str) -> None:
         for name in record:
@@ -180,6 +201,27 @@ class LoadRecordPass(Pass):
             warnings.warn(f"{source}: {len(missing)} matched layer(s) not in the record stay float: "
                           f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}", RuntimeWarning,
                           stacklevel=2)
+
+
+def _balance_factors(graph, record, layer_map, source: str) -> dict[str, np.ndarray]:
+    """The record's ``tensor_balance_factor`` per layer, checked against the layer's input channels."""
+    from ..quant.balance import balance_problem, in_channels
+    from ..quant.weights import weight_values
+    factors = {}
+    for name, rec in record.items():
+        if not rec.tensor_balance_factor:
+            continue
+        layer = layer_map[name]
+        problem = balance_problem(layer)
+        if problem:
+            raise _record_problem(source, name, "tensor_balance_factor", f"cannot be applied: {problem}")
+        cin = in_channels(layer, np.shape(weight_values(graph, layer)))
+        if len(rec.tensor_balance_factor) != cin:
+            raise _record_problem(source, name, "tensor_balance_factor", f"has {len(rec.tensor_balance_factor)} "
+                                  f"values but the layer has {cin} input channels; the record does not match "
+                                  "this model")
+        factors[name] = np.asarray(rec.tensor_balance_factor, np.float32)
+    return factors
 
 
 def _read(source: str):
