@@ -99,56 +99,62 @@ def create_quant_config(config_file, model_file, skip_layers=None, batch_num=1, 
     write_quant_config(data, config_file)
 
 
-# -- quantize_model -----------------------------------------------------------------------------
+# -- quantize_model / quantize_preprocess -------------------------------------------------------
 def quantize_model(config_file, model_file, modified_onnx_file, record_file) -> None:
     """BN fusion and weight quantization; write the modified (calibration) model and a record holding
     the weights' factors. Run the modified model in onnxruntime with ``AMCT_SO`` for ``batch_num``
-    batches: the record then gets the activation factors, and ``save_model`` can run."""
-    from ..amct import LayerRecord, write_record
-    from ._calibration import CalibrationSpec, add_taps, forget
-    where = "quantize_model"
+    batches: the record then gets the activation factors, and ``save_model`` can run. A record that
+    ``quantize_preprocess``'s calibration filled carries DMQ factors: they are applied first."""
+    _write_modified("quantize_model", "quantize", config_file, model_file, modified_onnx_file, record_file)
+
+
+def quantize_preprocess(config_file, record_file, model_file, modified_onnx_file) -> None:
+    """AMCT's DMQ balancing (SPEC 4.7) before ``quantize_model``: write a modified model whose run with
+    ``AMCT_SO`` for ``batch_num`` batches measures the balance factors of every layer the config gives
+    a ``dmq_balancer_param`` (``dmq_balance`` pass) and writes them to ``record_file``
+    (``tensor_balance_factor``); then ``quantize_model`` with that record applies them."""
+    _write_modified("quantize_preprocess", "dmq", config_file, model_file, modified_onnx_file, record_file)
+
+
+def _write_modified(where: str, kind: str, config_file, model_file, modified_onnx_file, record_file) -> None:
+    from ..amct import write_record
+    from ..ir import write_model
+    from ._calibration import CalibrationSpec, add_taps, balance_record, forget, initial_record
     config_file = _existing_file(where, "config_file", config_file, "the quant config from create_quant_config")
     model_file = _existing_file(where, "model_file", model_file, "an .onnx model")
     modified_onnx_file = _output_file(where, "modified_onnx_file", modified_onnx_file, "the modified model (.onnx)")
     record_file = _output_file(where, "record_file", record_file, "the record (.txt)")
     if os.path.abspath(modified_onnx_file) == os.path.abspath(model_file):
         raise _argument(where, "modified_onnx_file", "is the input model; writing it would destroy the model")
-    config = _config_options(config_file)
-    result = run_passes([("fuse_bn", config), ("match_layers", config), ("quantize_weights", {"algorithm": "arq"})],
-                  model_file)
-    layer_map, weights = result.artifacts["layer_map"], result.artifacts["weight_quant"]
-    if not len(layer_map):
-        raise api_error(where, f"{config_file}: no layer of {model_file} is enabled for quantization; "
-                          "nothing to calibrate")
-    spec = CalibrationSpec(model=os.path.abspath(model_file), config=os.path.abspath(config_file),
-                           record=os.path.abspath(record_file), batch_num=result.artifacts["amct_config"].batch_num,
-                           tensors=list(dict.fromkeys(layer.input for layer in layer_map.layers())))
-    graph = result.graph
+    spec = CalibrationSpec(kind=kind, model=os.path.abspath(model_file), config=os.path.abspath(config_file),
+                           record=os.path.abspath(record_file), batch_num=1,
+                           balanced=kind == "quantize" and balance_record(record_file))
+    prepared = run_passes(spec.prepare_passes(), model_file)
+    spec = spec.with_layers(prepared, where)
+    graph = prepared.graph
     add_taps(graph, spec)
     graph.meta.metadata[CALIBRATION_METADATA_KEY] = spec.to_json()
-    from ..ir import write_model
     forget(spec.record)               # a new quantize_model starts a new calibration
     write_model(graph, Path(modified_onnx_file))
-    write_record({name: LayerRecord(scale_w=p.scale, offset_w=[0] * p.scale.size, wts_type=f"INT{p.num_bits}")
-                  for name, p in weights.items()}, record_file)
+    write_record(initial_record(spec, prepared.artifacts), record_file)
 
 
 # -- save_model ---------------------------------------------------------------------------------
 def save_model(modified_onnx_file, record_file, save_path) -> None:
     """Write ``<save_path>_fake_quant_model.onnx`` and ``<save_path>_deploy_model.onnx`` from the
-    modified model and the calibrated record."""
-    from ._calibration import check_finished, strip_taps
+    calibrated record (``load_record`` on quantize_model's BN-fused model, then ``lower``)."""
+    from ._calibration import check_finished, read_spec
     where = "save_model"
     modified_onnx_file = _existing_file(where, "modified_onnx_file", modified_onnx_file,
                                         "the modified model written by quantize_model")
     record_file = _existing_file(where, "record_file", record_file, "the record written by calibration")
     folder, prefix = _save_prefix(where, save_path)
-    graph, spec = strip_taps(modified_onnx_file, where)
+    spec = read_spec(modified_onnx_file, where)
     check_finished(spec, record_file, modified_onnx_file)
-    passes = [("match_layers", _config_options(spec.config) if os.path.isfile(spec.config) else {}),
-              ("load_record", {"path": os.path.abspath(record_file)}),
+    config = _config_options(spec.config)
+    passes = [("fuse_bn", config), ("match_layers", config), ("load_record", {"path": os.path.abspath(record_file)}),
               ("lower", {"targets": DEPLOY_TARGETS, "prefix": prefix, "target_options": ASCEND_OPTIONS})]
-    run_passes(passes, graph.to_proto(), output_dir=folder)
+    run_passes(passes, spec.model, output_dir=folder)
 
 
 # -- convert_qat_model --------------------------------------------------------------------------
@@ -204,11 +210,3 @@ def accuracy_based_auto_calibration(model_file, model_evaluator, config_file, re
                "record": os.path.abspath(record_file), "prefix": prefix}
     run_passes([("fuse_bn", config), ("match_layers", config), ("auto_calibrate", options)], model_file,
          output_dir=folder)
-
-
-def quantize_preprocess(config_file, model_file, modified_onnx_file, record_file) -> None:
-    """AMCT's DMQ balancing before quantize_model: the per-channel balance factors of every layer the
-    config gives ``dmq_balancer_param`` go to the record's ``tensor_balance_factor``."""
-    where = "quantize_preprocess"
-    _require_pass(where, "dmq_balance", "DMQ balancing")
-    raise _argument(where, "config_file", "DMQ through the AMCT API is not wired yet; use the dmq_balance pass")

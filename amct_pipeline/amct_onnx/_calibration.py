@@ -21,7 +21,8 @@ import json
 import os
 import queue
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -30,8 +31,8 @@ from ..errors import CalibrationError
 from ..runtime.data import ActivationSource
 from ._common import api_error
 
-__all__ = ["CalibrationSpec", "session_options", "add_taps", "strip_taps", "check_finished", "forget", "failure",
-           "calibration_passes"]
+__all__ = ["CalibrationSpec", "session_options", "add_taps", "read_spec", "check_finished", "forget", "failure",
+           "initial_record", "balance_record"]
 
 _runs: dict[str, "_Run"] = {}        # record path -> calibration in progress (or finished) in this process
 _lock = threading.Lock()
@@ -40,13 +41,21 @@ POLL_SECONDS = 0.1                   # how often a waiting tap checks that the w
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """What a modified model calibrates: stored in its metadata and in every tap."""
+    """What a modified model calibrates: stored in its metadata and in every tap.
 
+    ``kind`` "quantize" (quantize_model: activation factors, after the DMQ factors of the record when
+    ``balanced``) or "dmq" (quantize_preprocess: the balance factors of ``layers``, strength ``strength``).
+    """
+
+    kind: str
     model: str
     config: str
     record: str
     batch_num: int
+    balanced: bool = False
     tensors: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    strength: float = 0.5
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -54,18 +63,80 @@ class CalibrationSpec:
     @classmethod
     def from_json(cls, text: str, where: str) -> "CalibrationSpec":
         try:
-            data = json.loads(text)
-            return cls(**data)
+            return cls(**json.loads(text))
         except (ValueError, TypeError) as exc:
             raise api_error(where, f"the calibration description in the model is damaged ({exc}); "
-                              "run quantize_model again") from None
+                                   "run quantize_model again") from None
+
+    def _common(self) -> list[tuple[str, dict[str, Any]]]:
+        config = {"amct_config": self.config}
+        passes = [("fuse_bn", config), ("match_layers", config)]
+        return passes + ([("dmq_balance", {"record": self.record})] if self.balanced else [])
+
+    def prepare_passes(self) -> list[tuple[str, dict[str, Any]]]:
+        """What quantize_model / quantize_preprocess run before writing the modified model."""
+        return self._common() + ([("quantize_weights", {"algorithm": "arq"})] if self.kind == "quantize" else [])
+
+    def calibration_passes(self) -> list[tuple[str, dict[str, Any]]]:
+        """The pipeline the taps feed: AMCT's PTQ up to the record (``lower`` makes it; no file
+        written), or the DMQ balancer."""
+        if self.kind == "dmq":
+            return self._common() + [("dmq_balance", {"layers": self.layers, "migration_strength": self.strength})]
+        return self._common() + [("calibrate", {"algorithm": "ifmr"}), ("quantize_weights", {"algorithm": "arq"}),
+                                 ("lower", {"targets": ["fakequant"]})]
+
+    def with_layers(self, prepared, where: str) -> "CalibrationSpec":
+        """The spec completed from the prepared run: batch_num, and the tensors (and DMQ layers) to tap."""
+        layer_map, config = prepared.artifacts["layer_map"], prepared.artifacts["amct_config"]
+        layers = list(layer_map.layers())
+        extra: dict[str, Any] = {}
+        if self.kind == "dmq":
+            layers = [layer for layer in layers
+                      if getattr(config.layers.get(layer.name), "dmq_balancer", None) is not None]
+            if not layers:
+                raise api_error(where, f"{self.config}: no layer has a DMQ setting (dmq_balancer_param); give "
+                                       "create_quant_config a .cfg with a dmq_balancer, as AMCT's DMQ sample does")
+            strengths = {float(config.layers[layer.name].dmq_balancer) for layer in layers}
+            if len(strengths) > 1:
+                raise api_error(where, f"{self.config}: the layers' dmq_balancer_param differ ({sorted(strengths)}); "
+                                       "one migration_strength per run is supported")
+            extra = {"layers": [layer.name for layer in layers], "strength": strengths.pop()}
+        if not layers:
+            raise api_error(where, f"{self.config}: no layer of {self.model} is enabled for quantization; "
+                                   "nothing to calibrate")
+        return replace(self, batch_num=config.batch_num, tensors=list(dict.fromkeys(layer.input for layer in layers)),
+                       **extra)
+
+    def final_record(self, artifacts):
+        """The record the calibration writes."""
+        from ..amct import LayerRecord
+        from ..passes.amct_files import with_balance_factors
+        if self.kind == "dmq":
+            return {name: LayerRecord(tensor_balance_factor=f) for name, f in artifacts["balance_factors"].items()}
+        return with_balance_factors(artifacts["quant_record"], artifacts.get("balance_factors") or {})
 
 
-def calibration_passes(spec: CalibrationSpec) -> list[tuple[str, dict[str, Any]]]:
-    """The pipeline the taps feed: AMCT's PTQ up to the record (``lower`` makes it; no file written)."""
-    config = {"amct_config": spec.config}
-    return [("fuse_bn", config), ("match_layers", config), ("calibrate", {"algorithm": "ifmr"}),
-            ("quantize_weights", {"algorithm": "arq"}), ("lower", {"targets": ["fakequant"]})]
+def initial_record(spec: CalibrationSpec, artifacts):
+    """What quantize_model writes at once (AMCT: the weights' factors, and the DMQ factors it applied);
+    quantize_preprocess: nothing yet."""
+    from ..amct import LayerRecord
+    if spec.kind == "dmq":
+        return {}
+    factors = artifacts.get("balance_factors") or {}
+    return {name: LayerRecord(scale_w=p.scale, offset_w=[0] * p.scale.size, wts_type=f"INT{p.num_bits}",
+                              tensor_balance_factor=factors.get(name, []))
+            for name, p in artifacts["weight_quant"].items()}
+
+
+def balance_record(record_file: str) -> bool:
+    """Whether ``record_file`` holds DMQ factors (quantize_preprocess's calibration wrote it)."""
+    from ..amct import RecordError, read_record
+    if not os.path.isfile(record_file):
+        return False
+    try:
+        return any(rec.tensor_balance_factor for rec in read_record(record_file).values())
+    except RecordError:
+        return False          # not a record we can use: quantize_model writes a new one
 
 
 # -- the modified model ---------------------------------------------------------------------------
@@ -80,21 +151,20 @@ def add_taps(graph, spec: CalibrationSpec) -> None:
         node.domain = TAP_DOMAIN
 
 
-def strip_taps(path: str, where: str):
-    """(the fused float graph, its CalibrationSpec) of a modified model."""
-    from ..ir import load_graph
-    from ..runtime.ort import TAP_DOMAIN, TAP_OP
+def read_spec(path: str, where: str) -> CalibrationSpec:
+    """The CalibrationSpec of a modified model (its metadata)."""
+    from ..ir.io import read_model
     from ._common import CALIBRATION_METADATA_KEY
-    graph = load_graph(path)
-    text = graph.meta.metadata.pop(CALIBRATION_METADATA_KEY, None)
+    meta = {p.key: p.value for p in read_model(Path(path)).metadata_props}
+    text = meta.get(CALIBRATION_METADATA_KEY)
     if text is None:
         raise api_error(where, f"{path} is not a modified model written by quantize_model (no calibration "
-                          "description); give the modified_onnx_file of quantize_model")
-    graph.gs.nodes = [n for n in graph.gs.nodes if not (n.op == TAP_OP and n.domain == TAP_DOMAIN)]
-    graph.gs.cleanup(remove_unused_graph_inputs=False)
-    if graph.gs.import_domains is not None:
-        graph.gs.import_domains = [d for d in graph.gs.import_domains if d.domain != TAP_DOMAIN]
-    return graph, CalibrationSpec.from_json(text, path)
+                               "description); give the modified_onnx_file of quantize_model")
+    spec = CalibrationSpec.from_json(text, path)
+    if spec.kind != "quantize":
+        raise api_error(where, f"{path} is quantize_preprocess's model (DMQ); after its calibration run "
+                               "quantize_model with that record, then calibrate its modified model")
+    return spec
 
 
 def check_finished(spec: CalibrationSpec, record_file: str, modified: str) -> None:
@@ -203,7 +273,7 @@ class _Run:
         from ..amct import write_record
         from ._common import run_passes
         try:
-            result = run_passes(calibration_passes(self.spec), self.spec.model, datasets={"calib": self.source})
-            write_record(result.artifacts["quant_record"], self.spec.record)
+            result = run_passes(self.spec.calibration_passes(), self.spec.model, datasets={"calib": self.source})
+            write_record(self.spec.final_record(result.artifacts), self.spec.record)
         except BaseException as exc:     # handed to the user's session.run by the next tap
             self.error = exc

@@ -23,6 +23,7 @@ from ..algorithms.base import ActQuantParams
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
 from ..quant.plan import TENSOR_QUANT_ARTIFACT, parse_tensor_key
+from ..quant.balance import record_factors
 from ..quant.params import weightless_params
 from ..quant.weights import effective_weight, quantize_with_scale
 from .base import Pass, PassResult
@@ -161,7 +162,7 @@ class LoadRecordPass(Pass):
         if tensors:
             ctx.artifacts[TENSOR_QUANT_ARTIFACT] = tensors
         self._check_names(record, layer_map, source)
-        factors = _balance_factors(graph, record, layer_map, source)
+        factors = record_factors(graph, record, layer_map, source)
         if factors:     # AMCT's DMQ: the record's scale_w are those of the balanced weights
             from ..quant.balance import apply_balance
             layer_map = ctx.artifacts["layer_map"] = apply_balance(graph, layer_map, factors)
@@ -201,27 +202,6 @@ class LoadRecordPass(Pass):
             warnings.warn(f"{source}: {len(missing)} matched layer(s) not in the record stay float: "
                           f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}", RuntimeWarning,
                           stacklevel=2)
-
-
-def _balance_factors(graph, record, layer_map, source: str) -> dict[str, np.ndarray]:
-    """The record's ``tensor_balance_factor`` per layer, checked against the layer's input channels."""
-    from ..quant.balance import balance_problem, in_channels
-    from ..quant.weights import weight_values
-    factors = {}
-    for name, rec in record.items():
-        if not rec.tensor_balance_factor:
-            continue
-        layer = layer_map[name]
-        problem = balance_problem(layer)
-        if problem:
-            raise _record_problem(source, name, "tensor_balance_factor", f"cannot be applied: {problem}")
-        cin = in_channels(layer, np.shape(weight_values(graph, layer)))
-        if len(rec.tensor_balance_factor) != cin:
-            raise _record_problem(source, name, "tensor_balance_factor", f"has {len(rec.tensor_balance_factor)} "
-                                  f"values but the layer has {cin} input channels; the record does not match "
-                                  "this model")
-        factors[name] = np.asarray(rec.tensor_balance_factor, np.float32)
-    return factors
 
 
 def _read(source: str):

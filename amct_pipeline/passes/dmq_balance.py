@@ -34,6 +34,9 @@ class DmqBalanceOptions(Options):
                                       "f = max|X|^a / max|W|^(1-a): how much of the outliers moves into the weights.")
     layers: Optional[list[str]] = Field(None, description="Layers to balance (default: every matched Conv, "
                                                           "ConvTranspose, Gemm and MatMul layer).")
+    record: Optional[str] = Field(
+        None, description="Apply the tensor_balance_factor of this AMCT record (what quantize_preprocess's "
+                          "calibration wrote) instead of measuring: no data is read.")
     batch_num: Optional[PositiveInt] = Field(
         None, description="Batches to measure on. Default: the AMCT config's batch_num when match_layers read "
                           "one, else every batch the dataset yields (as calibrate).")
@@ -47,6 +50,7 @@ class DmqBalancePass(Pass):
     requires = frozenset({"layer_map"})
     produces = frozenset({"layer_map", "balance_factors"})
     references = {"dataset": "datasets"}
+    reads = ("record",)
 
     def run(self, graph, ctx) -> PassResult:
         from ..quant.balance import apply_balance
@@ -54,6 +58,8 @@ class DmqBalancePass(Pass):
             raise ConfigError([Problem(WHERE, "", "the layers are already calibrated; balancing now would "
                                        "invalidate their ranges", "put dmq_balance before calibrate")])
         layer_map = ctx.artifacts["layer_map"]
+        if self.options.record is not None:
+            return self._from_record(graph, ctx, layer_map)
         layers = self._layers(layer_map)
         if not layers:
             ctx.artifacts["balance_factors"] = {}
@@ -64,6 +70,25 @@ class DmqBalancePass(Pass):
         spread = [float(f.max() / f.min()) for f in factors.values()]
         return PassResult(True, {"layers": len(factors), "migration_strength": self.options.migration_strength,
                                  "largest_factor_spread": round(max(spread), 2)})
+
+    def _from_record(self, graph, ctx, layer_map) -> PassResult:
+        """The record's factors, folded in as measured ones would be (AMCT: quantize_model after
+        quantize_preprocess)."""
+        from ..amct import RecordError, read_record
+        from ..quant.balance import apply_balance, record_factors
+        source = str(self.options.record)
+        try:
+            record = read_record(source)
+        except RecordError as exc:
+            raise ConfigError([Problem(source, f"layer '{exc.layer}'" if exc.layer else "", exc.reason)]) from None
+        unknown = [name for name in record if name not in layer_map]
+        if unknown:
+            raise ConfigError([Problem(source, f"layer '{unknown[0]}'", "is in the record but not a matched layer",
+                                       suggest(unknown[0], list(layer_map)) or "the record does not belong to this model")])
+        factors = record_factors(graph, record, layer_map, source)
+        ctx.artifacts["layer_map"] = apply_balance(graph, layer_map, factors) if factors else layer_map
+        ctx.artifacts["balance_factors"] = factors
+        return PassResult(bool(factors), {"layers": len(factors), "from_record": True})
 
     def _layers(self, layer_map) -> list:
         from ..quant.balance import balance_problem

@@ -21,7 +21,7 @@ import numpy as np
 from .layers import LayerMap, QuantLayer
 
 __all__ = ["BALANCED_OP_TYPES", "balance_problem", "balance_factors", "input_channel_max", "weight_channel_max",
-           "in_channels", "scaled_weight", "apply_balance", "FACTOR_RANGE"]
+           "in_channels", "scaled_weight", "apply_balance", "record_factors", "FACTOR_RANGE"]
 
 BALANCED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _EPS = float(np.finfo(np.float32).eps)
@@ -125,3 +125,27 @@ def apply_balance(graph, layer_map: LayerMap, factors: Mapping[str, np.ndarray])
         layers.append(dataclasses.replace(layer, input=balanced.name))
     graph.finalize()
     return LayerMap(layers, layer_map.skipped)
+
+
+def record_factors(graph, record, layer_map: LayerMap, source: str) -> dict[str, np.ndarray]:
+    """An AMCT record's ``tensor_balance_factor`` per layer, checked against the layer's input channels
+    (``load_record`` and ``dmq_balance{record=...}``)."""
+    from ..errors import ConfigError, Problem
+    from .weights import weight_values
+
+    def problem(name: str, message: str) -> ConfigError:
+        return ConfigError([Problem(source, f"layer '{name}' field tensor_balance_factor", message)])
+    factors = {}
+    for name, rec in record.items():
+        if not rec.tensor_balance_factor:
+            continue
+        layer = layer_map[name]
+        why = balance_problem(layer)
+        if why:
+            raise problem(name, f"cannot be applied: {why}")
+        cin = in_channels(layer, np.shape(weight_values(graph, layer)))
+        if len(rec.tensor_balance_factor) != cin:
+            raise problem(name, f"has {len(rec.tensor_balance_factor)} values but the layer has {cin} input "
+                                "channels; the record does not match this model")
+        factors[name] = np.asarray(rec.tensor_balance_factor, np.float32)
+    return factors

@@ -335,3 +335,53 @@ def test_amct_onnx_entry_point(tmp_path, capsys):
                  "--input_shape", "input:16,3,32,32", "--data_dir", str(_bins(tmp_path, data))])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "m_deploy_model.onnx").is_file()
+
+
+# -- DMQ: quantize_preprocess -> loop -> quantize_model -> loop -> save_model -------------------------
+def test_dmq_flow_gives_the_pipelines_record_and_models(tmp_path):
+    """AMCT's DMQ sample order on the demo model equals fuse_bn,match_layers,dmq_balance,calibrate,
+    quantize_weights,lower,export_amct on the same batches."""
+    import json
+
+    from amct_pipeline.runtime.ort import open_session
+    model, data = _demo(tmp_path)
+    cfg = tmp_path / "dmq.cfg"
+    cfg.write_text("batch_num: 2\ncommon_config {\n  dmq_balancer { migration_strength: 0.4 }\n}\n")
+    config, record = tmp_path / "config.json", tmp_path / "record.txt"
+    amct.create_quant_config(str(config), str(model), config_defination=str(cfg))
+    amct.quantize_preprocess(str(config), str(record), str(model), str(tmp_path / "pre.onnx"))
+    with pytest.raises(AmctError) as exc:                 # the DMQ model is not the one to save from
+        amct.save_model(str(tmp_path / "pre.onnx"), str(record), str(tmp_path / "out" / "demo"))
+    assert "quantize_preprocess's model" in _one_line(exc)
+    session = open_session(tmp_path / "pre.onnx", amct.AMCT_SO)
+    for feed in _feeds(data, 16, 2):
+        session.run(None, feed)
+    amct.quantize_model(str(config), str(model), str(tmp_path / "mod.onnx"), str(record))
+    session = open_session(tmp_path / "mod.onnx", amct.AMCT_SO)
+    for feed in _feeds(data, 16, 2):
+        session.run(None, feed)
+    amct.save_model(str(tmp_path / "mod.onnx"), str(record), str(tmp_path / "out" / "demo"))
+    layers = [name for name, v in json.loads(config.read_text()).items()
+              if isinstance(v, dict) and "dmq_balancer_param" in v]
+    assert layers
+    s = Session(load_entrypoints=False)
+    ref = s.pipeline([s.make_pass("fuse_bn", amct_config=str(config)),
+                      s.make_pass("match_layers", amct_config=str(config)),
+                      s.make_pass("dmq_balance", layers=layers, migration_strength=0.4),
+                      s.make_pass("calibrate", algorithm="ifmr"), s.make_pass("quantize_weights", algorithm="arq"),
+                      s.make_pass("lower", targets=["fakequant", "ascend"], prefix="demo", target_options=ASCEND),
+                      s.make_pass("export_amct", quant_config=None)])
+    ref.run(str(model), datasets={"calib": _feeds(data, 16, 2)}, output_dir=tmp_path / "ref")
+    assert "tensor_balance_factor" in record.read_text()
+    assert filecmp.cmp(tmp_path / "ref" / "record.txt", record, shallow=False)
+    for suffix in ("fake_quant_model", "deploy_model"):
+        assert _model_bytes(tmp_path / "ref" / f"demo_{suffix}.onnx") == \
+            _model_bytes(tmp_path / "out" / f"demo_{suffix}.onnx")
+
+
+def test_dmq_without_a_dmq_setting(tmp_path):
+    model, _ = _demo(tmp_path)
+    amct.create_quant_config(str(tmp_path / "c.json"), str(model))
+    with pytest.raises(AmctError) as exc:
+        amct.quantize_preprocess(str(tmp_path / "c.json"), str(tmp_path / "r.txt"), str(model), str(tmp_path / "p.onnx"))
+    assert "no layer has a DMQ setting" in _one_line(exc)
