@@ -385,3 +385,20 @@ def test_dmq_without_a_dmq_setting(tmp_path):
     with pytest.raises(AmctError) as exc:
         amct.quantize_preprocess(str(tmp_path / "c.json"), str(tmp_path / "r.txt"), str(model), str(tmp_path / "p.onnx"))
     assert "no layer has a DMQ setting" in _one_line(exc)
+
+
+def test_auto_calibration_names_a_missing_pass(tmp_path):
+    if "auto_calibrate" in Session(load_entrypoints=False).registry("passes"):
+        pytest.skip("the 'auto_calibrate' pass is installed; test_mobilenet_auto_calibration_sample covers it")
+    model, _ = _demo(tmp_path)
+    amct.create_quant_config(str(tmp_path / "c.json"), str(model))
+
+    class Evaluator:
+        def calibration(self, model_file): ...
+        def evaluate(self, model_file): return 1.0
+        def metric_eval(self, original, new): return True, 0.0
+
+    with pytest.raises(AmctError) as exc:
+        amct.accuracy_based_auto_calibration(str(model), Evaluator(), str(tmp_path / "c.json"),
+                                             str(tmp_path / "r.txt"), str(tmp_path / "out" / "demo"))
+    assert "'auto_calibrate' pass" in _one_line(exc)
