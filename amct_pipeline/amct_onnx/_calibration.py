@@ -21,13 +21,14 @@ import json
 import os
 import queue
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import CalibrationError
+from ..errors import AmctError, CalibrationError
 from ..runtime.data import ActivationSource
 from ._common import api_error
 
@@ -170,8 +171,11 @@ def read_spec(path: str, where: str) -> CalibrationSpec:
 def check_finished(spec: CalibrationSpec, record_file: str, modified: str) -> None:
     """AMCT's "ensure calibration is finished": every layer of the record has activation factors."""
     from ..amct import RecordError, read_record
-    run = _runs.get(spec.record)
-    if run is not None and os.path.abspath(record_file) == spec.record and run.batches < spec.batch_num:
+    run = _runs.get(spec.record) if os.path.abspath(record_file) == spec.record else None
+    if run is not None and run.error is not None:
+        error = run.error
+        raise error if isinstance(error, AmctError) else CalibrationError(f"calibration failed: {_one_line(error)}")
+    if run is not None and run.batches < spec.batch_num:
         raise CalibrationError(f"save_model: calibration is not finished: {run.batches} of batch_num "
                                f"{spec.batch_num} batches were run; ensure calibration is finished (run {modified} "
                                f"with AMCT_SO for {spec.batch_num} batches) before save_model")
@@ -205,13 +209,28 @@ def forget(record: str) -> None:
 
 
 def _on_tap(attribute: str, array: np.ndarray) -> None:
-    tap = json.loads(attribute)
-    spec = CalibrationSpec(**tap["run"])
-    with _lock:
-        run = _runs.get(spec.record)
-        if run is None or run.spec != spec:
-            run = _runs[spec.record] = _Run(spec)
-    run.feed(tap["tensor"], array)
+    """Called by onnxruntime for every tap. Nothing may raise out of here: an exception crossing
+    onnxruntime-extensions' operator aborts the process; a failed calibration is kept on its run,
+    warned about once, and raised by save_model (or the command line) instead."""
+    run = None
+    try:
+        tap = json.loads(attribute)
+        spec = CalibrationSpec(**tap["run"])
+        with _lock:
+            run = _runs.get(spec.record)
+            if run is None or run.spec != spec:
+                run = _runs[spec.record] = _Run(spec)
+        run.feed(tap["tensor"], array)
+    except Exception as exc:
+        if run is not None:
+            run.fail(exc)
+        else:
+            warnings.warn(f"AMCT_SO: a calibration tap failed: {_one_line(exc)}", RuntimeWarning, stacklevel=1)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, AmctError) else f"{type(exc).__name__}: {text}"
 
 
 class _Batches(ActivationSource):
@@ -241,33 +260,49 @@ class _Run:
         self.batches = 0
         self.source = _Batches(spec.tensors)
         self.error: BaseException | None = None
+        self.warned = False
+        self.lock = threading.Lock()
         self.worker = threading.Thread(target=self._work, name="amct-calibration", daemon=True)
         self.worker.start()
 
     def feed(self, tensor: str, array: np.ndarray) -> None:
-        if self.batches >= self.spec.batch_num:
-            return                                   # AMCT: batches after batch_num change nothing
-        if tensor in self.pending:
-            raise CalibrationError(f"calibration tap on '{tensor}' ran twice in one batch")
-        self.pending[tensor] = array
-        if len(self.pending) < len(self.spec.tensors):
-            return
-        batch, self.pending = self.pending, {}
-        self._hand_over(batch)
-        self.batches += 1
-        if self.batches == self.spec.batch_num:
-            self.worker.join()
+        with self.lock:
             if self.error is not None:
-                raise self.error
+                self.fail(self.error)                # says so once
+                return
+            if self.batches >= self.spec.batch_num:
+                return                               # AMCT: batches after batch_num change nothing
+            if tensor in self.pending:
+                raise CalibrationError(f"calibration tap on '{tensor}' ran twice in one batch")
+            self.pending[tensor] = array
+            if len(self.pending) < len(self.spec.tensors):
+                return
+            batch, self.pending = self.pending, {}
+            if not self._hand_over(batch):
+                return
+            self.batches += 1
+            if self.batches == self.spec.batch_num:
+                self.worker.join()              # the record is written when this session.run returns
+                if self.error is not None:
+                    self.fail(self.error)
 
-    def _hand_over(self, batch: dict[str, np.ndarray]) -> None:
+    def _hand_over(self, batch: dict[str, np.ndarray]) -> bool:
         while True:
             try:
                 self.source.queue.put(batch, timeout=POLL_SECONDS)
-                return
+                return True
             except queue.Full:
                 if not self.worker.is_alive():
-                    raise self.error or CalibrationError("calibration stopped") from None
+                    self.fail(self.error or CalibrationError("calibration stopped"))
+                    return False
+
+    def fail(self, exc: BaseException) -> None:
+        """Keep the first error (save_model raises it) and say so once, now."""
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"AMCT_SO: calibration for {self.spec.record} failed after {self.batches} batch(es): "
+                          f"{_one_line(exc)}; save_model will report it", RuntimeWarning, stacklevel=1)
+        self.error = self.error or exc
 
     def _work(self) -> None:
         from ..amct import write_record
@@ -275,5 +310,5 @@ class _Run:
         try:
             result = run_passes(self.spec.calibration_passes(), self.spec.model, datasets={"calib": self.source})
             write_record(self.spec.final_record(result.artifacts), self.spec.record)
-        except BaseException as exc:     # handed to the user's session.run by the next tap
+        except Exception as exc:         # reported by the next tap and by save_model
             self.error = exc

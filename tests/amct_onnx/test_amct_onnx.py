@@ -402,3 +402,30 @@ def test_auto_calibration_names_a_missing_pass(tmp_path):
         amct.accuracy_based_auto_calibration(str(model), Evaluator(), str(tmp_path / "c.json"),
                                              str(tmp_path / "r.txt"), str(tmp_path / "out" / "demo"))
     assert "'auto_calibrate' pass" in _one_line(exc)
+
+
+def test_a_failing_calibration_never_aborts_the_users_loop(tmp_path):
+    """An exception must not cross the onnxruntime-extensions operator (it would abort the process):
+    the loop goes on, a warning says what failed, save_model raises it in one line."""
+    model, data = _demo(tmp_path)
+    data[3] = np.nan
+    np.save(tmp_path / "x.npy", data[:32])
+    script = ("import sys, numpy as np, onnxruntime as ort\n"
+              "import amct_pipeline.amct_onnx as amct\n"
+              "from amct_pipeline.errors import CalibrationError\n"
+              "m, d = sys.argv[1], sys.argv[2]\n"
+              "amct.create_quant_config(d + '/c.json', m, batch_num=2)\n"
+              "amct.quantize_model(d + '/c.json', m, d + '/q.onnx', d + '/r.txt')\n"
+              "s = ort.InferenceSession(d + '/q.onnx', amct.AMCT_SO)\n"
+              "x = np.load(d + '/x.npy')\n"
+              "for i in range(2): s.run(None, {'input': x[i * 16:(i + 1) * 16]})\n"
+              "try:\n"
+              "    amct.save_model(d + '/q.onnx', d + '/r.txt', d + '/out/m')\n"
+              "except CalibrationError as exc:\n"
+              "    print('ERROR', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "NaN or Inf" in done.stderr and "save_model will report it" in done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(lines) == 1 and "NaN or Inf" in lines[0] and "layer 'conv1'" in lines[0]
+    assert not (tmp_path / "out").exists()
