@@ -3,12 +3,13 @@
 | AMCT call | passes |
 |---|---|
 | ``create_quant_config`` | ``fuse_bn,match_layers`` (+ the .cfg read by both), then AMCT's JSON config |
-| ``quantize_model`` | ``fuse_bn,match_layers,quantize_weights{arq}``; the modified model is the fused graph with a tap on each layer input |
-| the user's loop with ``AMCT_SO`` | ``fuse_bn,match_layers,calibrate{ifmr},quantize_weights{arq},lower`` fed by the taps (``_calibration``) |
-| ``save_model`` | ``match_layers,load_record,lower{targets=[fakequant,ascend]}`` on the fused graph |
+| ``quantize_preprocess`` | ``fuse_bn,match_layers``; taps on the DMQ layers' inputs |
+| its loop with ``AMCT_SO`` | ``fuse_bn,match_layers,dmq_balance`` fed by the taps: ``tensor_balance_factor`` |
+| ``quantize_model`` | ``fuse_bn,match_layers[,dmq_balance{record}],quantize_weights{arq}``; taps on the layer inputs |
+| its loop with ``AMCT_SO`` | ``fuse_bn,match_layers[,dmq_balance{record}],calibrate{ifmr},quantize_weights{arq},lower`` fed by the taps (``_calibration``) |
+| ``save_model`` | ``fuse_bn,match_layers,load_record,lower{targets=[fakequant,ascend]}`` |
 | ``convert_qat_model`` | ``convert_qat,lower{targets=[fakequant,ascend]}`` |
-| ``accuracy_based_auto_calibration`` | ``fuse_bn,match_layers,auto_calibrate`` (pass of the sensitivity work) |
-| ``quantize_preprocess`` | ``fuse_bn,match_layers,dmq_balance`` (pass of the DMQ work) |
+| ``accuracy_based_auto_calibration`` | ``fuse_bn,match_layers,auto_calibrate,lower`` (the sensitivity work's pass) |
 
 Errors are this package's one-line errors (``amct_pipeline.errors``), a failing pass's own message
 rather than the pipeline's "passes[i] failed" frame.
@@ -23,9 +24,6 @@ from ._common import CALIBRATION_METADATA_KEY, api_error, hermetic_session, run_
 
 __all__ = ["create_quant_config", "quantize_model", "save_model", "convert_qat_model",
            "accuracy_based_auto_calibration", "quantize_preprocess", "evaluator_base", "model_path", "DEPLOY_TARGETS"]
-
-# NOTE accuracy_based_auto_calibration is written against INTERFACES.md's auto_calibrate options
-# (evaluator object, strategy, sensitivity); the pass was not in this tree when it was written.
 
 DEPLOY_TARGETS = ["fakequant", "ascend"]            # AMCT's two models
 ASCEND_OPTIONS = {"ascend": {"domain": "", "quant_convention": "amct"}}   # as preset ptq_int8_ascend

@@ -145,7 +145,7 @@ def add_taps(graph, spec: CalibrationSpec) -> None:
     """A tap on each calibrated tensor (a side branch: the model's outputs are unchanged)."""
     from ..ir.edit import Namer, add_node
     from ..runtime.ort import TAP_DOMAIN, TAP_OP
-    tensors, namer, run = graph.tensors(), Namer(graph), json.loads(spec.to_json())
+    tensors, namer, run = graph.tensors(), Namer(graph), asdict(spec)
     for name in spec.tensors:
         node = add_node(graph, namer, TAP_OP, f"{name}.amct_calibration", [tensors[name]],
                         tap=json.dumps({"run": run, "tensor": name}, sort_keys=True))

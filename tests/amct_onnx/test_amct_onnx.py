@@ -429,3 +429,30 @@ def test_a_failing_calibration_never_aborts_the_users_loop(tmp_path):
     lines = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
     assert len(lines) == 1 and "NaN or Inf" in lines[0] and "layer 'conv1'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_evaluator_and_cfg(tmp_path, capsys):
+    """--evaluator's customize_evaluator.calibration(modified_model) runs the calibration loop;
+    --calibration_config's batch_num and skip_layers apply."""
+    from amct_pipeline.cli.main import main
+    model, data = _demo(tmp_path, count=32)
+    np.save(tmp_path / "x.npy", data)
+    evaluator = tmp_path / "evaluator.py"
+    evaluator.write_text(
+        "import numpy as np, onnxruntime as ort\n"
+        "import amct_pipeline.amct_onnx as amct\n"
+        f"X = np.load({str(tmp_path / 'x.npy')!r})\n"
+        "class Evaluator:\n"
+        "    def calibration(self, model_file):\n"
+        "        s = ort.InferenceSession(model_file, amct.AMCT_SO)\n"
+        "        for i in range(2):\n"
+        "            s.run(None, {'input': X[i * 16:(i + 1) * 16]})\n"
+        "customize_evaluator = Evaluator()\n")
+    cfg = tmp_path / "quant.cfg"
+    cfg.write_text('batch_num: 2\nskip_layers: "fc"\n')
+    code = main(["amct-calibration", "--model", str(model), "--save_path", str(tmp_path / "out" / "m"),
+                 "--evaluator", str(evaluator), "--calibration_config", str(cfg)])
+    assert code == 0, capsys.readouterr().err
+    record = (tmp_path / "out" / "amct_temp" / "record.txt").read_text()
+    assert 'key: "conv1"' in record and 'key: "fc"' not in record
+    assert (tmp_path / "out" / "m_deploy_model.onnx").is_file()
