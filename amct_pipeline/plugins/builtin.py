@@ -23,9 +23,12 @@ def amct_register_passes():
     from ..passes.convert_qat import ConvertQatPass
     from ..passes.equalize import EqualizeChannelsPass
     from ..passes.dmq_balance import DmqBalancePass
+    from ..passes.analyze import AnalyzePass
+    from ..passes.auto_calibrate import AutoCalibratePass
+    from ..passes.mixed_precision import MixedPrecisionPass
     return [FuseBatchNormPass, MatchLayersPass, SavePass, CalibratePass, RefineRangesPass, DecomposePass, ApplyDecompositionPass,
             QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass, EqualizeChannelsPass,
-            DmqBalancePass]
+            DmqBalancePass, AnalyzePass, AutoCalibratePass, MixedPrecisionPass]
 
 
 @hookimpl
