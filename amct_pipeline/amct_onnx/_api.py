@@ -17,6 +17,7 @@ rather than the pipeline's "passes[i] failed" frame.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ def quantize_preprocess(config_file, record_file, model_file, modified_onnx_file
     _write_modified("quantize_preprocess", "dmq", config_file, model_file, modified_onnx_file, record_file)
 
 
-def _write_modified(where: str, kind: str, config_file, model_file, modified_onnx_file, record_file) -> None:
+def _write_modified(where: str, kind: str, config_file, model_file, modified_onnx_file, record_file, *,
+                    keep_inputs: bool = False) -> None:
     from ..amct import write_record
     from ..ir import write_model
     from ._calibration import CalibrationSpec, add_taps, balance_record, forget, initial_record
@@ -129,7 +131,7 @@ def _write_modified(where: str, kind: str, config_file, model_file, modified_onn
         raise _argument(where, "modified_onnx_file", "is the input model; writing it would destroy the model")
     spec = CalibrationSpec(kind=kind, model=os.path.abspath(model_file), config=os.path.abspath(config_file),
                            record=os.path.abspath(record_file), batch_num=1,
-                           balanced=kind == "quantize" and balance_record(record_file))
+                           balanced=kind == "quantize" and balance_record(record_file), keep_inputs=keep_inputs)
     prepared = run_passes(spec.prepare_passes(), model_file)
     spec = spec.with_layers(prepared, where)
     graph = prepared.graph
@@ -193,24 +195,31 @@ def evaluator_base():
 
 def accuracy_based_auto_calibration(model_file, model_evaluator, config_file, record_file, save_dir,
                                     strategy='BinarySearch', sensitivity='CosineSimilarity') -> None:
-    """AMCT's accuracy-based auto calibration: quantize every layer, then roll back the most sensitive
-    layers until ``model_evaluator.metric_eval`` accepts the accuracy. Writes AMCT's files into
-    ``save_dir`` (see SPEC 8.1)."""
-    from ..amct import write_record
+    """AMCT's accuracy-based auto calibration (SPEC 8.1): ``quantize_model``, then
+    ``model_evaluator.calibration(modified_model)`` runs the user's calibration loop (the record is
+    written, and the batches' model inputs are kept for the ranking run, as AMCT dumps them), then
+    ``fuse_bn,match_layers,load_record,auto_calibrate`` rolls back the most sensitive layers until
+    ``metric_eval`` accepts ``evaluate``'s metric. Writes ``<save_dir>_fake_quant_model.onnx``,
+    ``<save_dir>_deploy_model.onnx`` and AMCT's three ``accuracy_based_auto_calibration_*`` files
+    beside them; ``record_file`` holds the calibration of every layer."""
+    from ._calibration import check_finished, kept_inputs, read_spec
     where = "accuracy_based_auto_calibration"
     _require_pass(where, "auto_calibrate", "auto calibration")
-    model_file = _existing_file(where, "model_file", model_file, "an .onnx model")
-    config_file = _existing_file(where, "config_file", config_file, "the quant config from create_quant_config")
-    record_file = _output_file(where, "record_file", record_file, "the record (.txt)")
     for method in ("calibration", "evaluate", "metric_eval"):
         if not callable(getattr(model_evaluator, method, None)):
             raise _argument(where, "model_evaluator", f"has no method {method}(); subclass "
                             "AutoCalibrationEvaluatorBase and implement calibration, evaluate and metric_eval")
     folder, prefix = _save_prefix(where, save_dir)
-    config = _config_options(config_file)
-    # options as INTERFACES.md agrees them; the pass writes AMCT's files into save_dir's folder
-    options = {"evaluator": model_evaluator, "strategy": strategy, "sensitivity": sensitivity}
-    result = run_passes([("fuse_bn", config), ("match_layers", config), ("auto_calibrate", options),
-                         ("lower", {"targets": DEPLOY_TARGETS, "prefix": prefix, "target_options": ASCEND_OPTIONS})],
-                        model_file, output_dir=folder)
-    write_record(result.artifacts["quant_record"], record_file)
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".amct-autocal-", dir=folder) as temp:
+        modified = os.path.join(temp, "modified_model.onnx")
+        _write_modified(where, "quantize", config_file, model_file, modified, record_file, keep_inputs=True)
+        model_evaluator.calibration(modified)
+        spec = read_spec(modified, where)
+        check_finished(spec, record_file, modified)
+        batches = kept_inputs(spec.record)
+    options = {"evaluator": model_evaluator, "strategy": strategy, "sensitivity": sensitivity, "prefix": prefix,
+               "targets": DEPLOY_TARGETS}
+    run_passes([("fuse_bn", _config_options(config_file)), ("match_layers", _config_options(config_file)),
+                ("load_record", {"path": os.path.abspath(record_file)}), ("auto_calibrate", options)],
+               model_file, datasets={"calib": batches}, output_dir=folder)

@@ -33,7 +33,7 @@ from ..runtime.data import ActivationSource
 from ._common import api_error
 
 __all__ = ["CalibrationSpec", "session_options", "add_taps", "read_spec", "check_finished", "forget", "failure",
-           "initial_record", "balance_record"]
+           "initial_record", "balance_record", "kept_inputs"]
 
 _runs: dict[str, "_Run"] = {}        # record path -> calibration in progress (or finished) in this process
 _lock = threading.Lock()
@@ -57,6 +57,8 @@ class CalibrationSpec:
     tensors: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     strength: float = 0.5
+    keep_inputs: bool = False          # also tap the model inputs and keep every batch (auto calibration)
+    inputs: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -105,8 +107,10 @@ class CalibrationSpec:
         if not layers:
             raise api_error(where, f"{self.config}: no layer of {self.model} is enabled for quantization; "
                                    "nothing to calibrate")
-        return replace(self, batch_num=config.batch_num, tensors=list(dict.fromkeys(layer.input for layer in layers)),
-                       **extra)
+        if self.keep_inputs:
+            extra["inputs"] = _float_inputs(prepared.graph, where)
+        tensors = [layer.input for layer in layers] + extra.get("inputs", [])
+        return replace(self, batch_num=config.batch_num, tensors=list(dict.fromkeys(tensors)), **extra)
 
     def final_record(self, artifacts):
         """The record the calibration writes."""
@@ -115,6 +119,23 @@ class CalibrationSpec:
         if self.kind == "dmq":
             return {name: LayerRecord(tensor_balance_factor=f) for name, f in artifacts["balance_factors"].items()}
         return with_balance_factors(artifacts["quant_record"], artifacts.get("balance_factors") or {})
+
+
+def _float_inputs(graph, where: str) -> list[str]:
+    """The model inputs (the taps read float tensors only)."""
+    from ..runtime.data import model_inputs
+    inputs = model_inputs(graph)
+    for info in inputs:
+        if np.dtype(info.dtype) != np.float32:
+            raise api_error(where, f"model input '{info.name}' is {np.dtype(info.dtype)}; keeping the "
+                                   "calibration batches for the ranking run needs float32 inputs")
+    return [info.name for info in inputs]
+
+
+def kept_inputs(record: str) -> list[dict[str, np.ndarray]]:
+    """The model inputs of every calibration batch of the run writing ``record`` (keep_inputs)."""
+    run = _runs.get(os.path.abspath(record))
+    return list(run.kept) if run is not None else []
 
 
 def initial_record(spec: CalibrationSpec, artifacts):
@@ -261,6 +282,7 @@ class _Run:
         self.source = _Batches(spec.tensors)
         self.error: BaseException | None = None
         self.warned = False
+        self.kept: list[dict[str, np.ndarray]] = []     # model inputs per batch (spec.inputs)
         self.lock = threading.Lock()
         self.worker = threading.Thread(target=self._work, name="amct-calibration", daemon=True)
         self.worker.start()
@@ -278,6 +300,8 @@ class _Run:
             if len(self.pending) < len(self.spec.tensors):
                 return
             batch, self.pending = self.pending, {}
+            if self.spec.inputs:
+                self.kept.append({name: batch[name] for name in self.spec.inputs})
             if not self._hand_over(batch):
                 return
             self.batches += 1

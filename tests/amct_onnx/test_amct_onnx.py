@@ -127,8 +127,12 @@ def test_mobilenet_auto_calibration_sample(tmp_path):
     np.save(tmp_path / "y.npy", archive["labels"][:16])
     _run_sample("mobilenet_auto_calibration.py", model, tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "amct")
     results = tmp_path / "amct" / "results"
-    assert (results / "mobilenetv2_fake_quant_model.onnx").is_file()
-    assert (results / "mobilenetv2_deploy_model.onnx").is_file()
+    for name in ("mobilenetv2_fake_quant_model.onnx", "mobilenetv2_deploy_model.onnx",
+                 "accuracy_based_auto_calibration_final_config.json",
+                 "accuracy_based_auto_calibration_ranking_information.json",
+                 "accuracy_based_auto_calibration_record.json"):
+        assert (results / name).is_file(), name
+    assert "conv" in (tmp_path / "amct" / "tmp" / "scale_offset_record.txt").read_text()
 
 
 # -- calibration inside the user's loop ---------------------------------------------------------------
@@ -456,3 +460,53 @@ def test_cli_evaluator_and_cfg(tmp_path, capsys):
     record = (tmp_path / "out" / "amct_temp" / "record.txt").read_text()
     assert 'key: "conv1"' in record and 'key: "fc"' not in record
     assert (tmp_path / "out" / "m_deploy_model.onnx").is_file()
+
+
+def test_auto_calibration_gives_the_pipelines_files(tmp_path):
+    """accuracy_based_auto_calibration (calibration through the evaluator, then auto_calibrate on the
+    kept batches) = fuse_bn,match_layers,calibrate{ifmr},quantize_weights{arq},auto_calibrate on the
+    same batches; the evaluator forces a roll-back (it accepts 90% of the all-quantized loss)."""
+    if "auto_calibrate" not in Session(load_entrypoints=False).registry("passes"):
+        pytest.skip("the 'auto_calibrate' pass (auto calibration work) is not in this tree")
+    from amct_pipeline.amct_onnx.common.auto_calibration import AutoCalibrationEvaluatorBase
+    from amct_pipeline.runtime.ort import open_session, run_model
+    model, data = _demo(tmp_path)
+    feeds = _feeds(data, 16, 2)
+    reference = np.concatenate([run_model(str(model), f)[0] for f in feeds])
+
+    class Evaluator(AutoCalibrationEvaluatorBase):
+        def __init__(self):
+            self.limit = None
+
+        def calibration(self, model_file):
+            session = open_session(model_file, amct.AMCT_SO)
+            for feed in feeds:
+                session.run(None, feed)
+
+        def evaluate(self, model_file):
+            out = np.concatenate([run_model(model_file, f)[0] for f in feeds])
+            return -float(np.mean((out - reference) ** 2))
+
+        def metric_eval(self, original_metric, new_metric):
+            loss = original_metric - new_metric
+            if self.limit is None and loss > 0:
+                self.limit = loss * 0.9
+            return loss <= (self.limit or 0.0), loss
+
+    config = tmp_path / "config.json"
+    amct.create_quant_config(str(config), str(model), batch_num=2)
+    amct.accuracy_based_auto_calibration(str(model), Evaluator(), str(config), str(tmp_path / "record.txt"),
+                                         str(tmp_path / "out" / "demo"))
+    s = Session(load_entrypoints=False)
+    ref = s.pipeline([s.make_pass("fuse_bn", amct_config=str(config)), s.make_pass("match_layers", amct_config=str(config)),
+                      s.make_pass("calibrate", algorithm="ifmr"), s.make_pass("quantize_weights", algorithm="arq"),
+                      s.make_pass("auto_calibrate", evaluator=Evaluator(), prefix="demo", targets=["fakequant", "ascend"])])
+    result = ref.run(str(model), datasets={"calib": feeds}, output_dir=tmp_path / "ref")
+    assert result.stats_for("auto_calibrate")["changed"] >= 1          # something was rolled back
+    out = tmp_path / "out"
+    for name in ("accuracy_based_auto_calibration_final_config.json",
+                 "accuracy_based_auto_calibration_ranking_information.json"):
+        assert (out / name).read_text() == (tmp_path / "ref" / name).read_text(), name
+    for suffix in ("fake_quant_model", "deploy_model"):
+        assert _model_bytes(tmp_path / "ref" / f"demo_{suffix}.onnx") == _model_bytes(out / f"demo_{suffix}.onnx")
+    assert not [p for p in out.iterdir() if p.name.startswith(".amct")]      # no temporary folder left
