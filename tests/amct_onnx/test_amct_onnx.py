@@ -132,7 +132,7 @@ def test_mobilenet_auto_calibration_sample(tmp_path):
                  "accuracy_based_auto_calibration_ranking_information.json",
                  "accuracy_based_auto_calibration_record.json"):
         assert (results / name).is_file(), name
-    assert "conv" in (tmp_path / "amct" / "tmp" / "scale_offset_record.txt").read_text()
+    assert "scale_d" in (tmp_path / "amct" / "tmp" / "scale_offset_record.txt").read_text()
 
 
 # -- calibration inside the user's loop ---------------------------------------------------------------
