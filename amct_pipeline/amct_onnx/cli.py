@@ -101,12 +101,17 @@ def _bin_files(folder: str) -> list[Path]:
     return files
 
 
-def _read_bin(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    from ..files import open_regular, read_exact
+def _check_size(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
     size = int(np.prod(shape)) * dtype.itemsize
     found = os.path.getsize(path)
     if found != size:
         raise DataError(f"--data_dir: {path} holds {found} bytes; a batch of shape {list(shape)} {dtype} takes {size}")
+    return size
+
+
+def _read_bin(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    from ..files import open_regular, read_exact
+    size = _check_size(path, shape, dtype)
     with open_regular(path, "--data_dir", DataError) as handle:
         data = read_exact(handle, 0, size, f"--data_dir: {path}", DataError)
     return np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -122,6 +127,9 @@ def bin_batches(shapes: dict[str, tuple[int, ...]], folders: Sequence[str],
         raise DataError(f"--data_dir: the folders hold different numbers of .bin batches "
                         f"({', '.join(f'{d}: {len(f)}' for d, f in zip(folders, files))})")
     dtypes = [_dtype(t, "--data_types") for t in types]
+    for name, folder_files, dtype in zip(names, files, dtypes):      # every size, before any work
+        for path in folder_files:
+            _check_size(path, shapes[name], dtype)
 
     def feeds():
         for batch in zip(*files):
