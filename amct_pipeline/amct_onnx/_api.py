@@ -216,7 +216,7 @@ def accuracy_based_auto_calibration(model_file, model_evaluator, config_file, re
         _write_modified(where, "quantize", config_file, model_file, modified, record_file, keep_inputs=True)
         model_evaluator.calibration(modified)
         spec = read_spec(modified, where)
-        check_finished(spec, record_file, modified)
+        check_finished(spec, record_file, modified, where)
         batches = kept_inputs(spec.record)
     options = {"evaluator": model_evaluator, "strategy": strategy, "sensitivity": sensitivity, "prefix": prefix,
                "targets": DEPLOY_TARGETS}

@@ -13,7 +13,10 @@ with a dataset (``runtime.data.ActivationSource``) that yields these batches ins
 model: the calibrators see each batch once and drop it (memory does not grow with ``batch_num``).
 The ``batch_num``-th batch waits for the worker, which writes the record, so the record is complete
 when that ``session.run`` returns, as with AMCT's kernels. Later batches are ignored until
-``quantize_model`` is called again for the same record.
+``quantize_model`` is called again for the same record. ``quantize_preprocess``'s model feeds
+``dmq_balance`` the same way (``CalibrationSpec.kind`` "dmq"); for auto calibration the taps also keep
+each batch's model inputs (``keep_inputs``) for the ranking run. No exception may leave a tap (see
+``_on_tap``): a failure is kept on its run and raised by ``save_model``.
 """
 from __future__ import annotations
 
@@ -189,7 +192,7 @@ def read_spec(path: str, where: str) -> CalibrationSpec:
     return spec
 
 
-def check_finished(spec: CalibrationSpec, record_file: str, modified: str) -> None:
+def check_finished(spec: CalibrationSpec, record_file: str, modified: str, where: str = "save_model") -> None:
     """AMCT's "ensure calibration is finished": every layer of the record has activation factors."""
     from ..amct import RecordError, read_record
     run = _runs.get(spec.record) if os.path.abspath(record_file) == spec.record else None
@@ -197,19 +200,18 @@ def check_finished(spec: CalibrationSpec, record_file: str, modified: str) -> No
         error = run.error
         raise error if isinstance(error, AmctError) else CalibrationError(f"calibration failed: {_one_line(error)}")
     if run is not None and run.batches < spec.batch_num:
-        raise CalibrationError(f"save_model: calibration is not finished: {run.batches} of batch_num "
+        raise CalibrationError(f"{where}: calibration is not finished: {run.batches} of batch_num "
                                f"{spec.batch_num} batches were run; ensure calibration is finished (run {modified} "
-                               f"with AMCT_SO for {spec.batch_num} batches) before save_model")
+                               f"with AMCT_SO for {spec.batch_num} batches)")
     try:
         record = read_record(record_file)
     except RecordError as exc:
-        raise api_error("save_model", str(exc)) from None
+        raise api_error(where, str(exc)) from None
     pending = [name for name, rec in record.items() if rec.scale_d is None]
     if not len(record) or pending:
         layer = f" (layer '{pending[0]}' has no scale_d)" if pending else ""
-        raise CalibrationError(f"save_model: {record_file} holds no activation factors{layer}; ensure calibration "
-                               f"is finished: run {modified} with AMCT_SO for batch_num ({spec.batch_num}) batches "
-                               "before save_model")
+        raise CalibrationError(f"{where}: {record_file} holds no activation factors{layer}; ensure calibration "
+                               f"is finished: run {modified} with AMCT_SO for batch_num ({spec.batch_num}) batches")
 
 
 # -- the taps' side -------------------------------------------------------------------------------
