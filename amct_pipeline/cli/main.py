@@ -1,4 +1,5 @@
-"""``amct-pipeline``: run, validate, list, describe, print-pipeline, schema, demo, config, verify-deploy."""
+"""``amct-pipeline``: run, analyze, validate, list, describe, print-pipeline, schema, demo, config, verify-deploy,
+amct-calibration."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     run.set_defaults(func=cmd_run)
 
+    analyze = sub.add_parser("analyze", parents=[common],
+                             help="per-layer quantization sensitivity, output effects, FLOPs and bitops "
+                                  "(<model>_sensitivity.json and a table)")
+    analyze.add_argument("--model", required=True, help="input .onnx model")
+    analyze.add_argument("--data", action="append", default=[], metavar="calib=PATH",
+                         help="calibration data ([N, ...] float32 .npy/.npz, preprocessed)")
+    analyze.add_argument("--output-dir", "-o", required=True, help="where <model>_sensitivity.json is written")
+    analyze.add_argument("--max-samples", type=_positive, default=None, metavar="N",
+                         help="samples the output effects are measured on (default 32)")
+    analyze.add_argument("--no-output-effects", action="store_true", help="only AMCT's per-layer sensitivity")
+    analyze.add_argument("--plot", action="store_true", help="also write <model>_sensitivity.png (matplotlib)")
+    analyze.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline value")
+    analyze.add_argument("--quiet", "-q", action="store_true", help="no progress lines and no table")
+    analyze.set_defaults(func=cmd_analyze)
+
     validate = sub.add_parser("validate", parents=[common], help="check pipelines without loading a model")
     validate.add_argument("pipelines", nargs="+")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -128,7 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="AscendQuant rounding of the reference (default: the deploy model's metadata, else amct)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_verify_deploy)
+    calibration = sub.add_parser("amct-calibration", parents=[common],
+                                 help="AMCT's `amct_onnx calibration`: PTQ from raw .bin batch folders")
+    from ..amct_onnx.cli import add_calibration_arguments
+    add_calibration_arguments(calibration)
+    calibration.set_defaults(func=cmd_amct_calibration)
     return parser
+
+
+def cmd_amct_calibration(args) -> int:
+    from ..amct_onnx.cli import run_calibration
+    for path in run_calibration(args):
+        print(path)
+    return 0
 
 
 def _positive(text: str) -> int:
@@ -236,6 +264,20 @@ def cmd_run(args) -> int:
     if timing:
         print(timing.table(), file=sys.stderr)
     return 0
+
+
+def cmd_analyze(args) -> int:
+    """The shipped ``analyze`` pipeline (fuse_bn, match_layers, calibrate, quantize_weights, analyze)."""
+    overrides = []
+    if args.max_samples is not None:
+        overrides.append(f"passes.analyze.options.max_samples={args.max_samples}")
+    if args.no_output_effects:
+        overrides.append("passes.analyze.options.output_effects=false")
+    if args.plot:
+        overrides.append("passes.analyze.options.plot='{model}_sensitivity.png'")
+    args.pipeline, args.set = "analyze", overrides + list(args.set)
+    args.no_verify, args.dump_ir, args.time_passes = False, None, False
+    return cmd_run(args)
 
 
 def cmd_validate(args) -> int:

@@ -23,11 +23,13 @@ from ..algorithms.base import ActQuantParams
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
 from ..quant.plan import TENSOR_QUANT_ARTIFACT, parse_tensor_key
+from ..quant.balance import record_factors
 from ..quant.params import weightless_params
 from ..quant.weights import effective_weight, quantize_with_scale
 from .base import Pass, PassResult
 
-__all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordOptions", "used_quant_config"]
+__all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordOptions", "used_quant_config",
+           "with_balance_factors"]
 
 AMCT_ACT_ALGOS = ("ifmr", "hfmg")
 USER_SKIP_PREFIXES = ("in skip_layers", "skipped by", "op type in skip_layer_types", "op type not in include",
@@ -60,12 +62,25 @@ class ExportAmctPass(Pass):
             raise ConfigError([Problem("pass 'export_amct'", "", "no layer was quantized, so there is no record "
                                        f"to write ({len(layer_map)} matched, {len(layer_map.skipped)} skipped: "
                                        f"{'; '.join(reasons)[:300]})")])
+        record = with_balance_factors(record, ctx.artifacts.get("balance_factors") or {})
         files = [ctx.file_name(self.options.record, "record")]
         write_record(record, ctx.output_path(files[0]))
         if self.options.quant_config:
             files.append(ctx.file_name(self.options.quant_config, "quant_config"))
             write_quant_config(used_quant_config(graph, ctx.artifacts), ctx.output_path(files[1]))
         return PassResult(False, {"written": len(files), "files": files, "layers": len(record)})
+
+
+def with_balance_factors(record, factors):
+    """A copy of the record whose balanced layers carry their DMQ factors (``tensor_balance_factor``)."""
+    import dataclasses
+
+    from ..amct.record import QuantRecord
+    if not factors:
+        return record
+    return QuantRecord({name: dataclasses.replace(rec, tensor_balance_factor=list(factors[name]))
+                        if name in factors else rec for name, rec in record.items()},
+                       prune_records=getattr(record, "prune_records", ()))
 
 
 def used_quant_config(graph, artifacts):
@@ -133,7 +148,8 @@ class LoadRecordPass(Pass):
     Options = LoadRecordOptions
     requires = frozenset({"layer_map"})
     reads = ("path",)
-    produces = frozenset({"act_quant", "weight_quant", "quant_settings", TENSOR_QUANT_ARTIFACT})
+    produces = frozenset({"act_quant", "weight_quant", "quant_settings", TENSOR_QUANT_ARTIFACT, "layer_map",
+                          "balance_factors"})
 
     def run(self, graph, ctx) -> PassResult:
         layer_map = ctx.artifacts["layer_map"]
@@ -146,6 +162,11 @@ class LoadRecordPass(Pass):
         if tensors:
             ctx.artifacts[TENSOR_QUANT_ARTIFACT] = tensors
         self._check_names(record, layer_map, source)
+        factors = record_factors(graph, record, layer_map, source)
+        if factors:     # AMCT's DMQ: the record's scale_w are those of the balanced weights
+            from ..quant.balance import apply_balance
+            layer_map = ctx.artifacts["layer_map"] = apply_balance(graph, layer_map, factors)
+            ctx.artifacts["balance_factors"] = factors
         act_quant, weight_quant = {}, {}
         settings = ctx.artifacts.setdefault("quant_settings", {})
         for name, rec in record.items():
@@ -159,8 +180,9 @@ class LoadRecordPass(Pass):
             weight_quant[name] = quantize_with_scale(effective_weight(graph, layer), scale_w, layer, bits)
             settings.setdefault(name, {})["wts"] = {"algo": "arq", "num_bits": bits, "channel_wise": scale_w.size > 1}
         ctx.artifacts["act_quant"], ctx.artifacts["weight_quant"] = act_quant, weight_quant
-        return PassResult(False, {"layers": len(record), "tensors": len(tensors), "unlisted": len(layer_map) - len(record),
-                                  "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)})
+        return PassResult(bool(factors), {"layers": len(record), "tensors": len(tensors),
+                                          "unlisted": len(layer_map) - len(record), "balanced": len(factors),
+                                          "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)})
 
     def _check_names(self, record, layer_map, source: str) -> None:
         for name in record:

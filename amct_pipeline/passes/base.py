@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Mapping
 
 from ..options import NoOptions, Options
 
-__all__ = ["Pass", "PassResult", "PassContext", "Artifacts", "UndeclaredArtifactError", "PIPELINE_METADATA_KEY"]
+__all__ = ["json_text", "Pass", "PassResult", "PassContext", "Artifacts", "UndeclaredArtifactError", "PIPELINE_METADATA_KEY"]
 
 # metadata key of a written model that holds the pipeline (textual form) that made it
 PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
@@ -176,3 +176,19 @@ class PassContext:
         from ..files import render_filename
         return render_filename(template, f"passes[{self.pass_index}].options.{option}", model=self.model_name,
                                source=f"pass '{self.pass_name}'", fragment=fragment)
+
+
+def json_text(data: Any) -> str:
+    """Indented JSON of a report, non-finite floats (an error of exactly zero: SQNR inf) as null."""
+    import json
+    import math
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    return json.dumps(clean(data), indent=2, allow_nan=False) + "\n"

@@ -22,8 +22,13 @@ def amct_register_passes():
     from ..passes.amct_files import ExportAmctPass, LoadRecordPass
     from ..passes.convert_qat import ConvertQatPass
     from ..passes.equalize import EqualizeChannelsPass
+    from ..passes.dmq_balance import DmqBalancePass
+    from ..passes.analyze import AnalyzePass
+    from ..passes.auto_calibrate import AutoCalibratePass
+    from ..passes.mixed_precision import MixedPrecisionPass
     return [FuseBatchNormPass, MatchLayersPass, SavePass, CalibratePass, RefineRangesPass, DecomposePass, ApplyDecompositionPass,
-            QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass, EqualizeChannelsPass]
+            QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass, EqualizeChannelsPass,
+            DmqBalancePass, AnalyzePass, AutoCalibratePass, MixedPrecisionPass]
 
 
 @hookimpl

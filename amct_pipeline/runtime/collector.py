@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..errors import CalibrationError
-from .data import DataSource, model_inputs
+from .data import ActivationSource, DataSource, model_inputs
 
 __all__ = ["collect", "planned_batches", "CollectPlan"]
 
@@ -47,8 +47,11 @@ def collect(graph, source: DataSource, tensor_names: Sequence[str], num_batches:
     ``CalibrationError`` when the dataset runs out before ``num_batches``; data errors
     (``DataError``: wrong shape or dtype, naming the input and both shapes) come from the reader.
     """
-    plan = planned_batches(graph, source, num_batches)
     names = list(dict.fromkeys(tensor_names))
+    if isinstance(source, ActivationSource):     # computed by another session (the user's): nothing to run
+        yield from source.activations(names, num_batches)
+        return
+    plan = planned_batches(graph, source, num_batches)
     feed_names = {i.name for i in plan.inputs}
     fetch = [n for n in names if n not in feed_names]
     session = _session(graph if model is None else model, fetch)

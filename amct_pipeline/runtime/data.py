@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .spec import DatasetSpec, Preprocess
 
-__all__ = ["InputInfo", "DataReader", "DataSource", "NpyReader", "PythonReader", "IterableSource",
+__all__ = ["InputInfo", "DataReader", "DataSource", "ActivationSource", "NpyReader", "PythonReader", "IterableSource",
            "ArraySource", "open_datasets", "model_inputs"]
 
 
@@ -57,6 +57,19 @@ class DataSource:
 
     def num_batches(self, inputs: Sequence[InputInfo]) -> int | None:
         return None
+
+
+class ActivationSource(DataSource):
+    """A dataset of activations computed elsewhere: ``activations(names, num_batches)`` yields
+    ``{tensor: array}`` per batch, so calibration needs no session of its own (the AMCT API's
+    calibration inside the user's onnxruntime loop). It cannot feed model inputs."""
+
+    def activations(self, names: Sequence[str], num_batches: int | None) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def batches(self, inputs: Sequence[InputInfo]) -> Iterator[dict[str, np.ndarray]]:
+        raise DataError(f"dataset '{self.name}' holds activations of a calibration model, not model inputs; "
+                        "this pass needs input data (e.g. an .npy file)")
 
 
 class DataReader:

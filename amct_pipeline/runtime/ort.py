@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-__all__ = ["make_session", "run_model", "expose_tensors"]
+__all__ = ["make_session", "run_model", "expose_tensors", "tap_session_options", "open_session", "TAP_OP",
+           "TAP_DOMAIN"]
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True, threads: int = 0,
@@ -53,3 +54,46 @@ def expose_tensors(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
             exposed.graph.output.add().name = name
             present.add(name)
     return exposed
+
+
+# -- Python operators inside a user's own session ---------------------------------------------------
+TAP_OP = "AmctTap"                 # one float input, one 1-element float output (a side branch)
+TAP_DOMAIN = "ai.onnx.contrib"     # the domain onnxruntime-extensions serves Python operators in
+TAP_ATTRIBUTE = "tap"              # a string naming what the tap feeds (the handler parses it)
+_tap_handler: list = []            # the one handler of every tap node: handler(attribute, array)
+
+
+def tap_session_options(handler) -> Any:
+    """``onnxruntime.SessionOptions`` under which every ``TAP_OP`` node calls ``handler(attribute,
+    array)`` with its input (a copy owned by the handler) and outputs one zero, so a session opened
+    on a model with taps hands its activations to Python as the user's own loop runs it.
+
+    The operator runs through onnxruntime-extensions' Python custom operators (its prebuilt library
+    matches the installed onnxruntime; nothing to compile). The handler is process-wide, as the
+    operator registry is: the last call sets it."""
+    import onnxruntime as ort
+    try:
+        from onnxruntime_extensions import PyOp, get_library_path, onnx_op
+    except ImportError:
+        from ..errors import ConfigError
+        raise ConfigError("running a calibration model needs onnxruntime-extensions; "
+                          "pip install onnxruntime-extensions") from None
+    if not _tap_handler:
+        @onnx_op(op_type=TAP_OP, inputs=[PyOp.dt_float], outputs=[PyOp.dt_float],
+                 attrs={TAP_ATTRIBUTE: PyOp.dt_string})
+        def _tap(x, **attrs):
+            _tap_handler[0](attrs[TAP_ATTRIBUTE], x)
+            return np.zeros(1, np.float32)
+        _tap_handler.append(handler)
+    _tap_handler[0] = handler
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(get_library_path())
+    options.log_severity_level = 3
+    return options
+
+
+def open_session(model: str | os.PathLike, options: Any):
+    """An InferenceSession on the CPU for a model file with the caller's ``SessionOptions`` (e.g.
+    those of ``tap_session_options``)."""
+    import onnxruntime as ort
+    return ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])

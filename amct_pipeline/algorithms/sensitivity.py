@@ -1,0 +1,419 @@
+"""Quantization sensitivity: per-layer statistics in one run, and a model whose per-layer precision
+is chosen by its inputs.
+
+Two evaluation models are built from the float graph, both run by onnxruntime:
+
+* the **probe model** (:func:`build_probe_model`) computes, beside the float network, each layer a
+  second time on its fake-quantized input with its fake-quantized weight (AMCT's ranking feeds the
+  float layer input to the float and to the fake-quant layer, SPEC 8.1) and reduces both outputs to
+  a few scalars per batch: their dot product, norms and squared difference, the input's range and
+  the shapes. One run of it over the calibration data gives every layer's AMCT sensitivity
+  (``0.5 + 0.5 cos``, MSE) and FLOPs, however many layers there are, and keeps nothing per sample.
+* the **switch model** (:class:`SwitchModel`) holds, for each layer, fake-quant branches of its
+  input and weight at several bit widths and adds ``s * (fq(x) - x)`` for each, the ``s`` being graph
+  inputs that are 0 or 1. Any per-layer precision (float, INT8/INT16 activations, INT8/INT4 weights)
+  is then one more run of the same session: the output-SQNR effects and the mixed-precision search
+  need no model rebuilt.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import CalibrationError
+from ..ir.edit import Namer, add_node, copy_graph, ensure_opset
+from ..quant.fakequant import constant_factors, emit_antiquant, emit_fake_quant
+from ..quant.params import ActQuantParams
+from ..quant.weights import dequantize_weight, weight_values
+
+__all__ = ["LayerStats", "Variants", "Precision", "build_probe_model", "probe_statistics", "SwitchModel",
+           "OutputMeter", "subset_feeds", "sqnr_db", "INT16_ACT_TYPES", "progress_bar"]
+
+PREFIX = "amct_sens"
+MIN_OPSET = 13
+INT16_ACT_TYPES = ("Conv", "Gemm", "ConvTranspose")      # SPEC 6.1: INT16 activations allowed
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One layer's precision: bits of its input activation and of its weight (None = float)."""
+
+    act: Optional[int] = 8
+    wts: Optional[int] = 8
+
+    def text(self) -> str:
+        if self.act is None and self.wts is None:
+            return "float"
+        return f"A{self.act or 'f'}W{self.wts or 'f'}"
+
+
+@dataclass
+class LayerStats:
+    """What the probe run measured for one layer (sums over batches)."""
+
+    name: str
+    cos_sum: float = 0.0          # sum over batches of 0.5 + 0.5 cos (AMCT's CosineSimilarity)
+    sse: float = 0.0
+    count: int = 0
+    batches: int = 0
+    in_min: float = math.inf
+    in_max: float = -math.inf
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+    @property
+    def similarity(self) -> float:
+        return self.cos_sum / max(self.batches, 1)
+
+    @property
+    def mse(self) -> float:
+        return self.sse / max(self.count, 1)
+
+
+# -- the probe model -----------------------------------------------------------------------------
+def _fake_quant(model, namer: Namer, x: gs.Tensor, base: str, act: ActQuantParams) -> gs.Tensor:
+    """x -> AMCT's fake quant -> dequantized float (the one emitter, constant factors)."""
+    codes = emit_fake_quant(model, namer, x, base, constant_factors(namer, base, act))
+    return emit_antiquant(model, namer, codes, f"{base}.dequant", float(act.scale))
+
+
+def _quant_weight(graph, layer, params) -> np.ndarray:
+    seen = weight_values(graph, layer)
+    try:
+        values = dequantize_weight(params.quantized, params.scale, layer)
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
+    return values.astype(seen.dtype, copy=False)
+
+
+def _scalar_out(model, namer, op: str, name: str, inputs) -> gs.Variable:
+    out = add_node(model, namer, op, name, inputs, keepdims=0).outputs[0]
+    out.dtype, out.shape = np.float32, []
+    model.gs.outputs.append(out)
+    return out
+
+
+def _shape_out(model, namer, tensor: gs.Tensor, name: str) -> gs.Variable:
+    out = add_node(model, namer, "Shape", name, [tensor]).outputs[0]
+    out.dtype, out.shape = np.int64, [None]
+    model.gs.outputs.append(out)
+    return out
+
+
+def build_probe_model(graph, layers: Sequence, act_quant: Mapping[str, ActQuantParams],
+                      weight_quant: Mapping[str, Any]) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """The float graph plus, per layer, its fake-quant twin and the reductions comparing them.
+
+    Returns the model and, per layer, the names of its outputs: dot, |float|^2, |quant|^2, squared
+    error, input min, input max, input shape, output shape. ``graph`` is never changed.
+    """
+    model = copy_graph(graph)
+    ensure_opset(model, MIN_OPSET, where="pass 'analyze'", path="the model",
+                 hint="Round and Clip with inputs need opset 11; upgrade the model")
+    model.gs.outputs.clear()      # only the probes: the float outputs are not needed here
+    namer = Namer(model)
+    names: dict[str, list[str]] = {}
+    for index, layer in enumerate(layers):
+        node = model.node(layer.name)
+        base = f"{PREFIX}.{index}"
+        x, y = node.inputs[0], node.outputs[0]
+        twin_inputs = [_fake_quant(model, namer, x, f"{base}.in", act_quant[layer.name])] + list(node.inputs[1:])
+        params = weight_quant.get(layer.name)
+        if layer.weight is not None and params is not None:
+            slot = next(i for i, t in enumerate(node.inputs) if t.name == layer.weight)
+            twin_inputs[slot] = gs.Constant(namer(f"{base}.weight"), _quant_weight(graph, layer, params))
+        attrs = dict(node.attrs)
+        if layer.op_type == "Gemm" and "alpha" in attrs:     # the codes quantize alpha * B
+            attrs["alpha"] = 1.0
+        twin = add_node(model, namer, node.op, f"{base}.twin", twin_inputs, **attrs).outputs[0]
+        twin.dtype = np.float32
+        prod = add_node(model, namer, "Mul", f"{base}.prod", [y, twin]).outputs[0]
+        diff = add_node(model, namer, "Sub", f"{base}.diff", [y, twin]).outputs[0]
+        outs = [_scalar_out(model, namer, "ReduceSum", f"{base}.dot", [prod]),
+                _scalar_out(model, namer, "ReduceSumSquare", f"{base}.ref", [y]),
+                _scalar_out(model, namer, "ReduceSumSquare", f"{base}.got", [twin]),
+                _scalar_out(model, namer, "ReduceSumSquare", f"{base}.sse", [diff]),
+                _scalar_out(model, namer, "ReduceMin", f"{base}.min", [x]),
+                _scalar_out(model, namer, "ReduceMax", f"{base}.max", [x]),
+                _shape_out(model, namer, x, f"{base}.in_shape"), _shape_out(model, namer, y, f"{base}.out_shape")]
+        names[layer.name] = [o.name for o in outs]
+    model.finalize()
+    return model.to_proto(), names
+
+
+def _cosine_term(dot: float, ref: float, got: float) -> float:
+    """AMCT: 0.5 + 0.5 cos; 1 when the reference is all zero, 0 when only the quantized one is."""
+    if ref <= 0.0:
+        return 1.0
+    if got <= 0.0:
+        return 0.0
+    return 0.5 + 0.5 * max(-1.0, min(1.0, dot / math.sqrt(ref * got)))
+
+
+def probe_statistics(graph, source, layers: Sequence, act_quant, weight_quant, *, num_batches: int | None = None,
+                     progress: bool = False) -> dict[str, LayerStats]:
+    """Stream the dataset through the probe model once; per layer its :class:`LayerStats`."""
+    from ..runtime.collector import collect
+    model, names = build_probe_model(graph, layers, act_quant, weight_quant)
+    stats = {layer.name: LayerStats(layer.name) for layer in layers}
+    fetch = [n for layer in layers for n in names[layer.name]]
+    for got in collect(graph, source, fetch, num_batches, model=model, progress=progress, desc="analyze: layers"):
+        for layer in layers:
+            dot, ref, quant, sse, lo, hi, in_shape, out_shape = (got[n] for n in names[layer.name])
+            s = stats[layer.name]
+            s.cos_sum += _cosine_term(float(dot), float(ref), float(quant))
+            s.sse += float(sse)
+            s.count += int(np.prod(out_shape))
+            s.batches += 1
+            s.in_min, s.in_max = min(s.in_min, float(lo)), max(s.in_max, float(hi))
+            s.in_shape, s.out_shape = tuple(int(v) for v in in_shape), tuple(int(v) for v in out_shape)
+    return stats
+
+
+# -- the switch model ----------------------------------------------------------------------------
+@dataclass
+class Variants:
+    """The precisions one layer can take: activation factors and fake-quant weights per bit width."""
+
+    act: dict[int, ActQuantParams] = field(default_factory=dict)
+    wts: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class SwitchModel:
+    """The float model with every layer's precision selected by 0/1 graph inputs (one session)."""
+
+    def __init__(self, graph, layers: Sequence, variants: Mapping[str, Variants]) -> None:
+        self.layers = list(layers)
+        self.variants = dict(variants)
+        self.inputs: dict[tuple[str, str, int], str] = {}     # (layer, "act"|"wts", bits) -> input name
+        self.model = self._build(graph)
+        self._session = None
+
+    def _switch(self, model, namer: Namer, key: tuple[str, str, int], base: str) -> gs.Variable:
+        var = gs.Variable(namer(base), dtype=np.float32, shape=[])
+        model.gs.inputs.append(var)
+        self.inputs[key] = var.name
+        return var
+
+    def _build(self, graph) -> onnx.ModelProto:
+        model = copy_graph(graph)
+        ensure_opset(model, MIN_OPSET, where="pass 'analyze'", path="the model",
+                     hint="Round and Clip with inputs need opset 11; upgrade the model")
+        namer = Namer(model)
+        for index, layer in enumerate(self.layers):
+            node = model.node(layer.name)
+            base = f"{PREFIX}.sw{index}"
+            found = self.variants.get(layer.name) or Variants()
+            x = node.inputs[0]
+            terms = []
+            for bits, act in sorted(found.act.items()):
+                fq = _fake_quant(model, namer, x, f"{base}.a{bits}", act)
+                delta = add_node(model, namer, "Sub", f"{base}.a{bits}.delta", [fq, x]).outputs[0]
+                s = self._switch(model, namer, (layer.name, "act", bits), f"{base}.a{bits}.on")
+                terms.append(add_node(model, namer, "Mul", f"{base}.a{bits}.term", [delta, s]).outputs[0])
+            if terms:
+                node.inputs[0] = self._sum(model, namer, x, terms, f"{base}.a")
+            if found.wts and layer.weight is not None:
+                slot = next(i for i, t in enumerate(node.inputs) if t.name == layer.weight)
+                w = np.asarray(weight_values(graph, layer), dtype=np.float32)
+                alpha = float(node.attrs.get("alpha", 1.0)) if layer.op_type == "Gemm" else 1.0
+                if alpha != 1.0:          # quantized values hold alpha * B: run every branch with alpha 1
+                    w = w * np.float32(alpha)
+                    node.attrs["alpha"] = 1.0
+                w_const = gs.Constant(namer(f"{base}.w"), w)
+                wterms = []
+                for bits, values in sorted(found.wts.items()):
+                    delta = gs.Constant(namer(f"{base}.w{bits}.delta"), (values - w).astype(np.float32))
+                    s = self._switch(model, namer, (layer.name, "wts", bits), f"{base}.w{bits}.on")
+                    wterms.append(add_node(model, namer, "Mul", f"{base}.w{bits}.term", [delta, s]).outputs[0])
+                node.inputs[slot] = self._sum(model, namer, w_const, wterms, f"{base}.w")
+        model.finalize()
+        return model.to_proto()
+
+    @staticmethod
+    def _sum(model, namer, x, terms, base: str) -> gs.Tensor:
+        out = x
+        for k, term in enumerate(terms):
+            out = add_node(model, namer, "Add", f"{base}.sum{k}", [out, term]).outputs[0]
+            out.dtype = np.float32
+        return out
+
+    def feed(self, config: Mapping[str, Precision]) -> dict[str, np.ndarray]:
+        """0/1 inputs for ``config`` (layer -> Precision; a layer not named stays float)."""
+        feed = {}
+        for (layer, side, bits), name in self.inputs.items():
+            precision = config.get(layer)
+            chosen = None if precision is None else (precision.act if side == "act" else precision.wts)
+            feed[name] = np.array(1.0 if chosen == bits else 0.0, np.float32)
+        return feed
+
+    def check(self, config: Mapping[str, Precision]) -> None:
+        """Every bit width asked for has a branch (else a one-line error naming the layer)."""
+        for layer, precision in config.items():
+            for side, bits in (("act", precision.act), ("wts", precision.wts)):
+                if bits is not None and (layer, side, bits) not in self.inputs:
+                    have = sorted(b for (n, s, b) in self.inputs if n == layer and s == side)
+                    raise CalibrationError(f"layer '{layer}': no {bits}-bit {'activation' if side == 'act' else 'weight'}"
+                                           f" quantization available (have {have or 'none'})")
+
+    def session(self):
+        if self._session is None:
+            from ..runtime.ort import make_session
+            self._session = make_session(self.model, config={"session.disable_quant_qdq": "1"})
+        return self._session
+
+
+# -- measuring the model's outputs ----------------------------------------------------------------
+def sqnr_db(relative_error: float) -> float:
+    return float("inf") if relative_error <= 0 else -10.0 * math.log10(relative_error)
+
+
+class OutputMeter:
+    """The float model's outputs on fixed feeds, and how far another run's outputs are from them."""
+
+    def __init__(self, float_model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        from ..runtime.ort import make_session
+        self.feeds = list(feeds)
+        self.outputs = [o.name for o in float_model.graph.output]
+        session = make_session(float_model)
+        self.refs = [session.run(self.outputs, dict(feed)) for feed in self.feeds]
+        self.power = [sum(float(np.square(r[k], dtype=np.float64).sum()) for r in self.refs)
+                      for k in range(len(self.outputs))]
+        self.runs = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(len(next(iter(feed.values()))) for feed in self.feeds)
+
+    def measure(self, session, extra: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """{sqnr_db: mean over outputs of the relative error, in dB; agreement: top-1 agreement of the
+        first output when it is [N, classes] (else None)}."""
+        sse = [0.0] * len(self.outputs)
+        agree = total = 0
+        for feed, ref in zip(self.feeds, self.refs):
+            got = session.run(self.outputs, {**feed, **extra})
+            for k in range(len(self.outputs)):
+                sse[k] += float(np.square(got[k] - ref[k], dtype=np.float64).sum())
+            if ref[0].ndim == 2 and ref[0].shape[1] > 1:
+                agree += int((got[0].argmax(1) == ref[0].argmax(1)).sum())
+                total += len(ref[0])
+        self.runs += 1
+        error = float(np.mean([e / max(p, 1e-30) for e, p in zip(sse, self.power)]))
+        return {"sqnr_db": round(sqnr_db(error), 4), "agreement": (agree / total) if total else None}
+
+
+def subset_feeds(graph, source, max_samples: int) -> list[dict[str, np.ndarray]]:
+    """The dataset's first batches, cut to ``max_samples`` samples where the batch dimension is free."""
+    from ..runtime.collector import planned_batches
+    plan = planned_batches(graph, source, None)
+    fixed = any(i.fixed_batch for i in plan.inputs)
+    feeds, budget = [], max_samples
+    for feed in source.batches(plan.inputs):
+        if budget <= 0:
+            break
+        size = len(next(iter(feed.values())))
+        if size > budget and not fixed:
+            feed, size = {k: v[:budget] for k, v in feed.items()}, budget
+        feeds.append(feed)
+        budget -= size
+    if not feeds:
+        raise CalibrationError(f"dataset '{source.name}' yields no batch")
+    return feeds
+
+
+def progress_bar(enabled: bool, total: int, desc: str, unit: str = "run"):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, leave=False)
+
+
+# -- the whole analysis -----------------------------------------------------------------------------
+def layer_precision(layer, act_quant, weight_quant) -> Precision:
+    """The precision ``act_quant`` / ``weight_quant`` give a layer (weightless: no weight bits)."""
+    act = act_quant.get(layer.name)
+    wts = weight_quant.get(layer.name) if layer.weight is not None else None
+    return Precision(act.num_bits if act is not None else None, wts.num_bits if wts is not None else None)
+
+
+def layer_cost(graph, layer, stats: LayerStats, precision: Precision) -> tuple[int, int]:
+    """(FLOPs, bitops) per sample of ``layer`` at ``precision`` (weightless layers count 1 weight bit)."""
+    from ..quant.cost import bitops, layer_flops
+    weight = weight_values(graph, layer)
+    kernel = tuple(graph.node(layer.name).attrs.get("kernel_shape", ())) if layer.op_type == "AveragePool" else ()
+    flops = layer_flops(layer, stats.in_shape, stats.out_shape, None if weight is None else weight.shape, kernel)
+    wts_bits = precision.wts if layer.weight is not None else 1
+    return flops, bitops(flops, precision.act, wts_bits)
+
+
+def quantized_config(layers, act_quant, weight_quant) -> dict[str, Precision]:
+    return {layer.name: layer_precision(layer, act_quant, weight_quant) for layer in layers}
+
+
+def chosen_variants(graph, layers, act_quant, weight_quant) -> dict[str, Variants]:
+    """Each layer's own precision as the switch model's one branch per side."""
+    out = {}
+    for layer in layers:
+        act, wts = act_quant[layer.name], weight_quant.get(layer.name)
+        weights = {}
+        if layer.weight is not None and wts is not None:
+            weights[wts.num_bits] = _quant_weight(graph, layer, wts)
+        out[layer.name] = Variants({act.num_bits: act}, weights)
+    return out
+
+
+def analyze(graph, source, layer_map, act_quant, weight_quant, *, max_samples: int, output_effects: bool = True,
+            num_batches: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """AMCT's per-layer sensitivity plus output effects, FLOPs and bitops: the ``sensitivity`` artifact.
+
+    Time: one run of the probe model over the calibration data (about two float runs: every layer
+    is computed twice), plus, with ``output_effects``, ``2 L + 2`` runs of the switch model on the
+    first ``max_samples`` samples.
+    """
+    layers = [layer for layer in layer_map.layers() if act_quant.get(layer.name) is not None]
+    if not layers:
+        raise CalibrationError("no layer has activation factors to analyze; run calibrate before analyze")
+    stats = probe_statistics(graph, source, layers, act_quant, weight_quant, num_batches=num_batches,
+                             progress=progress)
+    config = quantized_config(layers, act_quant, weight_quant)
+    rows = []
+    for layer in layers:
+        flops, bits = layer_cost(graph, layer, stats[layer.name], config[layer.name])
+        s = stats[layer.name]
+        rows.append({"name": layer.name, "op_type": layer.op_type, "act_bits": config[layer.name].act,
+                     "wts_bits": config[layer.name].wts, "cosine_similarity": round(s.similarity, 8),
+                     "mse": float(f"{s.mse:.6g}"), "input_range": [s.in_min, s.in_max],
+                     "flops": flops, "bitops": bits})
+    result: dict[str, Any] = {"metric": "CosineSimilarity", "samples": int(stats[layers[0].name].batches)}
+    if output_effects:
+        result.update(_output_effects(graph, source, layers, act_quant, weight_quant, rows, max_samples, progress))
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["cosine_similarity"], i))
+    for rank, i in enumerate(order):
+        rows[i]["rank"] = rank + 1
+    result["ranking_information"] = {rows[i]["name"]: rows[i]["cosine_similarity"] for i in order}
+    result["layers"] = rows
+    result["total"] = {"flops": sum(r["flops"] for r in rows), "bitops": sum(r["bitops"] for r in rows)}
+    return result
+
+
+def _output_effects(graph, source, layers, act_quant, weight_quant, rows, max_samples: int, progress: bool):
+    """Output SQNR with only each layer quantized and with all but it (switch model on a subset)."""
+    feeds = subset_feeds(graph, source, max_samples)
+    meter = OutputMeter(graph.to_proto(), feeds)
+    model = SwitchModel(graph, layers, chosen_variants(graph, layers, act_quant, weight_quant))
+    session = model.session()
+    full = quantized_config(layers, act_quant, weight_quant)
+    with progress_bar(progress, 2 * len(layers) + 1, "analyze: output effects") as bar:
+        whole = meter.measure(session, model.feed(full))
+        bar.update(1)
+        for row, layer in zip(rows, layers):
+            only = meter.measure(session, model.feed({layer.name: full[layer.name]}))
+            rest = meter.measure(session, model.feed({k: v for k, v in full.items() if k != layer.name}))
+            row.update({"sqnr_only_db": only["sqnr_db"], "sqnr_all_but_db": rest["sqnr_db"],
+                        "agreement_all_but": rest["agreement"]})
+            bar.update(2)
+    return {"output_samples": meter.samples, "all_quantized": whole}

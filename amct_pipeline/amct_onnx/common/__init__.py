@@ -1,0 +1,1 @@
+"""``amct_onnx.common`` as AMCT's samples import it."""

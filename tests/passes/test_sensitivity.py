@@ -1,0 +1,165 @@
+"""analyze, mixed_precision and the models behind them, checked against onnxruntime and numpy."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from amct_pipeline.algorithms.sensitivity import Precision, SwitchModel, Variants, chosen_variants
+from amct_pipeline.demo import build_demo_data, build_demo_model
+from amct_pipeline.errors import ConfigError
+from amct_pipeline.pipeline.spec import DatasetSpec
+from amct_pipeline.quant.cost import bitops, layer_flops
+from amct_pipeline.quant.layers import QuantLayer
+from amct_pipeline.quant.math import fake_quant
+from amct_pipeline.runtime.data import ArraySource
+from amct_pipeline.runtime.ort import run_model
+from amct_pipeline.testing.models import quant_layers_model
+
+PTQ = "fuse_bn,match_layers,calibrate,quantize_weights"
+
+
+def _source(count: int = 48, batch_size: int = 16, seed: int = 1) -> ArraySource:
+    return ArraySource("calib", {"x": build_demo_data(count, seed=seed)}, DatasetSpec(batch_size=batch_size), "test")
+
+
+def _run(session, text: str, output_dir=None, model=None):
+    return session.build(text, datasets=["calib"]).run(model or build_demo_model(), datasets={"calib": _source()},
+                                                       output_dir=output_dir)
+
+
+def _sqnr(ref: np.ndarray, got: np.ndarray) -> float:
+    return -10 * math.log10(float(np.sum((got - ref) ** 2)) / float(np.sum(ref ** 2)))
+
+
+def test_flops_follow_amct_formulas():
+    conv = QuantLayer("c", "Conv", "x", "y", weight="w", bias="b", channel_axis=0, out_channels=8)
+    # (2 * Cin/g * kh * kw - 1 + bias) * Hout * Wout * Cout
+    assert layer_flops(conv, (1, 4, 10, 10), (1, 8, 5, 5), (8, 4, 3, 3)) == (2 * 4 * 9 - 1 + 1) * 25 * 8
+    deconv = QuantLayer("d", "ConvTranspose", "x", "y", weight="w", channel_axis=1, out_channels=6, group=2)
+    # per output value Cin/g products; Hin * Win positions
+    assert layer_flops(deconv, (1, 4, 3, 3), (1, 6, 6, 6), (4, 3, 2, 2)) == (2 * 2 * 4 - 1) * 9 * 6
+    fc = QuantLayer("f", "Gemm", "x", "y", weight="w", bias="b")
+    assert layer_flops(fc, (7, 64), (7, 10), (64, 10)) == (2 * 64 - 1 + 1) * 10
+    assert bitops(100, 8, 8) == 6400 and bitops(100, 16, 4) == 6400 and bitops(100, None, None) == 102400
+
+
+def test_analyze_sensitivity_matches_numpy_and_onnxruntime(session, tmp_path):
+    result = _run(session, PTQ + ",analyze{max_samples=16 plot=sens.png}", tmp_path)
+    report = result.artifacts["sensitivity"]
+    act, wts, layer_map = (result.artifacts[k] for k in ("act_quant", "weight_quant", "layer_map"))
+    written = json.loads((tmp_path / "model_sensitivity.json").read_text())
+    assert written["ranking_information"] == report["ranking_information"]
+    assert (tmp_path / "sens.png").stat().st_size > 1000
+    rows = {r["name"]: r for r in report["layers"]}
+    assert list(report["ranking_information"]) == sorted(rows, key=lambda n: rows[n]["cosine_similarity"])
+    model = result.model
+    # the first layer, recomputed by hand: its fake-quant twin on the float input, per batch cos
+    layer = layer_map.layers()[0]
+    x = build_demo_data(48, seed=1)
+    w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.weight))
+    b = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.bias))
+    node = next(n for n in model.graph.node if n.name == layer.name)
+    wq = wts[layer.name].quantized.astype(np.float32) * wts[layer.name].scale.reshape(-1, 1, 1, 1)
+    cos, sse, count = [], 0.0, 0
+    for start in range(0, 48, 16):
+        batch = x[start:start + 16]
+        ref = _conv(node, batch, w, b)
+        got = _conv(node, fake_quant(batch, act[layer.name]), wq, b)
+        cos.append(0.5 + 0.5 * float(np.sum(ref * got) / np.sqrt(np.sum(ref ** 2) * np.sum(got ** 2))))
+        sse, count = sse + float(np.sum((ref - got) ** 2)), count + ref.size
+    assert rows[layer.name]["cosine_similarity"] == pytest.approx(np.mean(cos), abs=1e-6)
+    assert rows[layer.name]["mse"] == pytest.approx(sse / count, rel=1e-3)
+    # FLOPs per sample from the runtime shapes; bitops at A8W8
+    assert rows[layer.name]["bitops"] == rows[layer.name]["flops"] * 64
+    assert report["total"]["bitops"] == sum(r["bitops"] for r in rows.values())
+    # output effects equal the fake-quant model lowered with only that layer (or all but it) quantized
+    # (within 0.3 dB: the lowered model rounds the bias to INT32, the measuring model keeps it float)
+    names = list(rows)
+    flt = run_model(model, {"input": x[:16]})[0]
+    for keep, key in (([names[1]], "sqnr_only_db"), ([n for n in names if n != names[1]], "sqnr_all_but_db")):
+        skip = ",".join(n for n in names if n not in keep)
+        lowered = _run(session, f"fuse_bn,match_layers{{skip_layers=[{skip}]}},calibrate,quantize_weights,"
+                                "lower{targets=[fakequant]}").artifacts["lowered"]["fakequant"]
+        assert rows[names[1]][key] == pytest.approx(_sqnr(flt, run_model(lowered, {"input": x[:16]})[0]), abs=0.3)
+    assert report["all_quantized"]["sqnr_db"] < min(r["sqnr_only_db"] for r in rows.values())
+    assert "| rank | layer |" in dict(result.reports)["analyze"]
+
+
+def _conv(node, x, w, b):
+    one = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], **{
+        a.name: helper.get_attribute_value(a) for a in node.attribute})], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    return run_model(helper.make_model(one, opset_imports=[helper.make_opsetid("", 13)]), {"x": x})[0]
+
+
+def test_switch_model_equals_the_fakequant_model_and_the_float_model(session):
+    result = _run(session, PTQ + ",lower{targets=[fakequant]}")
+    graph_model = session.build("fuse_bn").run(build_demo_model()).model
+    from amct_pipeline.ir.graph import Graph
+    graph = Graph.from_proto(graph_model)
+    layer_map, act, wts = (result.artifacts[k] for k in ("layer_map", "act_quant", "weight_quant"))
+    layers = layer_map.layers()
+    switch = SwitchModel(graph, layers, chosen_variants(graph, layers, act, wts))
+    x = build_demo_data(8, seed=3)
+    name = graph_model.graph.input[0].name
+    full = {layer.name: Precision(8, 8) for layer in layers}
+    got = switch.session().run(None, {name: x, **switch.feed(full)})[0]
+    fq = run_model(result.artifacts["lowered"]["fakequant"], {name: x})[0]
+    np.testing.assert_allclose(got, fq, rtol=1e-4, atol=1e-4 * float(np.abs(fq).max()))
+    flt = switch.session().run(None, {name: x, **switch.feed({})})[0]
+    np.testing.assert_allclose(flt, run_model(graph_model, {name: x})[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="16-bit"):
+        switch.check({layers[0].name: Precision(16, 8)})
+
+
+def test_analyze_covers_every_layer_type(session):
+    model = quant_layers_model()
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    source = ArraySource("calib", {"x": np.concatenate([x, x * 0.5])}, DatasetSpec(batch_size=2), "test")
+    result = session.build(PTQ + ",analyze{max_samples=2}", datasets=["calib"]).run(model, datasets={"calib": source})
+    rows = {r["name"]: r for r in result.artifacts["sensitivity"]["layers"]}
+    assert {"conv", "deconv", "pool", "fc", "mm", "conv3d"} <= set(rows)
+    assert all(0.0 <= r["cosine_similarity"] <= 1.0 and r["flops"] > 0 for r in rows.values())
+    assert rows["fc"]["flops"] == (2 * 64 - 1 + 1) * 6
+
+
+def test_mixed_precision_front_is_pareto_and_exact(session, tmp_path):
+    result = _run(session, PTQ + ",analyze{max_samples=16},mixed_precision{max_samples=16 max_evaluations=12}", tmp_path)
+    found = result.artifacts["mixed_precision"]
+    points, front = found["points"], found["front"]
+    assert len(points) <= 12 and front
+    assert (tmp_path / "model_mixed_precision.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "model_mixed_precision.json").read_text())["front"] == json.loads(
+        json.dumps(front))
+    for p in points:    # nothing on the front is beaten on both axes
+        assert not any(q["bitops"] <= p["bitops"] and q["sqnr_db"] > p["sqnr_db"] for q in points) or p not in front
+    base = next(p for p in points if p["raised"] == 0 and p["lowered"] == 0)
+    assert base["bitops"] == found["reference_bitops"]
+    assert base["sqnr_db"] == pytest.approx(result.artifacts["sensitivity"]["all_quantized"]["sqnr_db"], abs=1e-3)
+    raised = [p for p in points if p["lowered"] == 0 and p["raised"] > 0]
+    assert raised and all(p["bitops"] > base["bitops"] for p in raised)
+    lowered = [p for p in points if p["raised"] == 0 and p["lowered"] > 0]
+    assert lowered and all(p["bitops"] < base["bitops"] for p in lowered)
+
+
+def test_analyze_options_are_bounded(session):
+    with pytest.raises(ConfigError, match="max_samples"):
+        session.build(PTQ + ",analyze{max_samples=100000}", datasets=["calib"])
+    with pytest.raises(ConfigError, match="max_evaluations"):
+        session.build(PTQ + ",mixed_precision{max_evaluations=5000}", datasets=["calib"])
+
+
+def test_variants_unused_layers_stay_float(session):
+    result = _run(session, PTQ)
+    from amct_pipeline.ir.graph import Graph
+    graph = Graph.from_proto(session.build("fuse_bn").run(build_demo_model()).model)
+    layers = result.artifacts["layer_map"].layers()
+    switch = SwitchModel(graph, layers, {layers[0].name: Variants({8: result.artifacts["act_quant"][layers[0].name]})})
+    assert len(switch.inputs) == 1
