@@ -30,10 +30,19 @@ class PlanTarget(LoweringTarget):
     suffix: ClassVar[str]
     min_opset: ClassVar[int | None] = QUANT_OPSET
 
+    def check_plan(self, plan: LoweringPlan) -> None:
+        """Refuse, with a ConfigError naming the layer and the target, a precision this target cannot
+        hold. ``lower`` calls it for every target before any is lowered or written. Default: anything."""
+
+    def opset(self, plan: LoweringPlan) -> int | None:
+        """The default-domain opset the output needs for ``plan`` (``min_opset`` unless a precision needs more)."""
+        return self.min_opset
+
     def lower(self, graph, ctx: LoweringContext) -> onnx.ModelProto:
-        if self.min_opset is not None:
-            ensure_opset(graph, self.min_opset, where="pass 'lower'", path=f"target '{self.name}'",
-                         hint="upgrade the model to opset 13 or later before quantizing")
+        version = self.opset(ctx.plan)
+        if version is not None:
+            ensure_opset(graph, version, where="pass 'lower'", path=f"target '{self.name}'",
+                         hint=f"upgrade the model to opset {version} or later before quantizing")
         self.rewrite(graph, ctx.plan, ctx)
         if ctx.plan.tensors:
             self.rewrite_tensors(graph, ctx.plan, ctx)

@@ -27,6 +27,15 @@ saturates where it clips, else a uint8 Clip after the QuantizeLinear), which is 
 layer before it fuse. Opsets below 13 are upgraded first (per-axis DequantizeLinear needs 13), so old models load.
 Grouped ConvTranspose with per-channel weights cannot be expressed with one DequantizeLinear axis; its
 weight is stored dequantized (float), which onnxruntime would not run in integers anyway.
+
+Other precisions, per layer (opset 21 is then required and the model is upgraded to it):
+
+* INT4 weights: a packed INT4 initializer (two codes per byte) behind a per-channel DequantizeLinear
+  with an INT4 zero point; onnxruntime dequantizes it once when the session is built and runs the
+  layer in float (it has no integer Conv for INT4), so the file shrinks, not the compute.
+* INT16 activations: UINT16 QuantizeLinear / DequantizeLinear (zero point offset_d + 32768) on the
+  layer's own input pair; onnxruntime has no 16-bit QLinearConv, so the layer runs in float on the
+  dequantized input (quantization is simulated exactly; no integer speed-up).
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ import onnx_graphsurgeon as gs
 from pydantic import Field
 
 from ...errors import ConfigError, Problem
-from ...ir.edit import Namer, add_node, constant, reroute
+from ...ir.edit import Namer, add_node, constant, int4_constant, reroute
 from ...options import Options
 from ...quant.facts import FOLDABLE_ACTIVATIONS, QdqLayout, activation_bounds, plan_layout, resolve_layout
 from ...quant.params import ActQuantParams
@@ -45,6 +54,9 @@ from .base import PlanTarget
 __all__ = ["QdqTarget", "QdqOptions"]
 
 UINT8_SHIFT = 128                             # uint8 zero point = int8-domain offset + 128
+PRECISION_OPSET = 21                          # INT4 and 16-bit QuantizeLinear / DequantizeLinear
+# activation bits -> (unsigned container, shift from AMCT's signed-domain offset to its zero point)
+_ACT_TYPES = {8: (np.uint8, UINT8_SHIFT), 16: (np.uint16, 1 << 15)}
 
 
 class QdqOptions(Options):
@@ -56,13 +68,28 @@ class QdqOptions(Options):
 
 class QdqTarget(PlanTarget):
     name = "qdq"
-    summary = "QuantizeLinear/DequantizeLinear model (uint8 activations, int8 weights, int32 bias) for onnxruntime."
+    summary = ("QuantizeLinear/DequantizeLinear model (uint8/uint16 activations, int8/int4 weights, int32 bias) "
+               "for onnxruntime.")
     suffix = "qdq_model"
     Options = QdqOptions
 
+    def check_plan(self, plan: LoweringPlan) -> None:
+        for name, layer_plan in plan.layers.items():
+            if layer_plan.act.num_bits not in _ACT_TYPES:
+                raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
+                                           "activations cannot be expressed as a QuantizeLinear",
+                                           "use 8- or 16-bit activations for this layer")])
+
+    def opset(self, plan: LoweringPlan) -> int | None:
+        wide = any(p.act.num_bits != 8 or (p.weight_q is not None and p.wts_bits == 4) for p in plan.layers.values())
+        return max(self.min_opset, PRECISION_OPSET) if wide else self.min_opset
+
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
-        _check_bits(plan)
+        self.check_plan(plan)
         layout = self.layout(graph, plan, ctx)
+        for name, layer_plan in plan.layers.items():      # a 16-bit layer reads its own 16-bit pair
+            if layer_plan.act.num_bits != 8 and layout.factors.get(layer_plan.layer.input) != layer_plan.act:
+                layout.layer_pairs[name] = layer_plan.act
         namer = Namer(graph)
         _quantize_activations(graph, namer, plan, layout)
         nodes = {node.name: node for node in graph.nodes}
@@ -88,14 +115,6 @@ class QdqTarget(PlanTarget):
             ctx.logger.info("qdq: %d Concats stay float (their inputs' ranges differ too much to share one scale): "
                             "%s", len(layout.float_concats), ", ".join(layout.float_concats))
         return layout
-
-
-def _check_bits(plan: LoweringPlan) -> None:
-    for name, layer_plan in plan.layers.items():
-        if layer_plan.act.num_bits != 8:
-            raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
-                                       "activations cannot be expressed as uint8 QuantizeLinear",
-                                       "use 8-bit activations or only the fakequant target")])
 
 
 # -- emitting -------------------------------------------------------------------------------------
@@ -153,17 +172,18 @@ def _code(bound: float, params: ActQuantParams) -> int:
 def _qdq_pair(graph, namer: Namer, tensor: gs.Tensor, params: ActQuantParams, base: str,
               code_range: tuple[int, int] | None = None):
     """QuantizeLinear -> [Clip on the uint8 codes] -> DequantizeLinear; returns (Q node, DQ output)."""
+    dtype, shift = _ACT_TYPES[params.num_bits]
     scale = constant(namer, f"{base}_scale", np.array(params.scale, np.float32))
-    zero_point = constant(namer, f"{base}_zero_point", np.array(params.offset + UINT8_SHIFT, np.uint8))
+    zero_point = constant(namer, f"{base}_zero_point", np.array(params.offset + shift, dtype))
     quantize = add_node(graph, namer, "QuantizeLinear", f"{base}_QuantizeLinear", [tensor, scale, zero_point],
                         [f"{base}_quantized"])
     codes = quantize.outputs[0]
-    codes.dtype = np.uint8
+    codes.dtype = dtype
     if code_range is not None:
-        low, high = (constant(namer, f"{base}_clip_{end}", np.array(code + UINT8_SHIFT, np.uint8))
+        low, high = (constant(namer, f"{base}_clip_{end}", np.array(code + shift, dtype))
                      for end, code in zip(("min", "max"), code_range))
         codes = add_node(graph, namer, "Clip", f"{base}_Clip", [codes, low, high], [f"{base}_clipped"]).outputs[0]
-        codes.dtype = np.uint8
+        codes.dtype = dtype
     dequantize = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
                           [codes, scale, zero_point], [f"{base}_dequantized"])
     dequantize.outputs[0].dtype = np.float32
@@ -171,7 +191,7 @@ def _qdq_pair(graph, namer: Namer, tensor: gs.Tensor, params: ActQuantParams, ba
 
 
 def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: LayerPlan) -> None:
-    """INT8 weight and INT32 bias initializers behind DequantizeLinear nodes."""
+    """INT8 (or packed INT4) weight and INT32 bias initializers behind DequantizeLinear nodes."""
     if plan.weight_q is None:
         return
     layer, node = plan.layer, nodes[plan.name]
@@ -180,8 +200,9 @@ def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: La
         node.inputs[1] = constant(namer, f"{base}_dequantized", plan.dequantized_weight())
     else:
         axis = layer.channel_axis if plan.per_channel else None
+        dtype = "int4" if plan.wts_bits == 4 else np.int8
         node.inputs[1] = _dequantized_constant(graph, namer, plan.weight_q.astype(np.int8), plan.scale_w,
-                                               np.int8, axis, base)
+                                               dtype, axis, base)
     slot = bias_slot(nodes, layer)
     if slot is not None and plan.bias_q is not None:
         bias_node, index = slot
@@ -193,15 +214,21 @@ def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: La
 
 def _dequantized_constant(graph, namer: Namer, codes: np.ndarray, scale: np.ndarray, dtype, axis: int | None,
                           base: str) -> gs.Variable:
+    """``dtype`` "int4": packed INT4 codes and zero point (opset 21)."""
     scale = np.asarray(scale, np.float32).reshape(-1)
     if axis is None:
-        scale_values, zero = np.array(scale[0], np.float32), np.array(0, dtype)
+        scale_values, zero = np.array(scale[0], np.float32), np.zeros((), np.int8)
     else:
-        scale_values, zero = scale, np.zeros(scale.size, dtype)
+        scale_values, zero = scale, np.zeros(scale.size, np.int8)
+    if isinstance(dtype, str):
+        stored = int4_constant(namer, f"{base}_quantized", codes)
+        zero_point = int4_constant(namer, f"{base}_zero_point", zero)
+    else:
+        stored = constant(namer, f"{base}_quantized", codes.astype(dtype))
+        zero_point = constant(namer, f"{base}_zero_point", zero.astype(dtype))
     attrs = {} if axis is None else {"axis": int(axis)}
     node = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
-                    [constant(namer, f"{base}_quantized", codes.astype(dtype)),
-                     constant(namer, f"{base}_scale", scale_values),
-                     constant(namer, f"{base}_zero_point", zero)], [f"{base}_dequantized"], **attrs)
+                    [stored, constant(namer, f"{base}_scale", scale_values), zero_point],
+                    [f"{base}_dequantized"], **attrs)
     node.outputs[0].dtype = np.float32
     return node.outputs[0]
