@@ -44,19 +44,15 @@ import onnx_graphsurgeon as gs
 from pydantic import Field
 
 from ...errors import ConfigError, Problem
-from ...ir.edit import Namer, add_node, constant, int4_constant, reroute
+from ...ir.edit import Namer, constant, reroute
 from ...options import Options
 from ...quant.facts import FOLDABLE_ACTIVATIONS, QdqLayout, activation_bounds, plan_layout, resolve_layout
 from ...quant.params import ActQuantParams
 from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, with_input_factors
-from .base import PlanTarget
+from .base import ACT_TYPES, PRECISION_OPSET, PlanTarget, dequantized_constant, qdq_pair
 
 __all__ = ["QdqTarget", "QdqOptions"]
 
-UINT8_SHIFT = 128                             # uint8 zero point = int8-domain offset + 128
-PRECISION_OPSET = 21                          # INT4 and 16-bit QuantizeLinear / DequantizeLinear
-# activation bits -> (unsigned container, shift from AMCT's signed-domain offset to its zero point)
-_ACT_TYPES = {8: (np.uint8, UINT8_SHIFT), 16: (np.uint16, 1 << 15)}
 
 
 class QdqOptions(Options):
@@ -75,7 +71,7 @@ class QdqTarget(PlanTarget):
 
     def check_plan(self, plan: LoweringPlan) -> None:
         for name, layer_plan in plan.layers.items():
-            if layer_plan.act.num_bits not in _ACT_TYPES:
+            if layer_plan.act.num_bits not in ACT_TYPES:
                 raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
                                            "activations cannot be expressed as a QuantizeLinear",
                                            "use 8- or 16-bit activations for this layer")])
@@ -126,12 +122,12 @@ def _quantize_activations(graph, namer: Namer, plan: LoweringPlan, layout: QdqLa
         tensor, params = tensors[name], layout.factors[name]
         readers = list(tensor.outputs)
         source, code_range = _fold_activation(graph, tensor, params)
-        _, dequantized = _qdq_pair(graph, namer, source, params, name, code_range)
+        _, dequantized = qdq_pair(graph, namer, source, params, name, code_range)
         reroute(tensor, dequantized, readers)
     nodes = {node.name: node for node in graph.nodes}
     for name, params in layout.layer_pairs.items():
         node = nodes[name]
-        _, dequantized = _qdq_pair(graph, namer, tensors[plan.layers[name].layer.input], params, f"{name}.input")
+        _, dequantized = qdq_pair(graph, namer, tensors[plan.layers[name].layer.input], params, f"{name}.input")
         node.inputs[0] = dequantized
 
 
@@ -169,27 +165,6 @@ def _code(bound: float, params: ActQuantParams) -> int:
     return int(np.clip(code, params.qmin, params.qmax))
 
 
-def _qdq_pair(graph, namer: Namer, tensor: gs.Tensor, params: ActQuantParams, base: str,
-              code_range: tuple[int, int] | None = None):
-    """QuantizeLinear -> [Clip on the uint8 codes] -> DequantizeLinear; returns (Q node, DQ output)."""
-    dtype, shift = _ACT_TYPES[params.num_bits]
-    scale = constant(namer, f"{base}_scale", np.array(params.scale, np.float32))
-    zero_point = constant(namer, f"{base}_zero_point", np.array(params.offset + shift, dtype))
-    quantize = add_node(graph, namer, "QuantizeLinear", f"{base}_QuantizeLinear", [tensor, scale, zero_point],
-                        [f"{base}_quantized"])
-    codes = quantize.outputs[0]
-    codes.dtype = dtype
-    if code_range is not None:
-        low, high = (constant(namer, f"{base}_clip_{end}", np.array(code + shift, dtype))
-                     for end, code in zip(("min", "max"), code_range))
-        codes = add_node(graph, namer, "Clip", f"{base}_Clip", [codes, low, high], [f"{base}_clipped"]).outputs[0]
-        codes.dtype = dtype
-    dequantize = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
-                          [codes, scale, zero_point], [f"{base}_dequantized"])
-    dequantize.outputs[0].dtype = np.float32
-    return quantize, dequantize.outputs[0]
-
-
 def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: LayerPlan) -> None:
     """INT8 (or packed INT4) weight and INT32 bias initializers behind DequantizeLinear nodes."""
     if plan.weight_q is None:
@@ -201,34 +176,12 @@ def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: La
     else:
         axis = layer.channel_axis if plan.per_channel else None
         dtype = "int4" if plan.wts_bits == 4 else np.int8
-        node.inputs[1] = _dequantized_constant(graph, namer, plan.weight_q.astype(np.int8), plan.scale_w,
+        node.inputs[1] = dequantized_constant(graph, namer, plan.weight_q.astype(np.int8), plan.scale_w,
                                                dtype, axis, base)
     slot = bias_slot(nodes, layer)
     if slot is not None and plan.bias_q is not None:
         bias_node, index = slot
         axis = 0 if plan.per_channel else None
-        bias_node.inputs[index] = _dequantized_constant(graph, namer, plan.bias_q, plan.deq_scale, np.int32, axis,
+        bias_node.inputs[index] = dequantized_constant(graph, namer, plan.bias_q, plan.deq_scale, np.int32, axis,
                                                         bias_node.inputs[index].name)
     neutralize_gemm(node)
-
-
-def _dequantized_constant(graph, namer: Namer, codes: np.ndarray, scale: np.ndarray, dtype, axis: int | None,
-                          base: str) -> gs.Variable:
-    """``dtype`` "int4": packed INT4 codes and zero point (opset 21)."""
-    scale = np.asarray(scale, np.float32).reshape(-1)
-    if axis is None:
-        scale_values, zero = np.array(scale[0], np.float32), np.zeros((), np.int8)
-    else:
-        scale_values, zero = scale, np.zeros(scale.size, np.int8)
-    if isinstance(dtype, str):
-        stored = int4_constant(namer, f"{base}_quantized", codes)
-        zero_point = int4_constant(namer, f"{base}_zero_point", zero)
-    else:
-        stored = constant(namer, f"{base}_quantized", codes.astype(dtype))
-        zero_point = constant(namer, f"{base}_zero_point", zero.astype(dtype))
-    attrs = {} if axis is None else {"axis": int(axis)}
-    node = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
-                    [stored, constant(namer, f"{base}_scale", scale_values), zero_point],
-                    [f"{base}_dequantized"], **attrs)
-    node.outputs[0].dtype = np.float32
-    return node.outputs[0]
