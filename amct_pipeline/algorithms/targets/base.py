@@ -20,7 +20,7 @@ from ...quant.plan import QUANT_OPSET, LoweringPlan
 from ..base import LoweringContext, LoweringTarget
 
 __all__ = ["PlanTarget", "LoweringContext", "ACT_TYPES", "UINT8_SHIFT", "PRECISION_OPSET", "qdq_pair",
-           "dequantized_constant"]
+           "dequantized_constant", "fake_quantized_weight", "symmetric_factors"]
 
 UINT8_SHIFT = 128                             # uint8 zero point = int8-domain offset + 128
 PRECISION_OPSET = 21                          # INT4 and 16-bit QuantizeLinear / DequantizeLinear
@@ -106,20 +106,38 @@ def dequantized_constant(graph, namer: Namer, codes: np.ndarray, scale: np.ndarr
                          base: str) -> gs.Variable:
     """``codes`` as a ``dtype`` initializer behind a DequantizeLinear (zero point 0, per tensor or per
     ``axis``); ``dtype`` "int4": packed INT4 codes and zero point (opset 21)."""
+    stored = (int4_constant(namer, f"{base}_quantized", codes) if isinstance(dtype, str)
+              else constant(namer, f"{base}_quantized", codes.astype(dtype)))
+    return _dequantize(graph, namer, stored, *symmetric_factors(namer, scale, dtype, axis, base), axis, base)
+
+
+def fake_quantized_weight(graph, namer: Namer, weight: gs.Tensor, scale: np.ndarray, dtype, axis: int | None,
+                          base: str) -> gs.Variable:
+    """A float ``weight`` through QuantizeLinear -> DequantizeLinear sharing one scale and zero point
+    (a trainable weight); ``dtype`` as in :func:`dequantized_constant`."""
+    factors = symmetric_factors(namer, scale, dtype, axis, base)
+    attrs = {} if axis is None else {"axis": int(axis)}
+    codes = add_node(graph, namer, "QuantizeLinear", f"{base}_QuantizeLinear", [weight, *factors],
+                     [f"{base}_quantized"], **attrs).outputs[0]
+    return _dequantize(graph, namer, codes, *factors, axis, base)
+
+
+def symmetric_factors(namer: Namer, scale: np.ndarray, dtype, axis: int | None, base: str):
+    """(scale, zero point 0) initializers ``<base>_scale`` / ``<base>_zero_point`` of a symmetric quantizer."""
     scale = np.asarray(scale, np.float32).reshape(-1)
     if axis is None:
         scale_values, zero = np.array(scale[0], np.float32), np.zeros((), np.int8)
     else:
         scale_values, zero = scale, np.zeros(scale.size, np.int8)
-    if isinstance(dtype, str):
-        stored = int4_constant(namer, f"{base}_quantized", codes)
-        zero_point = int4_constant(namer, f"{base}_zero_point", zero)
-    else:
-        stored = constant(namer, f"{base}_quantized", codes.astype(dtype))
-        zero_point = constant(namer, f"{base}_zero_point", zero.astype(dtype))
+    zero_point = (int4_constant(namer, f"{base}_zero_point", zero) if isinstance(dtype, str)
+                  else constant(namer, f"{base}_zero_point", zero.astype(dtype)))
+    return constant(namer, f"{base}_scale", scale_values), zero_point
+
+
+def _dequantize(graph, namer: Namer, codes: gs.Tensor, scale: gs.Tensor, zero_point: gs.Tensor,
+                axis: int | None, base: str) -> gs.Variable:
     attrs = {} if axis is None else {"axis": int(axis)}
-    node = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
-                    [stored, constant(namer, f"{base}_scale", scale_values), zero_point],
+    node = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear", [codes, scale, zero_point],
                     [f"{base}_dequantized"], **attrs)
     node.outputs[0].dtype = np.float32
     return node.outputs[0]
