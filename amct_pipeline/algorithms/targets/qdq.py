@@ -35,7 +35,9 @@ Other precisions, per layer (opset 21 is then required and the model is upgraded
   layer in float (it has no integer Conv for INT4), so the file shrinks, not the compute.
 * INT16 activations: UINT16 QuantizeLinear / DequantizeLinear (zero point offset_d + 32768) on the
   layer's own input pair; onnxruntime has no 16-bit QLinearConv, so the layer runs in float on the
-  dequantized input (quantization is simulated exactly; no integer speed-up).
+  dequantized input (quantization is simulated exactly; no integer speed-up). The block-output
+  tensors around a 16-bit layer (its input class and its output) get no 8-bit pair: they would only
+  serve integer fusion, which cannot happen there, and would add 8-bit noise next to it.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ from ...ir.edit import Namer, constant, reroute
 from ...options import Options
 from ...quant.facts import FOLDABLE_ACTIVATIONS, QdqLayout, activation_bounds, plan_layout, resolve_layout
 from ...quant.params import ActQuantParams
-from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, with_input_factors
+from ...quant.plan import (LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, output_node,
+                           with_input_factors)
 from .base import ACT_TYPES, PRECISION_OPSET, PlanTarget, dequantized_constant, qdq_pair
 
 __all__ = ["QdqTarget", "QdqOptions"]
@@ -102,7 +105,10 @@ class QdqTarget(PlanTarget):
             structure.concats = []
             return resolve_layout(graph, structure, act, {})
         wanted = structure.wanted()
-        found = {name: normalized_act(ctx.tensor_quant[name], name) for name in wanted if name in ctx.tensor_quant}
+        wide = _wide_neighbourhood(graph, plan)
+        wide |= {structure.sources[t].name for t in wide if t in structure.sources}     # their classes' sources
+        found = {name: normalized_act(ctx.tensor_quant[name], name) for name in wanted
+                 if name in ctx.tensor_quant and name not in wide}
         if len(found) < len(wanted):
             ctx.logger.info("qdq: %d layer/Add/pooling/Concat outputs have no factors and stay float (calibrate "
                             "with block_outputs: true for full integer fusion)", len(wanted) - len(found))
@@ -111,6 +117,24 @@ class QdqTarget(PlanTarget):
             ctx.logger.info("qdq: %d Concats stay float (their inputs' ranges differ too much to share one scale): "
                             "%s", len(layout.float_concats), ", ".join(layout.float_concats))
         return layout
+
+
+def _wide_neighbourhood(graph, plan: LoweringPlan) -> set[str]:
+    """Inputs and outputs (after a Relu/Clip) of 16-bit layers. Their 8-bit block-output factors exist
+    only so onnxruntime fuses integer kernels, which it has none of for 16-bit layers; quantizing them
+    would put 8-bit noise around a layer the user asked to keep at 16 bits, so they stay float."""
+    nodes = {node.name: node for node in graph.nodes}
+    names: set[str] = set()
+    for layer_plan in plan.layers.values():
+        if layer_plan.act.num_bits == 8:
+            continue
+        names.add(layer_plan.layer.input)
+        out = output_node(nodes, layer_plan.layer).outputs[0]
+        names.add(out.name)
+        while len(out.outputs) == 1 and out.outputs[0].op in FOLDABLE_ACTIVATIONS:
+            out = out.outputs[0].outputs[0]
+            names.add(out.name)
+    return names
 
 
 # -- emitting -------------------------------------------------------------------------------------
