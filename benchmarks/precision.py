@@ -33,8 +33,8 @@ INT16_TYPES = ("Conv", "ConvTranspose", "Gemm")          # SPEC 6.1
 CONFIGS = {                                             # label -> match_layers precision
     "W8A8": {},
     "W4A8 (ARQ round to nearest)": {t: {"wts": 4} for t in WEIGHTED},
-    "W8A16": {t: {"act": 16} for t in INT16_TYPES},
-    "W4A16": {t: {"act": 16, "wts": 4} for t in INT16_TYPES},
+    "W8A16": {t: {"act": 16} for t in INT16_TYPES},                                       # MatMul stays A8
+    "W4A16": {**{t: {"act": 16, "wts": 4} for t in INT16_TYPES}, "MatMul": {"wts": 4}},   # MatMul: A8 (SPEC 6.1)
 }
 
 

@@ -13,13 +13,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ...errors import ConfigError, Problem
 from ...ir.edit import Namer, add_node, constant, ensure_opset, int4_constant
 from ...quant.fakequant import constant_factors, emit_antiquant, emit_fake_quant
 from ...quant.params import ActQuantParams
 from ...quant.plan import QUANT_OPSET, LoweringPlan
 from ..base import LoweringContext, LoweringTarget
 
-__all__ = ["PlanTarget", "LoweringContext", "ACT_TYPES", "UINT8_SHIFT", "PRECISION_OPSET", "qdq_pair",
+__all__ = ["PlanTarget", "LoweringContext", "ACT_TYPES", "UINT8_SHIFT", "PRECISION_OPSET", "check_activation_bits",
+           "qdq_pair",
            "dequantized_constant", "fake_quantized_weight", "symmetric_factors"]
 
 UINT8_SHIFT = 128                             # uint8 zero point = int8-domain offset + 128
@@ -37,13 +39,18 @@ class PlanTarget(LoweringTarget):
 
     suffix: ClassVar[str]
     min_opset: ClassVar[int | None] = QUANT_OPSET
+    precision_opset: ClassVar[int | None] = None     # needed instead when a layer has INT16 activations / INT4 weights
 
     def check_plan(self, plan: LoweringPlan) -> None:
         """Refuse, with a ConfigError naming the layer and the target, a precision this target cannot
         hold. ``lower`` calls it for every target before any is lowered or written. Default: anything."""
 
     def opset(self, plan: LoweringPlan) -> int | None:
-        """The default-domain opset the output needs for ``plan`` (``min_opset`` unless a precision needs more)."""
+        """The default-domain opset the output needs for ``plan``: ``min_opset``, or ``precision_opset``
+        when some layer has INT16 activations or INT4 weights."""
+        wide = any(p.act.num_bits != 8 or (p.weight_q is not None and p.wts_bits == 4) for p in plan.layers.values())
+        if wide and self.precision_opset is not None:
+            return max(self.min_opset or 0, self.precision_opset)
         return self.min_opset
 
     def lower(self, graph, ctx: LoweringContext) -> onnx.ModelProto:
@@ -79,6 +86,15 @@ class PlanTarget(LoweringTarget):
 
 
 # -- QuantizeLinear / DequantizeLinear pieces the QDQ-style targets share ----------------------------
+def check_activation_bits(plan: LoweringPlan, target: str) -> None:
+    """Every layer's activations fit a QuantizeLinear type of :data:`ACT_TYPES` (8 or 16 bits)."""
+    for name, layer_plan in plan.layers.items():
+        if layer_plan.act.num_bits not in ACT_TYPES:
+            raise ConfigError([Problem(f"target '{target}'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
+                                       "activations cannot be expressed as a QuantizeLinear",
+                                       "use 8- or 16-bit activations for this layer")])
+
+
 def qdq_pair(graph, namer: Namer, tensor: gs.Tensor, params: ActQuantParams, base: str,
              code_range: tuple[int, int] | None = None):
     """QuantizeLinear -> [Clip on the codes] -> DequantizeLinear with uint8 (uint16 for 16-bit) codes whose

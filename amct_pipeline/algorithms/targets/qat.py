@@ -30,7 +30,7 @@ from ...errors import ConfigError, Problem
 from ...ir.edit import Namer, constant, replace_constant_input
 from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, neutralize_gemm
 from ...quant.weights import effective_bias, effective_weight, quantize_with_scale
-from .base import ACT_TYPES, PRECISION_OPSET, PlanTarget, fake_quantized_weight, qdq_pair
+from .base import PRECISION_OPSET, PlanTarget, check_activation_bits, fake_quantized_weight, qdq_pair
 
 __all__ = ["QatTarget"]
 
@@ -40,20 +40,15 @@ class QatTarget(PlanTarget):
     summary = ("Trainable QAT model: float weights and biases, QuantizeLinear/DequantizeLinear pairs on every layer "
                "input and weight with the factors as initializers; convert_qat turns it back.")
     suffix = "qat_model"
+    precision_opset = PRECISION_OPSET
 
     def check_plan(self, plan: LoweringPlan) -> None:
+        check_activation_bits(plan, self.name)
         for name, layer_plan in plan.layers.items():
             layer = layer_plan.layer
-            if layer_plan.act.num_bits not in ACT_TYPES:
-                raise _problem(name, f"{layer_plan.act.num_bits}-bit activations cannot be expressed as a "
-                                     "QuantizeLinear", "use 8- or 16-bit activations for this layer")
             if layer_plan.per_channel and layer.op_type == "ConvTranspose" and layer.group > 1:
                 raise _problem(name, "a grouped ConvTranspose with per-channel weights has no single "
                                      "QuantizeLinear axis", "quantize its weights per tensor (channel_wise: false)")
-
-    def opset(self, plan: LoweringPlan) -> int | None:
-        wide = any(p.act.num_bits != 8 or (p.weight_q is not None and p.wts_bits == 4) for p in plan.layers.values())
-        return max(self.min_opset, PRECISION_OPSET) if wide else self.min_opset
 
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
         self.check_plan(plan)

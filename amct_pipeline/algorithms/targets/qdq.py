@@ -45,14 +45,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from pydantic import Field
 
-from ...errors import ConfigError, Problem
 from ...ir.edit import Namer, constant, reroute
 from ...options import Options
 from ...quant.facts import FOLDABLE_ACTIVATIONS, QdqLayout, activation_bounds, plan_layout, resolve_layout
 from ...quant.params import ActQuantParams
 from ...quant.plan import (LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, output_node,
                            with_input_factors)
-from .base import ACT_TYPES, PRECISION_OPSET, PlanTarget, dequantized_constant, qdq_pair
+from .base import PRECISION_OPSET, PlanTarget, check_activation_bits, dequantized_constant, qdq_pair
 
 __all__ = ["QdqTarget", "QdqOptions"]
 
@@ -71,17 +70,10 @@ class QdqTarget(PlanTarget):
                "for onnxruntime.")
     suffix = "qdq_model"
     Options = QdqOptions
+    precision_opset = PRECISION_OPSET
 
     def check_plan(self, plan: LoweringPlan) -> None:
-        for name, layer_plan in plan.layers.items():
-            if layer_plan.act.num_bits not in ACT_TYPES:
-                raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
-                                           "activations cannot be expressed as a QuantizeLinear",
-                                           "use 8- or 16-bit activations for this layer")])
-
-    def opset(self, plan: LoweringPlan) -> int | None:
-        wide = any(p.act.num_bits != 8 or (p.weight_q is not None and p.wts_bits == 4) for p in plan.layers.values())
-        return max(self.min_opset, PRECISION_OPSET) if wide else self.min_opset
+        check_activation_bits(plan, self.name)
 
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
         self.check_plan(plan)
