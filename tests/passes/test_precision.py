@@ -267,3 +267,27 @@ def test_int16_layers_keep_their_neighbourhood_out_of_8_bit_block_outputs(sessio
     # which computes with less precise activations; measured, not hidden
     (optimized,) = run_ort(low["qdq"], x)
     assert sqnr(reference, fake) - 2 <= sqnr(reference, optimized) <= sqnr(reference, fake) + 0.05
+
+
+def test_packed_int4_initializers_stay_packed_in_external_data(tmp_path):
+    import onnx_graphsurgeon as gs
+    from amct_pipeline.ascend.packing import unpack_int4
+    from amct_pipeline.ir.edit import Namer, int4_constant
+    from amct_pipeline.ir.graph import Graph
+    from amct_pipeline.ir.io import read_model, write_model
+    codes = np.random.default_rng(0).integers(-8, 8, (299, 301)).astype(np.int8)     # odd count: a pad nibble
+    graph = Graph.from_proto(helper.make_model(helper.make_graph([], "g", [], []),
+                                              opset_imports=[helper.make_opsetid("", 21)]))
+    x, y, w_float = gs.Variable("x", np.float32, (2, 299)), gs.Variable("y", np.float32, (2, 301)), gs.Variable("wf")
+    weight = int4_constant(Namer(graph), "w", codes)
+    graph.gs.nodes += [gs.Node("DequantizeLinear", inputs=[weight, gs.Constant("s", np.array(0.1, np.float32))],
+                               outputs=[w_float]), gs.Node("MatMul", inputs=[x, w_float], outputs=[y])]
+    graph.gs.inputs, graph.gs.outputs = [x], [y]
+    files = write_model(graph, tmp_path / "m.onnx", external=True)
+    assert files[1].stat().st_size == (codes.size + 1) // 2          # packed; the scale stays inline
+    model = read_model(tmp_path / "m.onnx")
+    onnx.load_external_data_for_model(model, str(tmp_path))
+    stored = next(t for t in model.graph.initializer if t.name == "w")
+    np.testing.assert_array_equal(unpack_int4(stored.raw_data, codes.shape), codes)
+    (got,) = run_ort(onnx.load(str(tmp_path / "m.onnx")), np.ones((2, 299), np.float32))
+    np.testing.assert_allclose(got, np.ones((2, 299)) @ (codes * np.float32(0.1)), rtol=1e-5, atol=1e-3)
