@@ -1,8 +1,12 @@
 """decompose: replace Conv layers by chains of cheaper child convs (SPEC 7), data-free or data-aware.
 
 Methods are registered algorithms (``spatial_svd``, ``tucker2``, ``cp``; plugins may add more). The
-pass chooses layers (eligibility rules, include/exclude, every refusal reported with its reason),
-ranks (explicit per layer, a global FLOPs/params target, or the method's rule), then rewrites:
+pass chooses layers (eligibility rules, ``min_in_channels``, include/exclude, every refusal reported
+with its reason; a run that decomposes nothing warns with the reason counts), ranks (explicit per
+layer, the method's rule, or a global FLOPs/params target shared out by sensitivity: each layer's
+relative output error at a few candidate ranks, under its input channel covariance when there is
+data, against the cost it saves, allocated greedily by ``planning.allocate``; a rank that would
+grow a layer is never a candidate), then rewrites:
 
 * data-free: the children come from the weights alone;
 * data-aware: with a calibration dataset, layers are decomposed one after the other; each uses the
