@@ -91,8 +91,9 @@ class DecomposeOptions(Options):
                                                          "'{model}_decompose_report.json').")
     plot: Optional[str] = Field(None, description="Write a PNG of output SQNR vs FLOPs kept, sweeping "
                                                   "plot_targets (needs dataset and matplotlib).")
-    plot_targets: list[float] = Field(default_factory=lambda: [0.15, 0.25, 0.4, 0.6, 0.8],
-                                      description="Targets the plot sweeps (besides the chosen point).")
+    plot_targets: list[float] = Field(default_factory=lambda: [0.15, 0.25, 0.4, 0.6, 0.8], max_length=16,
+                                      description="Targets the plot sweeps (besides the chosen point; each "
+                                                  "costs one more decomposition and evaluation).")
 
     @field_validator("target")
     @classmethod
