@@ -180,9 +180,9 @@ class LoadRecordPass(Pass):
             weight_quant[name] = quantize_with_scale(effective_weight(graph, layer), scale_w, layer, bits)
             settings.setdefault(name, {})["wts"] = {"algo": "arq", "num_bits": bits, "channel_wise": scale_w.size > 1}
         ctx.artifacts["act_quant"], ctx.artifacts["weight_quant"] = act_quant, weight_quant
-        return PassResult(bool(factors), {"layers": len(record), "tensors": len(tensors),
-                                          "unlisted": len(layer_map) - len(record), "balanced": len(factors),
-                                          "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)})
+        stats = {"layers": len(record), "tensors": len(tensors), "unlisted": len(layer_map) - len(record),
+                 "per_channel": sum(1 for p in weight_quant.values() if p.scale.size > 1)}
+        return PassResult(bool(factors), {**stats, "balanced": len(factors)} if factors else stats)
 
     def _check_names(self, record, layer_map, source: str) -> None:
         for name in record:

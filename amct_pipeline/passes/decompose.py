@@ -1,8 +1,12 @@
 """decompose: replace Conv layers by chains of cheaper child convs (SPEC 7), data-free or data-aware.
 
 Methods are registered algorithms (``spatial_svd``, ``tucker2``, ``cp``; plugins may add more). The
-pass chooses layers (eligibility rules, include/exclude, every refusal reported with its reason),
-ranks (explicit per layer, a global FLOPs/params target, or the method's rule), then rewrites:
+pass chooses layers (eligibility rules, ``min_in_channels``, include/exclude, every refusal reported
+with its reason; a run that decomposes nothing warns with the reason counts), ranks (explicit per
+layer, the method's rule, or a global FLOPs/params target shared out by sensitivity: each layer's
+relative output error at a few candidate ranks, under its input channel covariance when there is
+data, against the cost it saves, allocated greedily by ``planning.allocate``; a rank that would
+grow a layer is never a candidate), then rewrites:
 
 * data-free: the children come from the weights alone;
 * data-aware: with a calibration dataset, layers are decomposed one after the other; each uses the
@@ -30,7 +34,8 @@ from pydantic import Field, field_validator, model_validator
 from ..algorithms.decomposition import info as info_file
 from ..algorithms.decomposition.convs import bias_of, conv_layer, replace_conv, spatial_shapes, weight_of
 from ..algorithms.decomposition.layer import ChildSpec, ConvLayer, Rank, compose_kernels, relative_error
-from ..algorithms.decomposition.planning import allocate, cost_of, eligibility_problem
+from ..algorithms.decomposition.planning import (Candidate, allocate, cost_of, eligibility_problem, layer_costs,
+                                                 shrinking_ranks)
 from ..algorithms.decomposition.sampling import CalibrationData, sqnr_db
 from ..algorithms.decomposition.stats import (CovarianceAccumulator, LeastSquaresRefit, gather_patches,
                                               sample_positions)
@@ -59,11 +64,19 @@ class DecomposeOptions(Options):
     ranks: dict[str, Union[int, list[int]]] = Field(
         default_factory=dict, description="Per-layer rank: spatial_svd/cp an int, tucker2 [rank_in, rank_out] "
                                           "(an int sets both). Named layers are decomposed.")
-    target: Optional[float] = Field(None, description="Fraction (0, 1] of the decomposed layers' FLOPs (or "
-                                                      "params) to keep, met across layers; default: method rule.")
+    target: Optional[float] = Field(None, description="Fraction (0, 1] of the FLOPs (or params) of the layers "
+                                                      "considered to keep, shared out by sensitivity (each layer's "
+                                                      "output error against the cost it saves; layers may stay "
+                                                      "whole); default: method rule.")
     target_metric: Literal["flops", "params"] = Field("flops", description="What target counts.")
     require_reduction: bool = Field(True, description="Leave a layer alone when its rank (from the rule) "
                                                       "would not reduce FLOPs (params when sizes are unknown).")
+    min_in_channels: int = Field(8, ge=1, le=4096, description="Leave layers reading fewer input channels alone "
+                                                               "(an image model's first conv): little to save, "
+                                                               "much accuracy to lose. 1: no such rule.")
+    sensitivity_ranks: int = Field(12, ge=2, le=64, description="Candidate ranks per layer whose output error "
+                                                                "the target allocation measures (each costs one "
+                                                                "decomposition of the layer).")
     data_aware: bool = Field(False, description="Minimise each layer's response error on 'dataset' (input "
                                                 "whitening + least-squares refit of the last child).")
     dataset: Optional[str] = Field(None, description="Calibration dataset: needed by data_aware and plot; "
@@ -78,8 +91,9 @@ class DecomposeOptions(Options):
                                                          "'{model}_decompose_report.json').")
     plot: Optional[str] = Field(None, description="Write a PNG of output SQNR vs FLOPs kept, sweeping "
                                                   "plot_targets (needs dataset and matplotlib).")
-    plot_targets: list[float] = Field(default_factory=lambda: [0.15, 0.25, 0.4, 0.6, 0.8],
-                                      description="Targets the plot sweeps (besides the chosen point).")
+    plot_targets: list[float] = Field(default_factory=lambda: [0.15, 0.25, 0.4, 0.6, 0.8], max_length=16,
+                                      description="Targets the plot sweeps (besides the chosen point; each "
+                                                  "costs one more decomposition and evaluation).")
 
     @field_validator("target")
     @classmethod
@@ -145,8 +159,10 @@ class DecomposePass(Pass):
             require_matplotlib()
         method = ctx.session.make_algorithm("decompositions", opts.method, opts.method_options)
         original = graph.to_proto() if opts.plot else None
-        items, skipped = make_plan(graph, method, opts)
         data = self._data(graph, ctx) if opts.dataset else None
+        items, skipped = make_plan(graph, method, opts, data, seed=ctx.seed)
+        if not items:
+            warnings.warn(nothing_decomposed(skipped), UserWarning, stacklevel=2)
         report = decompose_graph(graph, items, method, opts, data, seed=ctx.seed)
         report.skipped = skipped
         result = Decomposition(self._info(method, items), report, {i.layer.name: list(i.names) for i in items})
@@ -206,7 +222,22 @@ def _check_names(opts: DecomposeOptions, convs: dict[str, Any], ops: dict[str, s
             raise _problem(path, f"'{name}' cannot be decomposed: {convs[name]}")
 
 
-def make_plan(graph, method, opts: DecomposeOptions) -> tuple[list[_Item], dict[str, str]]:
+def nothing_decomposed(skipped: dict[str, str]) -> str:
+    """The warning of a run that decomposed nothing: how many Conv layers were left alone, per reason."""
+    import re
+    if not skipped:
+        return "decompose: no layer was decomposed: the model has no Conv layer"
+    counts: dict[str, int] = {}
+    for reason in skipped.values():
+        kind = re.sub(r"\d+", "N", re.split(r": | \(", reason)[0])
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = "; ".join(f"{n} x {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"decompose: no layer was decomposed ({len(skipped)} Conv layer(s) left alone: {parts}); "
+            "see the rules, min_in_channels and target options")
+
+
+def make_plan(graph, method, opts: DecomposeOptions, data: Optional[CalibrationData] = None, *,
+              seed: int = 0) -> tuple[list[_Item], dict[str, str]]:
     """Layers with ranks and child structures, plus the reason for every Conv left alone."""
     shapes = spatial_shapes(graph)
     rules = opts.rules or method.preferred_rules
@@ -215,7 +246,7 @@ def make_plan(graph, method, opts: DecomposeOptions) -> tuple[list[_Item], dict[
     for node in graph.nodes:
         if node.op == "Conv":
             layer = conv_layer(node, shapes)
-            problem = layer if isinstance(layer, str) else eligibility_problem(layer, rules)
+            problem = layer if isinstance(layer, str) else eligibility_problem(layer, rules, opts.min_in_channels)
             convs[node.name], nodes[node.name] = problem or layer, node
     _check_names(opts, convs, {n.name: n.op for n in graph.nodes})
     wanted = set(opts.include) | set(opts.ranks)
@@ -223,7 +254,7 @@ def make_plan(graph, method, opts: DecomposeOptions) -> tuple[list[_Item], dict[
                for name, v in convs.items()
                if isinstance(v, str) or name in opts.exclude or (opts.include and name not in wanted)}
     layers = [v for name, v in convs.items() if name not in skipped]
-    ranks = _ranks(method, opts, layers, nodes, skipped)
+    ranks = _ranks(method, opts, layers, nodes, skipped, graph, data, seed)
     items = []
     for layer in layers:
         if layer.name in ranks:
@@ -232,7 +263,7 @@ def make_plan(graph, method, opts: DecomposeOptions) -> tuple[list[_Item], dict[
     return items, skipped
 
 
-def _ranks(method, opts, layers: list[ConvLayer], nodes, skipped: dict[str, str]) -> dict[str, Rank]:
+def _ranks(method, opts, layers: list[ConvLayer], nodes, skipped: dict[str, str], graph, data, seed) -> dict[str, Rank]:
     explicit: dict[str, Rank] = {}
     for layer in layers:
         if layer.name in opts.ranks:
@@ -243,12 +274,7 @@ def _ranks(method, opts, layers: list[ConvLayer], nodes, skipped: dict[str, str]
     free = [layer for layer in layers if layer.name not in explicit]
     chosen = dict(explicit)
     if opts.target is not None:
-        fixed = {layer.name: (layer, explicit[layer.name]) for layer in layers if layer.name in explicit}
-        try:
-            choices = allocate(method, free, fixed, opts.target, opts.target_metric)
-        except ValueError as exc:
-            raise _problem("target", str(exc)) from None
-        for name, choice in choices.items():
+        for name, choice in _allocate(method, opts, layers, explicit, nodes, skipped, graph, data, seed).items():
             if choice.rank is None:
                 skipped[name] = choice.reason
             else:
@@ -262,6 +288,73 @@ def _ranks(method, opts, layers: list[ConvLayer], nodes, skipped: dict[str, str]
         else:
             chosen[layer.name] = rank
     return chosen
+
+
+def _allocate(method, opts, layers: list[ConvLayer], explicit: dict[str, Rank], nodes, skipped, graph, data, seed):
+    """The target shared out by sensitivity: each free layer's output error at a few candidate ranks
+    (data-aware: under its input channel covariance on the calibration data), then the greedy
+    allocation of ``planning.allocate``."""
+    metric = opts.target_metric
+    try:
+        costs = {layer.name: layer_costs(method, layer, None, metric) for layer in layers}
+        fixed_spent = _total([layer_costs(method, layer, explicit[layer.name], metric)
+                              for layer in layers if layer.name in explicit], metric)
+        ranks = {layer.name: shrinking_ranks(method, layer, metric, opts.sensitivity_ranks)
+                 for layer in layers if layer.name not in explicit}
+    except ValueError as exc:
+        raise _problem("target_metric", str(exc)) from None
+    for name in [n for n, r in ranks.items() if not r]:
+        skipped[name] = f"no rank reduces its {metric}"
+        del ranks[name]
+    free = [layer for layer in layers if layer.name in ranks]
+    covs = _channel_covariances(graph, free, data, opts, seed) if data is not None else {}
+    curves = {layer.name: [Candidate(rank, cost, _output_error(method, layer, weight_of(nodes[layer.name]), rank,
+                                                               covs.get(layer.name), opts.data_aware))
+                           for rank, cost in ranks[layer.name]] for layer in free}
+    fixed_before = _total([costs[name] for name in explicit], metric)
+    try:
+        return allocate(curves, {name: costs[name] for name in curves}, fixed_before, fixed_spent, opts.target, metric)
+    except ValueError as exc:
+        raise _problem("target", str(exc)) from None
+
+
+def _total(vectors, metric: str) -> tuple[float, ...]:
+    width = 2 if metric == "flops" else 1
+    return tuple(map(sum, zip(*vectors))) if vectors else (0.0,) * width
+
+
+def _channel_covariances(graph, layers: list[ConvLayer], data: CalibrationData, opts, seed: int):
+    """Uncentred covariance [Cin, Cin] of each layer's input channels, from one run of the float model
+    (sampled positions; memory: one Cin x Cin matrix per layer)."""
+    names = {layer.name: graph.node(layer.name).inputs[0].name for layer in layers}
+    accs = {layer.name: CovarianceAccumulator(layer.cin) for layer in layers}
+    if not layers:
+        return {}
+    for batch, values in data.run(graph.to_proto(), list(dict.fromkeys(names.values()))):
+        for index, layer in enumerate(layers):
+            x = values[names[layer.name]]
+            image, row, col = _positions(seed, index, batch, 2, len(x), x.shape[2:], opts.samples_per_image)
+            accs[layer.name].add(x[image, :, row, col])
+    return {name: acc.covariance() for name, acc in accs.items()}
+
+
+def _output_error(method, layer: ConvLayer, weight: np.ndarray, rank: Rank, cov: Optional[np.ndarray],
+                  aware: bool) -> float:
+    """Relative output error E|W*x - Ŵ*x|² / E|W*x|² of the layer decomposed at ``rank``, with inputs of
+    channel covariance ``cov`` (kernel taps taken as uncorrelated; identity without data: the
+    relative weight error squared). Data-aware runs decompose with the same input whitening."""
+    children = method.structure(layer, rank)
+    first = children[0]
+    taps = first.kernel[0] * first.kernel[1]
+    first_cov = np.kron(cov, np.eye(taps)) if aware and cov is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        approx = compose_kernels(children, method.decompose(layer, weight, rank, input_cov=first_cov))
+    w = np.asarray(weight, np.float64).reshape(layer.cout, layer.cin, -1)
+    d = w - approx.reshape(w.shape)
+    c = np.eye(layer.cin) if cov is None else cov
+    signal = float(np.einsum("oit,ij,ojt->", w, c, w))
+    return float(np.einsum("oit,ij,ojt->", d, c, d)) / signal if signal > 0 else 0.0
 
 
 def _no_gain(method, layer: ConvLayer, rank: Rank) -> Optional[str]:
@@ -372,7 +465,7 @@ def _plot(ctx, opts: DecomposeOptions, method, original: onnx.ModelProto, data, 
         graph = Graph.from_proto(_copy(original), name=ctx.model_name)
         sweep = opts.model_copy(update={"target": target})
         try:
-            items, _ = make_plan(graph, method, sweep)
+            items, _ = make_plan(graph, method, sweep, data, seed=ctx.seed)
         except ConfigError:
             continue                       # e.g. explicit ranks above this target: no point there
         report = decompose_graph(graph, items, method, sweep, data, seed=ctx.seed)

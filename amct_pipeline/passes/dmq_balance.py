@@ -32,8 +32,10 @@ class DmqBalanceOptions(Options):
     dataset: str = Field("calib", description="Dataset whose batches measure the activation channel ranges.")
     migration_strength: float = Field(0.5, ge=0.2, le=0.8, description="AMCT's migration_strength a in "
                                       "f = max|X|^a / max|W|^(1-a): how much of the outliers moves into the weights.")
-    layers: Optional[list[str]] = Field(None, description="Layers to balance (default: every matched Conv, "
-                                                          "ConvTranspose, Gemm and MatMul layer).")
+    layers: Optional[list[str]] = Field(None, description="Layers to balance. Default: those an AMCT config gives "
+                                                          "dmq_balancer_param (with its strength) when it gives "
+                                                          "any, else every matched Conv, ConvTranspose, Gemm "
+                                                          "and MatMul layer.")
     record: Optional[str] = Field(
         None, description="Apply the tensor_balance_factor of this AMCT record (what quantize_preprocess's "
                           "calibration wrote) instead of measuring: no data is read.")
@@ -93,7 +95,8 @@ class DmqBalancePass(Pass):
     def _layers(self, layer_map) -> list:
         from ..quant.balance import balance_problem
         if self.options.layers is None:
-            return [layer for layer in layer_map.layers() if balance_problem(layer) is None]
+            configured = [layer for layer in layer_map.layers() if layer.options.get("dmq_balance")]
+            return configured or [layer for layer in layer_map.layers() if balance_problem(layer) is None]
         chosen = []
         for index, name in enumerate(dict.fromkeys(self.options.layers)):
             path = f"layers[{index}]"
@@ -129,9 +132,13 @@ class DmqBalancePass(Pass):
                                            "values in the calibration data; check the data and the float model")
                 peaks[layer.name] = np.maximum(peaks[layer.name], peak) if layer.name in peaks else peak
             del acts
-        strength = self.options.migration_strength
         return {layer.name: balance_factors(peaks[layer.name], weight_channel_max(layer, weights[layer.name]),
-                                            strength) for layer in layers}
+                                            self._strength(layer)) for layer in layers}
+
+    def _strength(self, layer) -> float:
+        """The AMCT config's dmq_balancer_param for the layer, else the pass's migration_strength."""
+        return float((layer.options.get("dmq_balance") or {}).get("migration_strength",
+                                                                  self.options.migration_strength))
 
     def _batch_num(self, ctx) -> int | None:
         if self.options.batch_num is not None:

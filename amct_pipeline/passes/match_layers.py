@@ -310,6 +310,8 @@ def amct_layer_options(layer_config) -> dict[str, Any]:
     wts = layer_config.wts
     if wts is not None:
         options["quantize_weights"] = {"channel_wise": wts["channel_wise"], "num_bits": wts["num_bits"]}
+    if layer_config.dmq_balancer is not None:     # applied by a dmq_balance pass
+        options["dmq_balance"] = {"migration_strength": layer_config.dmq_balancer}
     return options
 
 
@@ -331,8 +333,6 @@ def _warn_unsupported(config) -> None:
     unsupported = []
     if any(layer.wts and layer.wts.get("algo") == "ada" for layer in config.layers.values()):
         unsupported.append("wts_algo ada_quantize (ARQ is used)")
-    if any(layer.dmq_balancer is not None for layer in config.layers.values()):
-        unsupported.append("dmq_balancer")
     for key, present in (("tensor_quantize", config.tensor_quantize), ("joint_quant", config.joint_quant),
                          ("weight_offset", config.weight_offset), ("nuq_config", config.nuq)):
         if present:

@@ -133,7 +133,7 @@ def test_output_never_overwrites_the_input(demo_model):
 
 
 def test_run_prints_pass_reports_unless_quiet(demo_model, tmp_path):
-    loud = cli("run", "decompose{rules=basic}", "--model", demo_model, "-o", tmp_path / "a")
+    loud = cli("run", "decompose{rules=basic min_in_channels=1}", "--model", demo_model, "-o", tmp_path / "a")
     assert loud.returncode == 0, loud.stderr
     table = loud.stderr.split("decompose done in")[1]       # printed after the run, not from inside the pass
     assert "2 layer(s) decomposed" in table and "FLOPs before" in table

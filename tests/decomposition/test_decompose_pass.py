@@ -69,14 +69,22 @@ def test_target_is_met_across_layers(session, metric):
     model = conv_chain([{"cout": 16, "k": 3}, {"cout": 24, "k": 3, "stride": 2}, {"cout": 16, "k": 5}], cin=12)
     result = _run(session, model, method="tucker2", target=0.3, target_metric=metric, ranks={"conv0": [6, 8]})
     report = result.artifacts["decomposition"].report
-    assert len(report.layers) == 3 and report.layers[0].rank == (6, 8)
+    assert len(report.layers) >= 2 and report.layers[0].rank == (6, 8)
     key = "flops" if metric == "flops" else "params"
-    assert report.total(f"{key}_after") <= 0.3 * report.total(f"{key}_before")
-    assert report.total(f"{key}_after") >= 0.2 * report.total(f"{key}_before")     # the slack is spent
+    # the target bounds every layer considered: one the allocation keeps whole counts in full
+    whole = sum(_cost(model, name, key) for name in ("conv1", "conv2") if name in result.stats_for("decompose")["skipped"])
+    before, after = report.total(f"{key}_before") + whole, report.total(f"{key}_after") + whole
+    assert 0.2 * before <= after <= 0.3 * before        # met, and the slack is spent
     if metric == "flops":   # the pass's counts agree with shape inference on the written model
-        before, after = conv_flops(model), conv_flops(result.model)
-        assert sum(after.values()) == report.total("flops_after")
-        assert sum(before.values()) == report.total("flops_before")
+        assert sum(conv_flops(result.model).values()) == after
+        assert sum(conv_flops(model).values()) == before
+
+
+def _cost(model, name: str, key: str) -> int:
+    """A conv's SPEC 8.2 FLOPs or parameter count (weight and bias of conv_chain's naming)."""
+    if key == "flops":
+        return conv_flops(model)[name]
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name.startswith(f"{name}."))
 
 
 def test_data_aware_beats_data_free_on_held_out_data(session):
@@ -132,7 +140,7 @@ def test_info_file_and_reapplied_structure(session, tmp_path):
     src = tmp_path / "chain.onnx"
     onnx.save(model, str(src))
     result = session.build({"passes": [{"pass": "decompose", "options": {"method": "spatial_svd", "rules": "basic",
-                                                                          "target": 0.5}},
+                                                                          "ranks": {"conv0": 2, "conv2": 2}}},
                                        {"pass": "save", "options": {"filename": "{model}_dec.onnx"}}]}
                            ).run(str(src), output_dir=tmp_path / "out")
     assert sorted(p.name for p in result.files) == ["chain_dec.onnx", "chain_decompose_info.json"]

@@ -16,6 +16,14 @@ from decomp_helpers import conv_flops, sqnr, structure
 
 ROOT = Path(__file__).resolve().parents[2]
 SR_LAYERS = ["Conv_2", "Conv_4"]          # the two 3x3 middle convs: 93 % of the model's FLOPs
+TUCKER2_PIPELINE = ROOT / "pipelines" / "decompose_tucker2.yaml"
+TUCKER2_TARGET = 0.5                      # that pipeline's target
+
+
+def _top1(model, images, labels, count: int = 3000) -> float:
+    import onnxruntime as ort
+    run = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run
+    return float(np.mean([run(None, {"Input3": images[i:i + 1]})[0].argmax() == labels[i] for i in range(count)]))
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +74,20 @@ def test_mnist_accuracy_goal(session, mnist):
     report = result.artifacts["decomposition"].report
     assert report.layers[0].rank == (16,) and report.flops_reduction >= 1.5
 
-    def accuracy(model) -> float:
-        import onnxruntime as ort
-        run = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run
-        return float(np.mean([run(None, {"Input3": images[i:i + 1]})[0].argmax() == labels[i] for i in range(3000)]))
-
-    base, ours = accuracy(onnx.load(str(model_path))), accuracy(result.model)
+    base, ours = _top1(onnx.load(str(model_path)), images, labels), _top1(result.model, images, labels)
     assert base - ours <= 0.005, (base, ours)
 
 
 def test_cli_pipeline_writes_model_and_info_and_reapplies(session, mnist, tmp_path):
-    """pipelines/decompose_tucker2.yaml from the command line; the info file rebuilds the same graph."""
+    """pipelines/decompose_tucker2.yaml from the command line keeps mnist-8's top-1 within 0.5 points
+    (the benchmark's 9,900 evaluation images; on the first 3,000 alone it is 0.67); the info file
+    rebuilds the same graph."""
+    assert f"target: {TUCKER2_TARGET}" in TUCKER2_PIPELINE.read_text()
     model_path = shared_path("models/mnist-8.onnx")
     calib = tmp_path / "calib.npy"
     np.save(calib, mnist[0][-16:])
     out = tmp_path / "out"
-    pipeline = ROOT / "pipelines" / "decompose_tucker2.yaml"
-    done = subprocess.run([sys.executable, "-m", "amct_pipeline", "run", str(pipeline), "--model", str(model_path),
+    done = subprocess.run([sys.executable, "-m", "amct_pipeline", "run", str(TUCKER2_PIPELINE), "--model", str(model_path),
                            "--data", f"calib={calib}", "--output-dir", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -90,9 +95,12 @@ def test_cli_pipeline_writes_model_and_info_and_reapplies(session, mnist, tmp_pa
     assert "model output SQNR on 'calib' (16 samples)" in done.stderr          # the report table
     decomposed = onnx.load(str(out / "mnist-8_decomposed.onnx"))
     info = json.loads((out / "mnist-8_decompose_info.json").read_text())
-    assert sorted(info) == ["Convolution110", "Convolution28"]
-    flops_before = sum(conv_flops(onnx.load(str(model_path))).values())
-    assert sum(conv_flops(decomposed).values()) <= 0.4 * flops_before
+    assert sorted(info) == ["Convolution110"]        # Convolution28 reads 1 channel: left alone by default
+    before, after = conv_flops(onnx.load(str(model_path))), conv_flops(decomposed)
+    children = sum(v for name, v in after.items() if name not in before)
+    assert children <= TUCKER2_TARGET * before["Convolution110"]
+    original = onnx.load(str(model_path))
+    assert _top1(original, *mnist, count=9900) - _top1(decomposed, *mnist, count=9900) <= 0.005
     again = session.build({"passes": [{"pass": "apply_decomposition", "options": {
         "info_file": str(out / "mnist-8_decompose_info.json"), "init": "zeros"}}]}).run(model_path)
     assert structure(again.model) == structure(decomposed)

@@ -151,3 +151,34 @@ def test_bad_options_are_one_line_errors(session, tmp_path):
         {"pass": "match_layers"}, {"pass": "load_record", "options": {"path": str(record)}}]}
     with pytest.raises(AmctError, match="conv2.*tensor_balance_factor.*2 values.*16 input channels"):
         session.build(load).run(tmp_path / "m.onnx")
+
+
+def test_amct_config_dmq_balancer_param_selects_layers_and_strength(session, tmp_path):
+    """AMCT's per-layer dmq_balancer_param: those layers only, each with its own strength."""
+    import json
+
+    from amct_pipeline.amct.quant_config import create_quant_config
+    from amct_pipeline.quant.balance import balance_factors
+    config = create_quant_config([("conv1", "Conv"), ("conv2", "Conv")])
+    config["conv2"]["dmq_balancer_param"] = 0.3
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    model = tmp_path / "outliers.onnx"
+    onnx.save(outlier_model(), str(model))
+    data = tmp_path / "calib.npy"
+    np.save(data, _data())
+    pipeline = _pipeline({})
+    pipeline["passes"][0] = {"pass": "match_layers", "options": {"amct_config": str(path)}}
+    result = session.build(pipeline).run(model, datasets={"calib": str(data)})
+    factors = result.artifacts["balance_factors"]
+    assert list(factors) == ["conv2"]
+    x = _data()[:8]                  # the config's batch_num (1) batch of 8, as calibration counts them
+    a1 = run_model(_exposed(outlier_model(), "a1"), {"x": x})[1]
+    w2 = numpy_helper.to_array(next(i for i in outlier_model().graph.initializer if i.name == "w2"))
+    expected = balance_factors(np.abs(a1).max(axis=(0, 2, 3)), np.abs(w2).max(axis=(0, 2, 3)), 0.3)
+    np.testing.assert_allclose(factors["conv2"], expected, rtol=1e-5)
+
+
+def _exposed(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    from amct_pipeline.runtime.ort import expose_tensors
+    return expose_tensors(model, [name])

@@ -22,8 +22,7 @@ DATA_BOUNDED = {"batch_num", "num_batches", "max_batches", "max_samples", "sampl
                 "patience",             # refine_ranges: stops sooner, never later; factors is bounded
                 "num_quantized_bins",   # entropy: <= num_bins and (candidates x bins) <= MAX_SEARCH_WORK
                 "search_step"}          # ifmr: (end - start) / step <= MAX_SEARCH_CANDIDATES
-# left to the owner of passes/decompose.py: each plot target runs one more decomposition and evaluation
-KNOWN_UNBOUNDED = {("passes", "decompose", "plot_targets")}
+KNOWN_UNBOUNDED: set[tuple[str, str, str]] = set()
 
 
 def _bounded(field) -> bool:

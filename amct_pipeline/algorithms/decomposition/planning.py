@@ -6,18 +6,23 @@ from typing import Mapping, Optional, Sequence
 
 from .layer import ChildSpec, ConvLayer, Cost, Rank, chain_cost
 
-__all__ = ["RULES", "eligibility_problem", "Choice", "allocate", "cost_of", "macs_of"]
+__all__ = ["RULES", "eligibility_problem", "Choice", "Candidate", "allocate", "cost_of", "macs_of", "cost_counts",
+           "layer_costs", "shrinking_ranks"]
 
 RULES = ("basic", "amct")
 
 
-def eligibility_problem(layer: ConvLayer, rules: str) -> Optional[str]:
+def eligibility_problem(layer: ConvLayer, rules: str, min_in_channels: int = 1) -> Optional[str]:
     """Why the layer cannot be decomposed, or None.
 
     "basic" is the seed's rule (group 1, dilation 1, kernel_h = kernel_w > 2); "amct" adds AMCT's
     internal checks (SPEC 7): stride <= 2, k·min(Cin, Cout) >= 16, and k >= 7 or min(Cin, Cout) >= 64.
+    Under either, a layer reading fewer than ``min_in_channels`` channels is left alone: a low rank
+    there saves little (the first conv of an image model) and costs much accuracy.
     """
     kh, kw = layer.kernel
+    if layer.cin < min_in_channels:
+        return f"input has {layer.cin} channel(s) (< min_in_channels {min_in_channels})"
     if layer.group != 1:
         return f"group={layer.group}: only group-1 convs are decomposed"
     if layer.dilation != (1, 1):
@@ -67,91 +72,116 @@ class Choice:
     reason: str = ""
 
 
-def allocate(method, free: Sequence[ConvLayer], fixed: Mapping[str, tuple[ConvLayer, Rank]], keep: float,
+@dataclass(frozen=True)
+class Candidate:
+    """One way to decompose a layer: its rank, its cost by every count, its relative output error."""
+
+    rank: Rank
+    costs: tuple[float, ...]
+    error: float
+
+
+def cost_counts(metric: str) -> tuple[str, ...]:
+    """The counts a target bounds: FLOPs both as SPEC 8.2 counts them and as multiply-accumulates
+    (they differ by the additions, so either count stays within the target), or params."""
+    return ("flops", "macs") if metric == "flops" else (metric,)
+
+
+def layer_costs(method, layer: ConvLayer, rank: Optional[Rank], metric: str) -> tuple[float, ...]:
+    return tuple(_metric(method, layer, rank, count) for count in cost_counts(metric))
+
+
+def shrinking_ranks(method, layer: ConvLayer, metric: str, limit: int) -> list[tuple[Rank, tuple[float, ...]]]:
+    """At most ``limit`` candidate ranks that make the layer cheaper by every count (never one that
+    grows it), spread evenly over the cost range, cheapest first."""
+    before = layer_costs(method, layer, None, metric)
+    ranks = [(rank, layer_costs(method, layer, rank, metric)) for rank in method.candidate_ranks(layer)]
+    ranks = sorted((r for r in ranks if all(c < b for c, b in zip(r[1], before))), key=lambda r: r[1])
+    if len(ranks) <= limit:
+        return ranks
+    picks = sorted({round(i * (len(ranks) - 1) / (limit - 1)) for i in range(limit)})
+    return [ranks[i] for i in picks]
+
+
+def allocate(curves: Mapping[str, Sequence[Candidate]], before: Mapping[str, tuple[float, ...]],
+             fixed_before: tuple[float, ...], fixed_spent: tuple[float, ...], keep: float,
              metric: str) -> dict[str, Choice]:
-    """Ranks for ``free`` layers so that all decomposed layers keep at most ``keep`` of ``metric``.
+    """Share a global target out by sensitivity: which layers to decompose and at which rank.
 
-    The target is a bound: the layers actually decomposed (free and fixed ones, not those left alone)
-    keep at most ``keep`` of their ``metric`` -- for FLOPs both as SPEC 8.2 counts them and as
-    multiply-accumulates, which differ by the additions, so either count stays within the target.
-    Each free layer first gets the largest rank within its own share (the budget left after the
-    fixed ranks, spread evenly); the rounding slack then goes, a step at a time, to the most costly
-    layers while the total stays within budget. Layers that cannot fit are left alone.
+    The bound: every layer considered (free ones, left whole or not, plus those with explicit ranks)
+    keeps at most ``keep`` of its total cost, by every count. Greedy on the error/cost trade-off:
+    starting from all layers whole, repeatedly take the move (a layer to any cheaper candidate)
+    that adds the least relative output error per unit of cost saved, until the bound holds; then
+    spend the slack, taking back the moves that lower the error most while the bound still holds.
+    The error of a model is taken as the sum of its layers' relative output errors (noise powers
+    add). A layer no move reaches stays whole.
     """
-    counts = ("flops", "macs") if metric == "flops" else (metric,)
+    total_before = _add(_sum(before.values(), len(fixed_before)), fixed_before)
+    budget = tuple(keep * t - s for t, s in zip(total_before, fixed_spent))
+    state: dict[str, Optional[int]] = {name: None for name in curves}       # None: the layer stays whole
 
-    def cost(layer: ConvLayer, rank: Optional[Rank]) -> tuple[float, ...]:
-        return tuple(_metric(method, layer, rank, c) for c in counts)
+    def point(name: str, index: Optional[int]) -> tuple[tuple[float, ...], float]:
+        return (before[name], 0.0) if index is None else (curves[name][index].costs, curves[name][index].error)
 
-    before = {layer.name: cost(layer, None) for layer in free}
-    fixed_before = _sum(cost(layer, None) for layer, _ in fixed.values())
-    spent = _sum(cost(layer, rank) for layer, rank in fixed.values())
-    free_before = _sum(before.values()) if before else (0.0,) * len(counts)
-    budget = tuple(keep * (f + x) for f, x in zip(free_before, fixed_before))
-    share = min((b - s) / f for b, s, f in zip(budget, spent, free_before)) if before else 0.0
-    if free and share <= 0:
-        raise ValueError(f"the explicit ranks alone keep {spent[0] / budget[0] * keep:.3f} of the {metric} "
-                         f"of the decomposed layers, more than the target {keep:g}")
-    candidates = {layer.name: method.candidate_ranks(layer) for layer in free}
-    index: dict[str, int] = {}
-    for layer in free:
-        fits = [i for i, r in enumerate(candidates[layer.name])
-                if all(c <= share * b for c, b in zip(cost(layer, r), before[layer.name]))]
-        if fits:
-            index[layer.name] = fits[-1]
-    # the bound is over the layers decomposed: those left alone take their share of the budget with them
-    kept = [layer for layer in free if layer.name in index]
-    budget = tuple(keep * (f + x) - s for f, x, s in
-                   zip(_sum(before[layer.name] for layer in kept) if kept else (0.0,) * len(counts), fixed_before, spent))
-    _fit_budget(kept, candidates, index, budget, cost)
-    _spend_slack(kept, candidates, index, budget, cost)
-    return {layer.name: Choice(candidates[layer.name][index[layer.name]]) if layer.name in index else
-            Choice(None, f"even the smallest rank keeps more than {share:.3f} of its {metric} (target {keep:g})")
-            for layer in free}
+    total = list(_sum(before.values(), len(fixed_before)))
+    while any(t > b for t, b in zip(total, budget)):
+        move = _cheapest_move(curves, state, point)
+        if move is None:
+            smallest = _sum([min((c.costs for c in curves[n]), default=before[n]) for n in curves], len(budget))
+            reached = (smallest[0] + fixed_spent[0]) / total_before[0] if total_before[0] else 1.0
+            raise ValueError(f"the target {keep:g} cannot be met: even the smallest ranks keep {reached:.3f} of "
+                             f"the {metric} of the layers considered; raise the target or lower explicit ranks")
+        name, index = move
+        total = [t - a + b for t, a, b in zip(total, point(name, state[name])[0], point(name, index)[0])]
+        state[name] = index
+    _spend_slack(curves, state, point, total, budget)
+    return {name: Choice(curves[name][index].rank) if index is not None else
+            Choice(None, "kept whole by the sensitivity allocation (its output error per FLOP saved is higher "
+                         f"than the other layers'; target {keep:g} met without it)")
+            for name, index in state.items()}
 
 
-def _sum(vectors) -> tuple[float, ...]:
-    vectors = list(vectors)
-    return tuple(map(sum, zip(*vectors))) if vectors else (0.0, 0.0)
-
-
-def _total(layers, candidates, index, cost) -> list[float]:
-    total = None
-    for layer in layers:
-        value = cost(layer, candidates[layer.name][index[layer.name]])
-        total = list(value) if total is None else [t + v for t, v in zip(total, value)]
-    return total or []
-
-
-def _fit_budget(layers, candidates, index, budget, cost) -> None:
-    """Lower ranks, costliest layers first, until every count is within budget (needed only when fixed
-    ranks took more than their share)."""
-    total = _total(layers, candidates, index, cost)
-    while total and any(t > b for t, b in zip(total, budget)):
-        lowerable = [layer for layer in layers if index[layer.name] > 0]
-        if not lowerable:
-            raise ValueError("the explicit ranks leave no room for the other layers within the target; "
-                             "lower the explicit ranks or raise the target")
-        layer = max(lowerable, key=lambda layer: cost(layer, candidates[layer.name][index[layer.name]])[0])
-        index[layer.name] -= 1
-        total = _total(layers, candidates, index, cost)
-
-
-def _spend_slack(layers, candidates, index, budget, cost) -> None:
-    """Raise ranks one step at a time, costliest layers first, while every count fits the budget."""
-    layers = sorted(layers, key=lambda layer: -cost(layer, None)[0])
-    total = _total(layers, candidates, index, cost)
-    grown = True
-    while grown and layers:
-        grown = False
-        for layer in layers:
-            i = index[layer.name]
-            if i + 1 >= len(candidates[layer.name]):
+def _cheapest_move(curves, state, point) -> Optional[tuple[str, int]]:
+    """(layer, candidate) adding the least error per unit of (first-count) cost saved."""
+    best, best_ratio = None, float("inf")
+    for name in sorted(curves):
+        cost, error = point(name, state[name])
+        for index, candidate in enumerate(curves[name]):
+            saved = cost[0] - candidate.costs[0]
+            if saved <= 0:
                 continue
-            now, nxt = cost(layer, candidates[layer.name][i]), cost(layer, candidates[layer.name][i + 1])
-            new = [t - a + b for t, a, b in zip(total, now, nxt)]
-            if all(n <= b for n, b in zip(new, budget)):
-                index[layer.name], total, grown = i + 1, new, True
+            ratio = max(candidate.error - error, 0.0) / saved
+            if ratio < best_ratio:
+                best, best_ratio = (name, index), ratio
+    return best
+
+
+def _spend_slack(curves, state, point, total: list[float], budget) -> None:
+    """While some layer can move to a costlier, more accurate point within budget, take the move
+    that lowers the error most (each step lowers the total error, so this ends; gains below 1e-9,
+    rounding noise, buy nothing)."""
+    for _ in range(10_000):
+        best, gain = None, 0.0
+        for name in sorted(curves):
+            cost, error = point(name, state[name])
+            for index in [None, *range(len(curves[name]))]:
+                new_cost, new_error = point(name, index)
+                after = [t - a + b for t, a, b in zip(total, cost, new_cost)]
+                if error - new_error > max(gain, 1e-9) and all(a <= b for a, b in zip(after, budget)):
+                    best, gain = (name, index, after), error - new_error
+        if best is None:
+            return
+        name, index, total[:] = best
+        state[name] = index
+
+
+def _sum(vectors, width: int) -> tuple[float, ...]:
+    vectors = list(vectors)
+    return tuple(map(sum, zip(*vectors))) if vectors else (0.0,) * width
+
+
+def _add(a, b) -> tuple[float, ...]:
+    return tuple(x + y for x, y in zip(a, b))
 
 
 def _metric(method, layer: ConvLayer, rank: Optional[Rank], metric: str) -> float:
