@@ -283,6 +283,10 @@ def cmd_validate(args) -> int:
         for name, target in python_datasets(pipeline):
             print(f"note: {source}: datasets.{name} uses the 'python' reader: running this pipeline imports "
                   f"'{target.partition(':')[0]}' and calls '{target}' (installed code, not data)")
+        from ..pipeline.usage import imported_code
+        for name, target in imported_code(pipeline):
+            print(f"note: {source}: pass '{name}' imports '{target.partition(':')[0]}' and runs '{target}' "
+                  "(installed code, not data)")
     return EXIT_ERROR if failed else 0
 
 
