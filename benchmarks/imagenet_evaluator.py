@@ -1,6 +1,6 @@
 """AMCT-style evaluator for the benchmarks: top-1 (percent) of MobileNetV2 on ImageNet dev images 100-249.
 
-    amct-pipeline run auto_calibrate --model mobilenetv2_fp32.onnx --data calib=calib.npy -o out \
+    amct-pipeline run auto_calibrate_int8 --model mobilenetv2_fp32.onnx --data calib=calib.npy -o out \
         --set passes.auto_calibrate.options.evaluator=imagenet_evaluator:Top1Evaluator   # PYTHONPATH=benchmarks
 
 ``metric_eval`` accepts a model at most ``AMCT_BENCH_TOP1_DROP`` points (default 0.5) below the float

@@ -181,7 +181,7 @@ def _parse(text: str):
 
 # -- auto calibration through the CLI --------------------------------------------------------------
 def _autocal_command(out: Path, calib_file: Path) -> list[str]:
-    return [sys.executable, "-m", "amct_pipeline", "run", "auto_calibrate", "--model", str(MODEL),
+    return [sys.executable, "-m", "amct_pipeline", "run", "auto_calibrate_int8", "--model", str(MODEL),
             "--data", f"calib={calib_file}", "-o", str(out), "-q",
             "--set", "passes.auto_calibrate.options.evaluator=imagenet_evaluator:Top1Evaluator"]
 

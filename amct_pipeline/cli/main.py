@@ -254,7 +254,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    """The shipped ``analyze`` pipeline (fuse_bn, match_layers, calibrate, quantize_weights, analyze)."""
+    """The shipped ``analyze_int8`` pipeline (fuse_bn, match_layers, calibrate, quantize_weights, analyze)."""
     overrides = []
     if args.max_samples is not None:
         overrides.append(f"passes.analyze.options.max_samples={args.max_samples}")
@@ -262,7 +262,7 @@ def cmd_analyze(args) -> int:
         overrides.append("passes.analyze.options.output_effects=false")
     if args.plot:
         overrides.append("passes.analyze.options.plot='{model}_sensitivity.png'")
-    args.pipeline, args.set = "analyze", overrides + list(args.set)
+    args.pipeline, args.set = "analyze_int8", overrides + list(args.set)
     args.no_verify, args.dump_ir, args.time_passes = False, None, False
     return cmd_run(args)
 
