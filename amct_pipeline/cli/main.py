@@ -267,7 +267,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    """The shipped ``analyze`` pipeline (fuse_bn, match_layers, calibrate, quantize_weights, analyze)."""
+    """The shipped ``analyze_int8`` pipeline (fuse_bn, match_layers, calibrate, quantize_weights, analyze)."""
     overrides = []
     if args.max_samples is not None:
         overrides.append(f"passes.analyze.options.max_samples={args.max_samples}")
@@ -275,7 +275,7 @@ def cmd_analyze(args) -> int:
         overrides.append("passes.analyze.options.output_effects=false")
     if args.plot:
         overrides.append("passes.analyze.options.plot='{model}_sensitivity.png'")
-    args.pipeline, args.set = "analyze", overrides + list(args.set)
+    args.pipeline, args.set = "analyze_int8", overrides + list(args.set)
     args.no_verify, args.dump_ir, args.time_passes = False, None, False
     return cmd_run(args)
 
@@ -296,6 +296,10 @@ def cmd_validate(args) -> int:
         for name, target in python_datasets(pipeline):
             print(f"note: {source}: datasets.{name} uses the 'python' reader: running this pipeline imports "
                   f"'{target.partition(':')[0]}' and calls '{target}' (installed code, not data)")
+        from ..pipeline.usage import imported_code
+        for name, target in imported_code(pipeline):
+            print(f"note: {source}: pass '{name}' imports '{target.partition(':')[0]}' and runs '{target}' "
+                  "(installed code, not data)")
     return EXIT_ERROR if failed else 0
 
 

@@ -30,8 +30,8 @@ class AnalyzeOptions(Options):
     num_batches: Optional[PositiveInt] = Field(None, description="Measure on at most this many batches (default: all).")
     output_effects: bool = Field(True, description="Also measure each layer's effect on the model output "
                                                    "(2 runs per layer on max_samples samples).")
-    max_samples: int = Field(32, ge=1, le=4096, description="Samples the output effects are measured on; time "
-                                                            "grows with layers x samples.")
+    max_samples: int = Field(16, ge=1, le=4096, description="Samples the output effects are measured on (the "
+                                                            "first ones); time grows with layers x samples.")
     output: Optional[str] = Field("{model}_sensitivity.json", description="JSON file written in the output "
                                                                           "directory (null: none).")
     plot: Optional[str] = Field(None, description="PNG of per-layer sensitivity beside cumulative bitops, e.g. "

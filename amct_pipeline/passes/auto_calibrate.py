@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..errors import ConfigError
 from ..options import Options
@@ -47,9 +47,19 @@ FILES = {"config": "accuracy_based_auto_calibration_final_config.json",
 
 
 class AutoCalibrateOptions(Options):
-    evaluator: Any = Field(..., description="'module:Class' of an installed module (the class is instantiated "
-                                            "without arguments) or, from Python, an evaluator object: AMCT's "
-                                            "AutoCalibrationEvaluatorBase (evaluate, metric_eval).")
+    evaluator: Any = Field(None, description="Required: 'module:Class' of an installed module (the class is "
+                                             "instantiated without arguments; importing it runs its code) or, from "
+                                             "Python, an evaluator object: AMCT's AutoCalibrationEvaluatorBase "
+                                             "(evaluate, metric_eval).")
+
+    @field_validator("evaluator")
+    @classmethod
+    def _evaluator_form(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            module, sep, attr = value.partition(":")
+            if not sep or not all(p.isidentifier() for p in module.split(".")) or not attr.isidentifier():
+                raise ValueError(f"expected 'package.module:Class', got {value!r}")
+        return value
     strategy: Literal["BinarySearch", "raise_precision"] = Field(
         "BinarySearch", description="BinarySearch: roll the most sensitive layers back to float (AMCT); "
                                     "raise_precision: raise their precision within bitops_budget.")
@@ -102,10 +112,11 @@ class AutoCalibratePass(Pass):
 def load_evaluator(spec: Any):
     """An evaluator object from ``module:Class`` (imported from the installed environment, the class
     called without arguments) or the object itself; one-line errors."""
+    if spec is None:
+        raise ConfigError(f"{WHERE}: no evaluator given; set options.evaluator to 'module:Class' (CLI: --set "
+                          "passes.auto_calibrate.options.evaluator=module:Class)")
     if isinstance(spec, str):
-        module, sep, attr = spec.partition(":")
-        if not sep or not all(p.isidentifier() for p in module.split(".")) or not attr.isidentifier():
-            raise ConfigError(f"{WHERE}: evaluator {spec!r}: expected 'package.module:Class'")
+        module, _, attr = spec.partition(":")
         try:
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:

@@ -5,8 +5,9 @@ Conv, Gemm, ConvTranspose; float for the other types) or *lowered* (INT4 weights
 guided by the sensitivity analysis (artifact ``sensitivity`` from ``analyze`` with output effects,
 else measured here): noise adds up roughly across layers, so a layer's own output noise (output
 SQNR with only it quantized) per bitop it would cost orders the raises, and the least noise per
-bitop saved orders the lowerings. Points are prefixes of both orders, evaluated exactly in one
-onnxruntime session whose per-layer precision is set by its inputs (``algorithms.sensitivity.
+bitop saved orders the lowerings. Points are prefixes of the raise order, greedy fills of it within
+bitops levels (1.05x-2x all-INT8, skipping layers that do not fit) and a few INT4 lowerings with such
+fills, without repeats, each evaluated exactly in one onnxruntime session whose per-layer precision is set by its inputs (``algorithms.sensitivity.
 SwitchModel``), at most ``max_evaluations`` of them, on the first ``max_samples`` samples.
 
 Writes ``<model>_mixed_precision.json`` (every point, the Pareto front, each point's per-layer
@@ -78,6 +79,11 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+def _active(config: dict) -> dict:
+    """The layers a configuration quantizes (float ones are left out: the switch model's default)."""
+    return {n: p for n, p in config.items() if p.act or p.wts}
+
+
 def _schedule(count: int, steps: int) -> list[int]:
     """About ``steps`` prefix lengths in 0 .. count, dense at the start (most benefit per bitop)."""
     if count <= 0 or steps <= 1:
@@ -137,27 +143,48 @@ def search(graph, ctx, opts: MixedPrecisionOptions) -> dict[str, Any]:
 
     raises = sorted(raise_to, key=lambda n: (-noise[n] / extra(n, raise_to[n]), n))
     lowers = sorted(lower_to, key=lambda n: (noise[n] / -min(-1, cost({n: lower_to[n]}) - cost({n: asked[n]})), n))
-    lower_steps = [0] + ([m for m in _schedule(len(lowers), 4) if m] if lowers else [])
-    raise_steps = _schedule(len(raises), max(2, opts.max_evaluations // len(lower_steps)))
-    plan = [(k, m) for m in lower_steps for k in raise_steps][: opts.max_evaluations]
+
+    def make(raised: list[str], lowered: list[str]) -> dict:
+        config = dict(asked)
+        config.update((n, lower_to[n]) for n in lowered if n not in raised)
+        config.update((n, raise_to[n]) for n in raised)
+        return config
+
+    def fill(budget: float, lowered: list[str]) -> list[str]:
+        """Raise in order while the bitops stay within ``budget`` x all-INT8 (skipping what does not fit)."""
+        config, raised = make([], lowered), []
+        for n in raises:
+            trial = dict(config, **{n: raise_to[n]})
+            if cost(_active(trial)) <= budget * reference_bitops:
+                config, raised = trial, raised + [n]
+        return raised
+
+    candidates = [make(raises[:k], []) for k in _schedule(len(raises), max(2, opts.max_evaluations // 2))]
+    levels = sorted({1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.5, 2.0} | ({opts.budget} if opts.budget else set()))
+    candidates += [make(fill(b, []), []) for b in levels]
+    for m in sorted({1, 3, max(1, len(lowers) // 8)} if lowers else set()):
+        lowered = lowers[:m]
+        candidates += [make([], lowered)] + [make(fill(b, lowered), lowered) for b in (1.0, opts.budget or 1.2)]
+    plan, seen = [], set()
+    for config in candidates:
+        key = tuple(sorted((n, p.text()) for n, p in config.items()))
+        if key not in seen:
+            seen.add(key)
+            plan.append(config)
+    plan = plan[: opts.max_evaluations]
 
     model = SwitchModel(graph, layers, {n: v for n, v in variants.items()})
     session = model.session()
     meter = OutputMeter(graph.to_proto(), subset_feeds(graph, source, opts.max_samples))
     points = []
     with progress_bar(ctx.progress, len(plan), "mixed_precision") as bar:
-        for k, m in plan:
-            config = dict(asked)
-            lowered = [n for n in lowers[:m] if n not in raises[:k]]
-            for n in lowered:
-                config[n] = lower_to[n]
-            for n in raises[:k]:
-                config[n] = raise_to[n]
-            measured = meter.measure(session, model.feed({n: p for n, p in config.items() if p.act or p.wts}))
+        for config in plan:
+            measured = meter.measure(session, model.feed(_active(config)))
             changes = {n: p.text() for n, p in config.items() if p != asked[n]}
-            points.append({"label": f"raise {k}, int4 {len(lowered)}", "raised": k, "lowered": len(lowered),
-                           "bitops": cost({n: p for n, p in config.items() if p.act or p.wts}), **measured,
-                           "precision": changes})
+            raised = sum(1 for n in changes if config[n] == raise_to.get(n))
+            lowered = len(changes) - raised
+            points.append({"label": f"raise {raised}, int4 {lowered}", "raised": raised, "lowered": lowered,
+                           "bitops": cost(_active(config)), **measured, "precision": changes})
             bar.update(1)
     front = pareto_front(points)
     result = {"model": ctx.model_name, "samples": meter.samples, "reference": "all layers A8W8",

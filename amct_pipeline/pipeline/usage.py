@@ -42,3 +42,10 @@ def python_datasets(pipeline: Any, bound: Iterable[str] = ()) -> list[tuple[str,
     bound = set(bound)
     return [(name, data.path or "") for name, data in pipeline.spec.datasets.items()
             if data.reader == "python" and name not in bound]
+
+
+def imported_code(pipeline: Any) -> list[tuple[str, str]]:
+    """(pass name, 'module:Class') for every option naming code a pass imports and runs (the
+    ``auto_calibrate`` evaluator), so ``validate`` can say so as it does for the ``python`` reader."""
+    return [(p.name, p.options.evaluator) for p in pipeline.passes
+            if isinstance(getattr(p.options, "evaluator", None), str)]

@@ -163,3 +163,23 @@ def test_variants_unused_layers_stay_float(session):
     layers = result.artifacts["layer_map"].layers()
     switch = SwitchModel(graph, layers, {layers[0].name: Variants({8: result.artifacts["act_quant"][layers[0].name]})})
     assert len(switch.inputs) == 1
+
+
+def test_analyze_command_writes_json_png_and_prints_the_table(tmp_path):
+    import subprocess
+    import sys
+    model, data = tmp_path / "demo.onnx", tmp_path / "calib.npy"
+    onnx.save(build_demo_model(), model)
+    np.save(data, build_demo_data(32, seed=1))
+    done = subprocess.run([sys.executable, "-m", "amct_pipeline", "--no-plugins", "analyze", "--model", str(model),
+                           "--data", f"calib={data}", "-o", str(tmp_path / "out"), "--plot", "--max-samples", "8"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "out" / "demo_sensitivity.json").read_text())
+    assert len(written["layers"]) == 3 and written["output_samples"] == 8
+    assert (tmp_path / "out" / "demo_sensitivity.png").is_file()
+    assert "| rank | layer |" in done.stderr and "total:" in done.stderr
+    bad = subprocess.run([sys.executable, "-m", "amct_pipeline", "--no-plugins", "analyze", "--model", str(model),
+                          "--data", f"calib={tmp_path / 'missing.npy'}", "-o", str(tmp_path / "o2")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "missing.npy" in bad.stderr
