@@ -49,11 +49,13 @@ ORT_METHODS = ["MinMax", "Entropy", "Percentile"]
 @dataclass(frozen=True)
 class Ours:
     """One of our variants: ``steps`` are the passes between ``match_layers`` and ``lower`` (the textual
-    form); ``PRESET`` runs the shipped ``ptq_int8`` pipeline as it is. ``quick``: also in --quick runs."""
+    form), ``before`` those between ``fuse_bn`` and ``match_layers``; ``@name`` runs a shipped pipeline
+    as it is. ``quick``: also in --quick runs."""
 
     label: str
     steps: str
     quick: bool = False
+    before: str = ""
 
     @property
     def slow(self) -> bool:
@@ -62,21 +64,28 @@ class Ours:
 
 PRESET = "@ptq_int8"
 BLOCKS = "block_outputs=true"           # the layer / Add / pooling / Concat outputs the QDQ layout quantizes
-# One line per variant.
+EQUALIZE = "equalize_channels{dataset=calib num_batches=2}"
+ARQ, BIAS = "quantize_weights{algorithm=arq}", "quantize_weights{algorithm=arq bias_correction=true batch_num=2}"
+Q65 = f"calibrate{{algorithm=sample_quantile algorithm_options={{quantile=0.65}} {BLOCKS}}}"
+# One line per variant; the "step" rows build the default one step at a time (README table).
 OUR_VARIANTS = [
     Ours("ours ptq_int8 (default)", PRESET, quick=True),
-    Ours("ours ptq_int8_accurate", "@ptq_int8_accurate", quick=True),
-    Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},quantize_weights{{algorithm=arq}}", quick=True),
-    Ours("ours hfmg", f"calibrate{{algorithm=hfmg {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours minmax", f"calibrate{{algorithm=minmax {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours percentile", f"calibrate{{algorithm=percentile {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours entropy", f"calibrate{{algorithm=entropy {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours mse", f"calibrate{{algorithm=mse {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
+    Ours("ours ptq_int8_amct (AMCT IFMR)", "@ptq_int8_amct", quick=True),
+    Ours("ours ptq_int8_accurate", "@ptq_int8_accurate"),
+    Ours("step: mean_minmax", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{ARQ}", quick=True),
+    Ours("step: sample_quantile 0.65", f"{Q65},{ARQ}", quick=True),
+    Ours("step: + equalize_channels", f"{Q65},{ARQ}", quick=True, before=EQUALIZE),
+    Ours("step: mean_minmax + equalize + bias correction", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{BIAS}",
+         before=EQUALIZE),
+    Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},{ARQ}"),
+    Ours("ours hfmg", f"calibrate{{algorithm=hfmg {BLOCKS}}},{ARQ}"),
+    Ours("ours minmax", f"calibrate{{algorithm=minmax {BLOCKS}}},{ARQ}"),
+    Ours("ours percentile", f"calibrate{{algorithm=percentile {BLOCKS}}},{ARQ}"),
+    Ours("ours entropy", f"calibrate{{algorithm=entropy {BLOCKS}}},{ARQ}"),
+    Ours("ours mse", f"calibrate{{algorithm=mse {BLOCKS}}},{ARQ}"),
     Ours("ours percentile 99.99", f"calibrate{{algorithm=percentile algorithm_options={{percentile=99.99}} {BLOCKS}}},"
-                                  "quantize_weights{algorithm=arq}", quick=True),
-    Ours("ours ifmr + refine", f"calibrate{{algorithm=ifmr {BLOCKS}}},quantize_weights{{algorithm=arq}},refine_ranges"),
-    Ours("ours percentile 99.99 + refine", f"calibrate{{algorithm=percentile algorithm_options={{percentile=99.99}} "
-                                           f"{BLOCKS}}},quantize_weights{{algorithm=arq}},refine_ranges"),
+                                  f"{ARQ}"),
+    Ours("ours ifmr + refine", f"calibrate{{algorithm=ifmr {BLOCKS}}},{ARQ},refine_ranges"),
 ]
 DEFAULT = OUR_VARIANTS[0].label
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -285,9 +294,15 @@ def median_times(sessions: dict, feed: dict, rounds: int) -> dict[str, float]:
 # variants: ours, ONNX Runtime's, NNCF's
 
 def our_pipeline(session, variant: Ours, lower: str = "lower{targets=[qdq,fakequant]}"):
-    if variant.steps == PRESET:
-        return session.build("ptq_int8", datasets=["calib"])
-    return session.build(f"fuse_bn,match_layers,{variant.steps},{lower}", datasets=["calib"])
+    return session.build(our_text(variant, lower), datasets=["calib"])
+
+
+def our_text(variant: Ours, lower: str = "lower{targets=[qdq,fakequant]}") -> str:
+    """The variant's pipeline text (a shipped pipeline's name for ``@name``)."""
+    if variant.steps.startswith("@"):
+        return variant.steps[1:]
+    before = f"{variant.before}," if variant.before else ""
+    return f"fuse_bn,{before}match_layers,{variant.steps},{lower}"
 
 
 def run_ours(case: Case, variant: Ours) -> dict:
@@ -578,10 +593,10 @@ def run_ours_calibration_only(case: Case, variant: Ours) -> None:
     import amct_pipeline as ap
     session = ap.Session(load_entrypoints=False)
     feeds = cycled_batches(case) if case.calib_count else batches(case.calib, case.batch, case.input_name)
-    if variant.steps == PRESET:
-        text = session.build("ptq_int8", datasets=["calib"]).text.split(",lower{")[0]
-    else:
-        text = f"fuse_bn,match_layers,{variant.steps}"
+    text = our_text(variant, "")
+    if variant.steps.startswith("@"):
+        text = session.build(text, datasets=["calib"]).text
+    text = text.split(",lower{")[0].rstrip(",")
     session.build(text, datasets=["calib"]).run(str(case.model), datasets={"calib": feeds})
 
 
