@@ -64,17 +64,17 @@ class Ours:
 
 PRESET = "@ptq_int8"
 BLOCKS = "block_outputs=true"           # the layer / Add / pooling / Concat outputs the QDQ layout quantizes
-EQUALIZE = "equalize_channels{dataset=calib num_batches=2}"
-ARQ, BIAS = "quantize_weights{algorithm=arq}", "quantize_weights{algorithm=arq bias_correction=true batch_num=2}"
-Q65 = f"calibrate{{algorithm=sample_quantile algorithm_options={{quantile=0.65}} {BLOCKS}}}"
+EQUALIZE = "equalize_channels{dataset=calib max_samples=16}"
+ARQ, BIAS = "quantize_weights{algorithm=arq}", "quantize_weights{algorithm=arq bias_correction=true max_samples=16}"
+Q70 = f"calibrate{{algorithm=sample_quantile algorithm_options={{quantile=0.7}} {BLOCKS}}}"
 # One line per variant; the "step" rows build the default one step at a time (README table).
 OUR_VARIANTS = [
     Ours("ours ptq_int8 (default)", PRESET, quick=True),
     Ours("ours ptq_int8_amct (AMCT IFMR)", "@ptq_int8_amct", quick=True),
     Ours("ours ptq_int8_accurate", "@ptq_int8_accurate"),
     Ours("step: mean_minmax", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{ARQ}", quick=True),
-    Ours("step: sample_quantile 0.65", f"{Q65},{ARQ}", quick=True),
-    Ours("step: + equalize_channels", f"{Q65},{ARQ}", quick=True, before=EQUALIZE),
+    Ours("step: sample_quantile 0.7", f"{Q70},{ARQ}", quick=True),
+    Ours("step: + equalize_channels", f"{Q70},{ARQ}", quick=True, before=EQUALIZE),
     Ours("step: mean_minmax + equalize + bias correction", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{BIAS}",
          before=EQUALIZE),
     Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},{ARQ}"),

@@ -50,6 +50,9 @@ class QuantizeWeightsOptions(Options):
                              "means too, but correcting that hurt MobileNetV2 with per-sample ranges: 20.4 -> 14.1 dB).")
     dataset: Optional[str] = Field(None, description="Dataset for bias_correction (default 'calib').")
     batch_num: Optional[PositiveInt] = Field(None, description="Batches bias_correction measures on (default: all).")
+    max_samples: Optional[PositiveInt] = Field(
+        None, le=1_000_000, description="bias_correction with a float input stops after the batch that reaches this "
+                                        "many samples (default: no limit).")
 
 
 class QuantizeWeightsPass(Pass):
@@ -124,10 +127,14 @@ class QuantizeWeightsPass(Pass):
             means.setdefault(layer.input, InputMeans(layer.op_type))
         layers = [layer for layer in layers if (means[layer.input].op_type == "Conv") == (layer.op_type == "Conv")]
         source = ctx.dataset(self.options.dataset or "calib")
+        samples, limit = 0, self.options.max_samples
         for got in collect(graph, source, list(means), self.options.batch_num, progress=ctx.progress,
                            desc="bias_correction"):
             for name, stats in means.items():
                 stats.add(got[name])
+            samples += len(got[next(iter(means))])
+            if limit is not None and samples >= limit:
+                break
         return linear_bias_shifts(graph, layers, weight_quant, means)
 
     # -- per-layer settings ---------------------------------------------------------------------

@@ -169,11 +169,12 @@ class InputMeans:
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x)
-        if self.op_type == "Conv":
-            part, count = x.sum(axis=0, dtype=np.float64), x.shape[0]
+        if self.op_type == "Conv":      # float32 sums within a batch (pairwise: accurate), float64 across
+            part, count = x.sum(axis=0), x.shape[0]
         else:
             rows = x.reshape(-1, x.shape[-1])
-            part, count = rows.sum(axis=0, dtype=np.float64), rows.shape[0]
+            part, count = rows.sum(axis=0), rows.shape[0]
+        part = part.astype(np.float64)
         self.sums = part if self.sums is None else self.sums + part
         self.count += count
 
@@ -183,14 +184,17 @@ def linear_input(graph, layer: QuantLayer) -> bool:
     MatMul with a 2-D weight)."""
     if layer.op_type not in LINEAR or layer.weight is None:
         return False
+    from ...quant.weights import weight_values
     node = graph.node(layer.name)
-    weight = graph.tensors().get(layer.weight)
-    rank = len(getattr(weight, "shape", None) or ())
+    weight = weight_values(graph, layer)            # as the layer reads it (through view ops)
+    rank = 0 if weight is None else np.ndim(weight)
+    if node.inputs[0].name != layer.input:
+        return False
     if layer.op_type == "Conv":
         return rank == 4 and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID")
     if layer.op_type == "Gemm":
         return not node.attrs.get("transA", 0)
-    return rank == 2 and node.inputs[1].name == layer.weight
+    return rank == 2
 
 
 def linear_bias_shifts(graph, layers: list[QuantLayer], weight_quant: Mapping[str, WeightQuantParams],
