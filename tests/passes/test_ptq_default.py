@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from amct_pipeline.testing import models
@@ -48,16 +49,19 @@ def test_ptq_int8_default_runs_the_new_steps_and_stays_close_to_float(session, t
     assert got["ptq_int8"][0] >= 30.0 and got["ptq_int8_amct"][0] >= 30.0
 
 
-def test_model_outputs_keep_their_whole_range(session):
-    """A conv output that reaches the graph output through data movement only is calibrated with its
-    whole range (minmax), every other block output with the pass's calibrator."""
+@pytest.mark.parametrize("tail", ["Flatten", "Softmax"])
+def test_model_outputs_keep_their_whole_range(session, tail):
+    """The last quantized tensor (nothing quantized downstream: a conv output read by a Flatten or a
+    Softmax producing the graph output) is calibrated with its whole range (minmax), every other
+    block output with the pass's calibrator."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.normal(0, 0.4, (4, 8, 1, 1)).astype(np.float32), "w2")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["r"], name="relu"),
              helper.make_node("Conv", ["r", "w2"], ["b"], name="c2"),
-             helper.make_node("Flatten", ["b"], ["y"], name="flat")]
+             helper.make_node("Flatten", ["b"], ["f"], name="flat"),
+             helper.make_node(tail, ["f"], ["y"], name="tail", **({"axis": 1} if tail == "Softmax" else {}))]
     model = models.make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     x = rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
@@ -65,10 +69,18 @@ def test_model_outputs_keep_their_whole_range(session):
     result = session.build("match_layers,calibrate{algorithm=mean_minmax block_outputs=true}",
                            datasets=["calib"]).run(model, datasets={"calib": feeds})
     blocks = result.artifacts["tensor_quant"]
-    y = run_ort(model, x)[0]
+    y = run_ort(model, x)[0] if tail == "Flatten" else _conv_outputs(model, x)
     assert "b" in blocks
     step = blocks["b"].scale            # the integer zero point moves the ends by up to a step
     assert blocks["b"].clip_max >= y.max() - step and blocks["b"].clip_min <= y.min() + step
     per_sample = np.mean(y.reshape(len(y), -1).max(axis=1))
     assert per_sample < y.max() - 2 * step      # what mean_minmax would have clipped to
     assert result.stats_for("calibrate")["block_outputs"] == len(blocks)
+
+
+def _conv_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The values of tensor 'b' (the conv before the tail op)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output[0].name = "f"
+    return run_ort(exposed, x)[0]
