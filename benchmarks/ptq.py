@@ -49,11 +49,13 @@ ORT_METHODS = ["MinMax", "Entropy", "Percentile"]
 @dataclass(frozen=True)
 class Ours:
     """One of our variants: ``steps`` are the passes between ``match_layers`` and ``lower`` (the textual
-    form); ``PRESET`` runs the shipped ``ptq_int8`` pipeline as it is. ``quick``: also in --quick runs."""
+    form), ``before`` those between ``fuse_bn`` and ``match_layers``; ``@name`` runs a shipped pipeline
+    as it is. ``quick``: also in --quick runs."""
 
     label: str
     steps: str
     quick: bool = False
+    before: str = ""
 
     @property
     def slow(self) -> bool:
@@ -62,21 +64,28 @@ class Ours:
 
 PRESET = "@ptq_int8"
 BLOCKS = "block_outputs=true"           # the layer / Add / pooling / Concat outputs the QDQ layout quantizes
-# One line per variant.
+EQUALIZE = "equalize_channels{dataset=calib max_samples=16}"
+ARQ, BIAS = "quantize_weights{algorithm=arq}", "quantize_weights{algorithm=arq bias_correction=true max_samples=16}"
+Q70 = f"calibrate{{algorithm=sample_quantile algorithm_options={{quantile=0.7}} {BLOCKS}}}"
+# One line per variant; the "step" rows build the default one step at a time (README table).
 OUR_VARIANTS = [
     Ours("ours ptq_int8 (default)", PRESET, quick=True),
-    Ours("ours ptq_int8_accurate", "@ptq_int8_accurate", quick=True),
-    Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},quantize_weights{{algorithm=arq}}", quick=True),
-    Ours("ours hfmg", f"calibrate{{algorithm=hfmg {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours minmax", f"calibrate{{algorithm=minmax {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours percentile", f"calibrate{{algorithm=percentile {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours entropy", f"calibrate{{algorithm=entropy {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
-    Ours("ours mse", f"calibrate{{algorithm=mse {BLOCKS}}},quantize_weights{{algorithm=arq}}"),
+    Ours("ours ptq_int8_amct (AMCT IFMR)", "@ptq_int8_amct", quick=True),
+    Ours("ours ptq_int8_accurate", "@ptq_int8_accurate"),
+    Ours("step: mean_minmax", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{ARQ}", quick=True),
+    Ours("step: sample_quantile 0.7", f"{Q70},{ARQ}", quick=True),
+    Ours("step: + equalize_channels", f"{Q70},{ARQ}", quick=True, before=EQUALIZE),
+    Ours("step: mean_minmax + equalize + bias correction", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{BIAS}",
+         before=EQUALIZE),
+    Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},{ARQ}"),
+    Ours("ours hfmg", f"calibrate{{algorithm=hfmg {BLOCKS}}},{ARQ}"),
+    Ours("ours minmax", f"calibrate{{algorithm=minmax {BLOCKS}}},{ARQ}"),
+    Ours("ours percentile", f"calibrate{{algorithm=percentile {BLOCKS}}},{ARQ}"),
+    Ours("ours entropy", f"calibrate{{algorithm=entropy {BLOCKS}}},{ARQ}"),
+    Ours("ours mse", f"calibrate{{algorithm=mse {BLOCKS}}},{ARQ}"),
     Ours("ours percentile 99.99", f"calibrate{{algorithm=percentile algorithm_options={{percentile=99.99}} {BLOCKS}}},"
-                                  "quantize_weights{algorithm=arq}", quick=True),
-    Ours("ours ifmr + refine", f"calibrate{{algorithm=ifmr {BLOCKS}}},quantize_weights{{algorithm=arq}},refine_ranges"),
-    Ours("ours percentile 99.99 + refine", f"calibrate{{algorithm=percentile algorithm_options={{percentile=99.99}} "
-                                           f"{BLOCKS}}},quantize_weights{{algorithm=arq}},refine_ranges"),
+                                  f"{ARQ}"),
+    Ours("ours ifmr + refine", f"calibrate{{algorithm=ifmr {BLOCKS}}},{ARQ},refine_ranges"),
 ]
 DEFAULT = OUR_VARIANTS[0].label
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -285,9 +294,15 @@ def median_times(sessions: dict, feed: dict, rounds: int) -> dict[str, float]:
 # variants: ours, ONNX Runtime's, NNCF's
 
 def our_pipeline(session, variant: Ours, lower: str = "lower{targets=[qdq,fakequant]}"):
-    if variant.steps == PRESET:
-        return session.build("ptq_int8", datasets=["calib"])
-    return session.build(f"fuse_bn,match_layers,{variant.steps},{lower}", datasets=["calib"])
+    return session.build(our_text(variant, lower), datasets=["calib"])
+
+
+def our_text(variant: Ours, lower: str = "lower{targets=[qdq,fakequant]}") -> str:
+    """The variant's pipeline text (a shipped pipeline's name for ``@name``)."""
+    if variant.steps.startswith("@"):
+        return variant.steps[1:]
+    before = f"{variant.before}," if variant.before else ""
+    return f"fuse_bn,{before}match_layers,{variant.steps},{lower}"
 
 
 def run_ours(case: Case, variant: Ours) -> dict:
@@ -341,16 +356,21 @@ def nncf_available() -> str | None:
 
 def run_nncf(case: Case, workdir: Path) -> dict:
     """``nncf.quantize`` on the ONNX model with its defaults (8-bit, mixed preset, fast bias correction),
-    the same calibration images one sample at a time (a fixed batch: that batch). ``calib_s``: the
-    whole call (statistics, its algorithms, its graph edits)."""
+    the same calibration images one sample at a time (a fixed batch: that batch); a model below opset
+    13 is upgraded to 13 first (inside the timed part). ``calib_s``: the whole call (statistics, its
+    algorithms, its graph edits)."""
     import logging
     import nncf
     logging.getLogger("nncf").setLevel(logging.ERROR)
     size = case.batch if case.fixed_batch else 1
     items = batches(case.calib, size, case.input_name)
+    model = onnx.load(str(case.model))
     start = time.perf_counter()
+    if model.opset_import[0].version < 13:            # NNCF refuses opsets < 10 (mnist-8, UltraFace)
+        from onnx import version_converter
+        model = version_converter.convert_version(model, 13)
     with contextlib.redirect_stdout(sys.stderr):         # progress bars
-        quantized = nncf.quantize(onnx.load(str(case.model)), nncf.Dataset(items), subset_size=len(items) * size)
+        quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items) * size)
     seconds = time.perf_counter() - start
     out = workdir / "nncf.onnx"
     onnx.save(quantized, str(out))
@@ -578,10 +598,10 @@ def run_ours_calibration_only(case: Case, variant: Ours) -> None:
     import amct_pipeline as ap
     session = ap.Session(load_entrypoints=False)
     feeds = cycled_batches(case) if case.calib_count else batches(case.calib, case.batch, case.input_name)
-    if variant.steps == PRESET:
-        text = session.build("ptq_int8", datasets=["calib"]).text.split(",lower{")[0]
-    else:
-        text = f"fuse_bn,match_layers,{variant.steps}"
+    text = our_text(variant, "")
+    if variant.steps.startswith("@"):
+        text = session.build(text, datasets=["calib"]).text
+    text = text.split(",lower{")[0].rstrip(",")
     session.build(text, datasets=["calib"]).run(str(case.model), datasets={"calib": feeds})
 
 

@@ -29,7 +29,7 @@ from pydantic import Field, PositiveInt
 
 from ..errors import CalibrationError, ConfigError, Problem
 from ..options import Options, parse_options, suggest
-from ..quant.facts import activation_bounds, extra_tensors, propagate_factors
+from ..quant.facts import activation_bounds, extra_tensors, output_tensors, propagate_factors
 from .base import Pass, PassResult
 
 __all__ = ["CalibratePass", "CalibrateOptions", "LAYER_KEYS", "resolve_layer_calibration"]
@@ -95,9 +95,8 @@ class CalibratePass(Pass):
         from ..runtime.collector import collect
         layer_map = ctx.artifacts["layer_map"]
         groups = _make_groups(ctx.session, layer_map, self.options)
-        blocks = _block_group(ctx.session, graph, layer_map, self.options) if self.options.block_outputs else None
-        if blocks is not None:
-            groups.append(blocks)
+        blocks = _block_groups(ctx.session, graph, layer_map, self.options) if self.options.block_outputs else []
+        groups += blocks
         for group in groups:
             group.candidates = _candidate_groups(ctx.session, group, self.options)
         batch_num = self._batch_num(ctx)
@@ -116,10 +115,11 @@ class CalibratePass(Pass):
             _fit_bounds(graph, groups + [c for g in groups for c in g.candidates])
         act_quant = _finalize(groups, layer_map)
         ctx.artifacts["act_quant"] = act_quant
-        stats = _stats(self.options, [g for g in groups if g is not blocks], act_quant, tensors, batches)
-        if blocks is not None:
-            ctx.artifacts["tensor_quant"] = {t: _finalize_group(blocks)[t] for t in blocks.tensors}
-            stats["block_outputs"] = len(blocks.tensors)
+        stats = _stats(self.options, [g for g in groups if not any(g is b for b in blocks)], act_quant, tensors,
+                       batches)
+        if blocks:
+            ctx.artifacts["tensor_quant"] = {t: _finalize_group(b)[t] for b in blocks for t in b.tensors}
+            stats["block_outputs"] = sum(len(b.tensors) for b in blocks)
         if self.options.candidates:
             ctx.artifacts["range_candidates"] = _range_candidates(groups)
         return PassResult(False, stats)
@@ -218,14 +218,23 @@ def _range_candidates(groups: list[_Group]) -> dict[str, list[Any]]:
     return out
 
 
-def _block_group(session, graph, layer_map, options: CalibrateOptions) -> _Group:
+def _block_groups(session, graph, layer_map, options: CalibrateOptions) -> list[_Group]:
     """The pass's own calibrator over the block outputs a QDQ layout quantizes (no layers read them
-    as a layer input; ``tensors`` maps each to an empty layer list)."""
+    as a layer input; ``tensors`` maps each to an empty layer list), and ``minmax`` (with the pass's
+    asymmetric / num_bits) over those that are model outputs (``quant.facts.output_tensors``)."""
     group = _new_group(session, *_resolve(session, {}, options, "calibrate"))
     covered = {layer.input: None for layer in layer_map.layers()}
     propagate_factors(graph, covered)
-    group.tensors = {name: [] for name in extra_tensors(graph, layer_map, covered)}
-    return group
+    names = extra_tensors(graph, layer_map, covered)
+    outputs = set(output_tensors(graph, layer_map, names))
+    group.tensors = {name: [] for name in names if name not in outputs}
+    if not outputs:
+        return [group]
+    keep = {k: group.options[k] for k in ("asymmetric", "num_bits") if k in group.options}
+    whole = _new_group(session, *_resolve(session, {"algorithm": "minmax", "algorithm_options": keep},
+                                          options.model_copy(update={"algorithm_options": {}}), "calibrate"))
+    whole.tensors = {name: [] for name in names if name in outputs}
+    return [group, whole] if group.tensors else [whole]
 
 
 # -- observing and finalizing ------------------------------------------------------------------

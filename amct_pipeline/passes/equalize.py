@@ -36,6 +36,9 @@ __all__ = ["EqualizeChannelsPass", "EqualizeChannelsOptions", "equalization_scal
 class EqualizeChannelsOptions(Options):
     dataset: str = Field("calib", description="Dataset whose batches measure the channel ranges.")
     num_batches: Optional[PositiveInt] = Field(None, description="Batches to measure on (default: all).")
+    max_samples: Optional[PositiveInt] = Field(
+        None, le=1_000_000, description="Stop after the batch that reaches this many samples (default: no limit): "
+                                        "the same data whatever the batch size, one model run per batch.")
     max_scale: float = Field(16.0, ge=1.0, description="Largest factor a channel is multiplied by.")
 
 
@@ -83,6 +86,8 @@ class EqualizeChannelsPass(Pass):
                 sums[name] = sums.get(name, 0.0) + per_sample.sum(axis=0)
                 peaks[name] = np.maximum(peaks[name], per_sample.max(axis=0)) if name in peaks else per_sample.max(axis=0)
             samples += len(next(iter(acts.values())))
+            if self.options.max_samples is not None and samples >= self.options.max_samples:
+                break
         largest, changed = 1.0, 0
         for pair in pairs:
             t = equalization_scales(sums[pair.tensor] / samples, peaks[pair.tensor], pair.upper, self.options.max_scale)

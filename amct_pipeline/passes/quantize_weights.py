@@ -50,6 +50,9 @@ class QuantizeWeightsOptions(Options):
                              "means too, but correcting that hurt MobileNetV2 with per-sample ranges: 20.4 -> 14.1 dB).")
     dataset: Optional[str] = Field(None, description="Dataset for bias_correction (default 'calib').")
     batch_num: Optional[PositiveInt] = Field(None, description="Batches bias_correction measures on (default: all).")
+    max_samples: Optional[PositiveInt] = Field(
+        None, le=1_000_000, description="bias_correction with a float input stops after the batch that reaches this "
+                                        "many samples (default: no limit).")
 
 
 class QuantizeWeightsPass(Pass):
@@ -90,7 +93,7 @@ class QuantizeWeightsPass(Pass):
         return PassResult(modified, stats)
 
     def _correct_biases(self, graph, ctx, layer_map, weight_quant) -> dict[str, Any]:
-        from ..algorithms.weights.bias_correction import apply_shifts, bias_shifts
+        from ..algorithms.weights.bias_correction import apply_shifts, bias_shifts, linear_input
         from ..runtime.collector import collect
         from ..runtime.data import model_inputs
         source = ctx.dataset(self.options.dataset or "calib")
@@ -102,11 +105,37 @@ class QuantizeWeightsPass(Pass):
                 yield got, len(got[first])
 
         layers = [layer for layer in layer_map.layers() if layer.weight is not None]
-        act_quant = ctx.artifacts.get("act_quant") if self.options.bias_correction_input == "quantized" else None
-        shifts, skipped = bias_shifts(graph, layers, weight_quant, act_quant, batches)
+        quantized = self.options.bias_correction_input == "quantized"
+        linear = [] if quantized else [layer for layer in layers if linear_input(graph, layer)]
+        shifts = self._linear_shifts(graph, ctx, linear, weight_quant) if linear else {}
+        rest = [layer for layer in layers if layer.name not in shifts]
+        skipped: dict[str, str] = {}
+        if rest:
+            act_quant = ctx.artifacts.get("act_quant") if quantized else None
+            more, skipped = bias_shifts(graph, rest, weight_quant, act_quant, batches)
+            shifts.update(more)
         stats = apply_shifts(graph, {layer.name: layer for layer in layers}, shifts)
         stats["skipped"].update(skipped)
         return stats
+
+    def _linear_shifts(self, graph, ctx, layers, weight_quant) -> dict[str, Any]:
+        """Float-input shifts from the layer inputs' means: one run of the float model, no layer copies."""
+        from ..algorithms.weights.bias_correction import InputMeans, linear_bias_shifts
+        from ..runtime.collector import collect
+        means: dict[str, InputMeans] = {}
+        for layer in layers:       # a tensor read by a Conv and a Gemm: the Gemm goes the general way
+            means.setdefault(layer.input, InputMeans(layer.op_type))
+        layers = [layer for layer in layers if (means[layer.input].op_type == "Conv") == (layer.op_type == "Conv")]
+        source = ctx.dataset(self.options.dataset or "calib")
+        samples, limit = 0, self.options.max_samples
+        for got in collect(graph, source, list(means), self.options.batch_num, progress=ctx.progress,
+                           desc="bias_correction"):
+            for name, stats in means.items():
+                stats.add(got[name])
+            samples += len(got[next(iter(means))])
+            if limit is not None and samples >= limit:
+                break
+        return linear_bias_shifts(graph, layers, weight_quant, means)
 
     # -- per-layer settings ---------------------------------------------------------------------
     def _layer_settings(self, layer) -> tuple[str, dict[str, Any]]:

@@ -66,3 +66,67 @@ def test_bias_correction_of_the_weights_alone(session):
     with pytest.raises(ConfigError, match="dataset 'other'"):
         session.build("fuse_bn,match_layers,quantize_weights{bias_correction=true dataset=other}",
                       datasets=["calib"])
+
+
+def _odd_convs_model():
+    """Convs with stride 2 and asymmetric pads, groups, dilation, a 1x1, then a Gemm (transB)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from amct_pipeline.testing import models
+    rng = np.random.default_rng(3)
+    inits, nodes = [], []
+
+    def const(name, shape):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name))
+        return name
+
+    nodes.append(helper.make_node("Conv", ["x", const("w1", (8, 3, 3, 3)), const("b1", (8,))], ["y1"], name="c1",
+                                  strides=[2, 2], pads=[0, 1, 1, 0]))
+    nodes.append(helper.make_node("Relu", ["y1"], ["r1"], name="r1"))
+    nodes.append(helper.make_node("Conv", ["r1", const("w2", (8, 2, 3, 3)), const("b2", (8,))], ["y2"], name="c2",
+                                  group=4, dilations=[2, 2], pads=[2, 2, 2, 2]))
+    nodes.append(helper.make_node("Conv", ["y2", const("w3", (6, 8, 1, 1)), const("b3", (6,))], ["y3"], name="c3",
+                                  auto_pad="VALID"))
+    nodes.append(helper.make_node("Flatten", ["y3"], ["f"], name="flat"))
+    nodes.append(helper.make_node("Gemm", ["f", const("w4", (5, 6 * 8 * 8)), const("b4", (5,))], ["out"], name="g",
+                                  transB=1, alpha=0.5))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])
+    return models.make_model(nodes, [x], [out], inits)
+
+
+def test_linear_shifts_equal_the_measured_ones(session):
+    """With a float input the shift follows from the input's mean (no layer copies): the same numbers
+    as running the copies, for strides, asymmetric pads, groups, dilation, VALID and a Gemm with alpha."""
+    from amct_pipeline.algorithms.weights.bias_correction import (InputMeans, bias_shifts, linear_bias_shifts,
+                                                                  linear_input)
+    from amct_pipeline.runtime.ort import make_session
+    model = _odd_convs_model()
+    x = np.random.default_rng(0).normal(0.5, 1.0, (24, 3, 16, 16)).astype(np.float32)
+    source = ArraySource("calib", {"x": x}, DatasetSpec(batch_size=8), "test")
+    result = session.build("match_layers,quantize_weights",
+                           datasets=["calib"]).run(model, datasets={"calib": source})
+    graph, weight_quant = result.graph, result.artifacts["weight_quant"]
+    layers = list(result.artifacts["layer_map"].layers())
+    assert all(linear_input(graph, layer) for layer in layers)
+
+    def batches(proto, fetch):
+        sess = make_session(proto)
+        for start in range(0, len(x), 8):
+            yield dict(zip(fetch, sess.run(fetch, {"x": x[start:start + 8]}))), 8
+
+    measured, skipped = bias_shifts(graph, layers, weight_quant, None, batches)
+    assert not skipped
+    from amct_pipeline.runtime.ort import expose_tensors
+    fetch = [t for t in dict.fromkeys(layer.input for layer in layers) if t != "x"]
+    sess = make_session(expose_tensors(graph.to_proto(), fetch))
+    means = {layer.input: InputMeans(layer.op_type) for layer in layers}
+    for start in range(0, len(x), 8):
+        got = dict(zip(fetch, sess.run(fetch, {"x": x[start:start + 8]})))
+        got["x"] = x[start:start + 8]
+        for name, stats in means.items():
+            stats.add(got[name])
+    linear = linear_bias_shifts(graph, layers, weight_quant, means)
+    assert set(linear) == set(measured)
+    for name in measured:
+        np.testing.assert_allclose(linear[name], measured[name], rtol=1e-3, atol=1e-5 * np.abs(measured[name]).max())
+        assert np.abs(measured[name]).max() > 0
