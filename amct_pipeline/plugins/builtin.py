@@ -22,8 +22,10 @@ def amct_register_passes():
     from ..passes.amct_files import ExportAmctPass, LoadRecordPass
     from ..passes.convert_qat import ConvertQatPass
     from ..passes.equalize import EqualizeChannelsPass
+    from ..passes.retrain import RetrainPass
     return [FuseBatchNormPass, MatchLayersPass, SavePass, CalibratePass, RefineRangesPass, DecomposePass, ApplyDecompositionPass,
-            QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass, EqualizeChannelsPass]
+            QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass, EqualizeChannelsPass,
+            RetrainPass]
 
 
 @hookimpl
