@@ -18,7 +18,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..autodiff import ULQ, AdaRound, ARQRetrain, FakeQuant, LSQWeight, Program, ulq_factors
-from ..errors import ConfigError, Problem
 from ..quant.math import arq
 from ..quant.params import ActQuantParams, WeightQuantParams
 from ..quant.weights import deconv_channel_view, deconv_from_channel_view, effective_weight, gemm_factors
@@ -38,6 +37,7 @@ class _Weight:
     op: Any = None
     names: tuple[str, ...] = ()     # learned tensors: alpha | weight | (weight, scale)
     frozen: Any = None              # arq: the fixed rounding variables
+    plain: bool = False             # arq_retrain / ulq_retrain: the learned float weight goes back into the graph
 
 
 @dataclass
@@ -83,7 +83,7 @@ class RetrainModel:
         tensors = graph.tensors()
         for name, w in self.weights.items():
             out[name] = _final_weight(w, learned)
-            if w.algo in ("arq_retrain", "ulq_retrain"):
+            if w.plain:         # retrained float weights; codes and scales are in weight_quant either way
                 _set(tensors[w.layer.weight], learned[w.names[0]])
                 changed = True
         for layer, bias in self.bias_names.items():
@@ -178,10 +178,6 @@ def _add_weight(graph, model: RetrainModel, layer, params: WeightQuantParams, al
     alpha, _ = gemm_factors(graph, layer)
     weight = effective_weight(graph, layer)
     entry = _Weight(layer, algo, params, alpha)
-    if algo in ("arq_retrain", "ulq_retrain") and not _plain_constant(graph, layer.weight, layer.name):
-        raise ConfigError([Problem("pass 'retrain'", f"layer '{layer.name}'.wts.algo",
-                                   f"{algo} learns the float weight, which must be an initializer read by this "
-                                   "layer alone", "use algo 'ada' for this layer")])
     scale = np.asarray(params.scale, np.float32).reshape(-1)
     if algo in ("ada", "arq"):
         op = AdaRound(weight / np.float32(alpha), _channel(scale, weight, axis, group) / np.float32(alpha),
@@ -200,22 +196,29 @@ def _add_weight(graph, model: RetrainModel, layer, params: WeightQuantParams, al
             model.rounding[name] = op
         else:
             op.hard = True               # round-to-nearest, nothing learned
-    elif algo == "arq_retrain":
-        op = ARQRetrain(params.num_bits, axis, group)
-        program.insert(op, [layer.weight], consumers=[layer.name])
-        entry.op, entry.names = op, (layer.weight,)
-        model.params[layer.weight] = program.constants[layer.weight]
-        model.lrs[layer.weight] = options.lr_weight * float(np.mean(scale)) / alpha
     else:
-        op = LSQWeight(params.num_bits, axis, group)
-        s_name = program.add_constant(f"{PREFIX}.{layer.name}.scale", (scale / np.float32(alpha)).astype(np.float32))
-        program.insert(op, [layer.weight, s_name], consumers=[layer.name])
-        entry.op, entry.names = op, (layer.weight, s_name)
-        model.params[layer.weight] = program.constants[layer.weight]
-        model.params[s_name] = program.constants[s_name]
-        model.lrs[layer.weight] = options.lr_weight * float(np.mean(scale)) / alpha
-        model.lrs[s_name] = options.lr_scale * float(np.mean(scale)) / alpha
+        # a private copy of the weight as the layer applies it (a view chain folded), learned in float
+        copy = program.add_constant(f"{PREFIX}.{layer.name}.weight", (weight / np.float32(alpha)).astype(np.float32))
+        rate = options.lr_weight * float(np.mean(scale)) / alpha
+        model.params[copy], model.lrs[copy] = program.constants[copy], rate
+        entry.names = (copy,)
+        entry.plain = _plain_constant(graph, layer.weight, layer.name) and weight_shape_matches(graph, layer, weight)
+        if algo == "arq_retrain":
+            op = ARQRetrain(params.num_bits, axis, group)
+            program.insert(op, [copy], replaces=layer.weight, consumers=[layer.name])
+        else:
+            op = LSQWeight(params.num_bits, axis, group)
+            s_name = program.add_constant(f"{PREFIX}.{layer.name}.scale",
+                                          (scale / np.float32(alpha)).astype(np.float32))
+            program.insert(op, [copy, s_name], replaces=layer.weight, consumers=[layer.name])
+            model.params[s_name], model.lrs[s_name] = program.constants[s_name], options.lr_scale * rate / options.lr_weight
+            entry.names = (copy, s_name)
+        entry.op = op
     model.weights[layer.name] = entry
+
+
+def weight_shape_matches(graph, layer, weight: np.ndarray) -> bool:
+    return tuple(np.shape(graph.tensors()[layer.weight].values)) == tuple(weight.shape)
 
 
 def _dense_axis(layer, params: WeightQuantParams) -> int | None:

@@ -4,9 +4,10 @@ Each quantized layer's input gets a ULQ quantizer whose clip_max / clip_min are 
 initialised from ``act_quant``, i.e. IFMR from ``calibrate``, unless the config gives them;
 ``fixed_min`` when the producer is a Relu, AMCT's rule), and its weight one of:
 
-* ``ada`` (default; AMCT's ADA, SPEC 4.8): ARQ's scales kept, each weight's rounding (down or up)
-  learned (AdaRound, annealed to hard rounding);
-* ``arq_retrain``: the float weights learned through ARQ re-quantization at every step (straight-through);
+* ``arq_retrain`` (default, as in AMCT): the float weights learned through ARQ re-quantization at
+  every step (straight-through);
+* ``ada`` (AMCT's ADA, SPEC 4.8): ARQ's scales kept, each weight's rounding (down or up) learned
+  (AdaRound, annealed to hard rounding);
 * ``ulq_retrain``: the float weights and the per-channel scales learned (LSQ, SPEC 4.10);
 * ``arq``: round-to-nearest with ARQ's scales, nothing learned.
 
@@ -66,9 +67,11 @@ class RetrainOptions(Options):
     config: Optional[str] = Field(
         None, description="AMCT retrain config: the JSON create_quant_retrain_config writes, or the .cfg text "
                           "(per-layer retrain_enable, ULQ clips, arq_retrain / ulq_retrain, dst_type INT4 / INT8).")
-    wts_algo: str = Field("ada", description="Weights: ada (learned rounding, ARQ scales), arq_retrain (learned "
-                                             "float weights, ARQ at every step), ulq_retrain (learned weights and "
-                                             "scales), arq (round-to-nearest, nothing learned).")
+    wts_algo: str = Field(
+        "arq_retrain", description="Weights: arq_retrain (AMCT's default: the float weights learned through ARQ "
+                                   "re-quantization at every step, straight-through), ada (learned rounding of "
+                                   "ARQ-scaled weights), ulq_retrain (learned weights and scales), arq "
+                                   "(round-to-nearest, nothing learned).")
     weight_bits: Literal[4, 8] = Field(8, description="Weight bits (INT4 codes are stored in int8 arrays).")
     act_bits: Literal[8, 16] = Field(8, description="Activation bits.")
     channel_wise: bool = Field(True, description="Per-channel weight scales for Conv / ConvTranspose.")
@@ -89,6 +92,7 @@ class RetrainOptions(Options):
     lr_round: float = Field(1e-3, gt=0, le=10, description="AdaRound learning rate (Adam moves every variable by about this much per step, so larger rates flip roundings on noise).")
     lr_weight: float = Field(2e-3, gt=0, le=1, description="arq_retrain / ulq_retrain weight learning rate, "
                                                            "relative to the weight's quantization step.")
+    lr_scale: float = Field(1e-3, gt=0, le=1, description="ulq_retrain scale learning rate, relative to the scale.")
     lr_bias: float = Field(1e-3, gt=0, le=1, description="Bias learning rate, relative to the layer's "
                                                          "weight step times sqrt(fan-in).")
     reg_weight: float = Field(0.1, ge=0, le=100, description="AdaRound rounding regulariser, relative to the "
@@ -221,7 +225,8 @@ class RetrainPass(Pass):
             layer = layer_map[name]
             if layer.weight is not None:
                 quant_settings.setdefault(name, {})["wts"] = {
-                    "algo": "arq" if s.wts_algo in ("ada", "arq") else s.wts_algo, "num_bits": s.weight_bits,
+                    # the deploy-side names of AMCT's quant config: learned rounding is ADA, the rest ARQ codes
+                    "algo": "ada" if s.wts_algo == "ada" else "arq", "num_bits": s.weight_bits,
                     "channel_wise": bool(s.channel_wise and layer.channel_axis is not None)}
         for name in list(quant_settings):
             if name in settings and not settings[name].enabled:
@@ -267,7 +272,7 @@ class RetrainPass(Pass):
                                          else None) as spill:
             settings = ReconstructSettings(
                 steps=o.steps, batch_size=o.batch_size, micro_batch=micro, lr_clip=o.lr_clip, lr_round=o.lr_round,
-                lr_weight=o.lr_weight, lr_bias=o.lr_bias, reg_weight=o.reg_weight, patience=o.patience,
+                lr_weight=o.lr_weight, lr_scale=o.lr_scale, lr_bias=o.lr_bias, reg_weight=o.reg_weight, patience=o.patience,
                 seed=int(seed), spill_bytes=o.spill_mb << 20, spill_dir=spill)
             blocks = model.float_program.blocks(o.block_layers)
             start = time.perf_counter()
