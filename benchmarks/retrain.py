@@ -83,6 +83,7 @@ def child(case_key: str, label: str, spec: str, steps: int | None) -> dict:
             "row['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); "
             "print('ROW' + json.dumps(row))") % (str(HERE), case_key, label, spec, steps)
     env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")     # faster than two threads for the engine on this shared machine
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("ROW"):
