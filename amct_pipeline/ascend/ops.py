@@ -134,6 +134,8 @@ def _float_input(name: str, x) -> np.ndarray:
 
 def integer_input(name: str, x) -> np.ndarray:
     x = np.asarray(x)
+    if x.dtype.name in ("int4", "uint4"):      # packed INT4 initializers load as ml_dtypes arrays
+        x = x.astype(np.int8 if x.dtype.name == "int4" else np.uint8)
     if x.dtype == bool or not np.issubdtype(x.dtype, np.integer):
         raise AscendError(f"{name} must be an integer tensor, got dtype {x.dtype}")
     return x

@@ -1,4 +1,11 @@
-"""The UINT64 ``deq_scale`` parameter of AscendDequant / AscendRequant (SPEC 5.2).
+"""The UINT64 ``deq_scale`` parameter of AscendDequant / AscendRequant (SPEC 5.2), and INT4 weight
+packing (SPEC 5.3).
+
+INT4 weights: two codes per byte, the first in the low nibble (SPEC 5.3). The deploy model stores them
+as an ONNX ``INT4`` initializer of the weight's own shape, whose bytes are exactly that packing in
+row-major order (:func:`pack_int4`, shared with the qdq target); a 1x1 Conv's or a Gemm's pairs are
+adjacent input channels as in AMCT, a kxk Conv's adjacent taps. Keeping ONNX's element type keeps the
+model checkable and its shapes true; ATC's own re-layout happens on the chip side either way.
 
 Layout of each 64-bit word (one per output channel, or one for the whole tensor)::
 
@@ -15,9 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ir.edit import pack_int4
 from .errors import AscendError
 
-__all__ = ["pack_deq_scale", "unpack_deq_scale", "SHIFT_BITS", "OFFSET_BITS"]
+__all__ = ["pack_deq_scale", "unpack_deq_scale", "pack_int4", "unpack_int4", "SHIFT_BITS", "OFFSET_BITS"]
 
 SHIFT_BITS = 32
 OFFSET_BITS = 40
@@ -95,3 +103,13 @@ def unpack_deq_scale(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise AscendError(f"packed deq_scale has shift N = {int(shift.max())}; must be 0..16")
     offset = ((words >> np.uint64(OFFSET_BITS)) & _BYTE).astype(np.uint8).view(np.int8)
     return deq, shift, offset
+
+
+def unpack_int4(packed: bytes, shape) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: int8 codes in [-8, 7] of ``shape``."""
+    count = int(np.prod(shape, dtype=np.int64))
+    data = np.frombuffer(packed, np.uint8)
+    if data.size != (count + 1) // 2:
+        raise AscendError(f"{data.size} packed bytes cannot hold {count} INT4 codes")
+    nibbles = np.stack([data & 0xF, data >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)

@@ -4,7 +4,8 @@ Per quantized layer L (names as AMCT writes them)::
 
     x -> AscendQuant "L.quant" (scale = float32(1/scale_d), offset = offset_d, sqrt_mode = 0,
                                 round_mode = "Round", dst_type = "INT8" | "INT16")
-      -> L with an INT8 weight initializer (codes, also for INT6/INT7 weights: narrower clip) and an
+      -> L with an INT8 weight initializer (codes, also for INT6/INT7 weights: narrower clip; INT4
+         weights as a packed ONNX INT4 initializer, SPEC 5.3, see :func:`.packing.pack_int4`) and an
          INT32 bias initializer (Gemm: transB = 1 is transposed offline and set to 0; alpha = beta = 1)
       -> AscendDequant "L.dequant" (inputs [accumulator, UINT64 "L.dequant.param" [C]], dtype = 0)
       -> consumers
@@ -43,7 +44,7 @@ import onnx_graphsurgeon as gs
 from pydantic import Field, field_validator
 
 from ..algorithms.targets.base import PlanTarget
-from ..ir.edit import Namer, add_node, detach_output
+from ..ir.edit import Namer, add_node, detach_output, int4_values
 from ..quant.plan import (TENSOR_QUANT_OPS, LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, output_node,
                           quant_multiplier)
 from ..errors import ConfigError, Problem
@@ -88,6 +89,9 @@ class AscendTarget(PlanTarget):
     def check(self, model: onnx.ModelProto) -> None:
         """onnx.checker with the Ascend schemas, leaving onnx's schema registry alone."""
         check_model(model)
+
+    def check_plan(self, plan: LoweringPlan) -> None:
+        _check_plan(plan)
 
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
         _check_plan(plan)
@@ -141,7 +145,7 @@ class AscendTarget(PlanTarget):
         if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
             codes = codes.T           # transB handled offline (SPEC 5.3)
             node.attrs["transB"] = 0
-        _set_constant(node, 1, codes.astype(np.int8), self._namer, f"{plan.name}.weight")
+        _set_constant(node, 1, codes.astype(np.int8), self._namer, f"{plan.name}.weight", packed=plan.wts_bits == 4)
         slot = bias_slot(nodes, plan.layer)
         if slot is not None and plan.bias_q is not None:
             _set_constant(slot[0], slot[1], np.asarray(plan.bias_q).astype(np.int32), self._namer, f"{plan.name}.bias")
@@ -157,16 +161,22 @@ class AscendTarget(PlanTarget):
         node.domain = self.options.domain
 
 
-def _set_constant(node: gs.Node, index: int, values: np.ndarray, namer: Namer, name: str) -> None:
-    """Feed ``node.inputs[index]`` from ``values`` (copy on write). A plain constant read only by this
-    node keeps its name (AMCT replaces weights under their own name), whatever the new shape."""
+def _set_constant(node: gs.Node, index: int, values: np.ndarray, namer: Namer, name: str,
+                  packed: bool = False) -> None:
+    """Feed ``node.inputs[index]`` from ``values`` (copy on write; ``packed``: as an INT4 initializer). A
+    plain constant read only by this node keeps its name (AMCT replaces weights under their own name),
+    whatever the new shape."""
     current = node.inputs[index]
     values = np.require(values, requirements="C")
     if isinstance(current, gs.Constant) and len(current.outputs) == 1:
-        current.values = values
+        if packed:
+            current._values = int4_values(current.name, values)
+        else:
+            current.values = values
         current.export_dtype = None      # a copied Constant pins its old (float) export dtype
         return
-    node.inputs[index] = gs.Constant(namer(name), values)
+    name = namer(name)
+    node.inputs[index] = gs.Constant(name, int4_values(name, values) if packed else values)
 
 
 def _problem(layer: str, message: str, hint: str = "") -> ConfigError:
@@ -185,9 +195,9 @@ def _check_plan(plan: LoweringPlan) -> None:
         if layer_plan.weight_q is None:
             continue
         wbits = int(layer_plan.wts_bits)
-        if wbits not in (6, 7, 8):
+        if wbits not in (4, 6, 7, 8):
             raise _problem(name, f"INT{wbits} weights are not supported by the ascend target",
-                           "use INT8 (or INT6/INT7, stored as INT8) weights")
+                           "use INT8 or INT4 (or INT6/INT7, stored as INT8) weights")
         codes = np.asarray(layer_plan.weight_q)
         low, high = -(1 << (wbits - 1)), (1 << (wbits - 1)) - 1
         if codes.size and (codes.min() < low or codes.max() > high):

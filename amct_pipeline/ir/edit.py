@@ -24,6 +24,9 @@ __all__ = [
     "replace_constant_input",
     "copy_graph",
     "ensure_opset",
+    "pack_int4",
+    "int4_constant",
+    "int4_values",
 ]
 
 
@@ -46,6 +49,38 @@ def contiguous(values) -> np.ndarray:
 
 def constant(namer: Namer, name: str, values) -> gs.Constant:
     return gs.Constant(namer(name), contiguous(values))
+
+
+def pack_int4(codes) -> bytes:
+    """ONNX's INT4 layout: two codes per byte in row-major order, the first in the low nibble, an odd
+    count padded with a zero nibble. Codes must lie in [-8, 7]."""
+    flat = np.asarray(codes).reshape(-1).astype(np.int16)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError(f"INT4 codes must lie in [-8, 7], got [{int(flat.min())}, {int(flat.max())}]")
+    nibbles = (flat & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def int4_constant(namer: Namer, name: str, codes) -> gs.Constant:
+    """A packed INT4 initializer holding ``codes`` (an integer array in [-8, 7]), half the bytes of INT8.
+
+    onnx-graphsurgeon would write one byte per code, so the constant wraps the finished TensorProto."""
+    name = namer(name)
+    return gs.Constant(name, int4_values(name, codes))
+
+
+def int4_values(name: str, codes):
+    """Values for a ``gs.Constant`` named ``name`` that export as a packed INT4 initializer."""
+    import onnx
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    codes = np.asarray(codes)
+    tensor = onnx.TensorProto()
+    tensor.name, tensor.data_type = name, onnx.TensorProto.INT4
+    tensor.dims.extend(codes.shape)
+    tensor.raw_data = pack_int4(codes)
+    return LazyValues(tensor)
 
 
 def add_node(graph, namer: Namer, op: str, name: str, inputs: Sequence[gs.Tensor],

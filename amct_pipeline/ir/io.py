@@ -238,6 +238,9 @@ def _stub_writer(out, location: str) -> StubWriter:
         if isinstance(values, ExternalValues):
             values.copy_to(out)
             stub = _stub_like(values.tensor)
+        elif isinstance(values, LazyValues) and values.tensor.HasField("raw_data"):
+            out.write(values.tensor.raw_data)      # packed types (INT4) keep their packing
+            stub = _stub_like(values.tensor)
         else:
             array = tensor.values
             out.write(memoryview(array.reshape(-1).view("uint8")) if array.flags.c_contiguous else array.tobytes())

@@ -49,8 +49,8 @@ the ``tensor_quantize`` entries with the QDQ factors exactly (float32).
 Rules, each an error naming the node (all violations of a round are reported together -- pairs and
 constants first, then layers -- and nothing is written): the two
 halves of a pair must have equal factors; activations are per tensor; activation types are
-int8/uint8 (others, e.g. uint16, are refused); weights are int8 (or uint8 with zero point 128) with
-zero point 0 in the int8 domain, per tensor or per channel on the layer's output-channel axis; an
+int8/uint8, or int16/uint16 for INT16 activations (others are refused); weights are int8 (or uint8 with
+zero point 128), or int4 / uint4 for INT4 weights (opset 21), with zero point 0 in the signed domain, per tensor or per channel on the layer's output-channel axis; an
 int32 bias's scale must equal ``scale_d * scale_w`` (relative ``bias_scale_rtol``); a
 DequantizeLinear must read a QuantizeLinear or a constant.
 
@@ -79,7 +79,7 @@ from ..quant.layers import SUPPORTED_OP_TYPES, LayerMap, QuantLayer, match_layer
 from ..quant.math import quantize_bias
 from ..quant.params import ActQuantParams, WeightQuantParams, weightless_params
 from ..quant.plan import TENSOR_QUANT_ARTIFACT, TENSOR_QUANT_OPS
-from ..quant.qdq_analysis import (ACT_DTYPES, DEQUANTIZE, QUANTIZE, QdqPair, QuantConst, analyse, broadcast, channel_scales,
+from ..quant.qdq_analysis import (WEIGHT_DTYPE_NAMES, DEQUANTIZE, QUANTIZE, QdqPair, QuantConst, analyse, broadcast, channel_scales,
                                   problem, restore_constants)
 from .base import Pass, PassResult
 
@@ -258,9 +258,9 @@ class _Converter:
         if info is None:
             return "weight is not quantized (no DequantizeLinear)"
         factors = info.factors
-        if factors.dtype not in ACT_DTYPES:
+        if factors.dtype.name not in WEIGHT_DTYPE_NAMES:
             self.problems.append(problem(info.node, f"unsupported weight type {factors.dtype.name} for layer "
-                                                     f"'{node.name}'; AMCT converts int8 weights"))
+                                                     f"'{node.name}'; AMCT converts int8 and int4 weights"))
             return None
         offsets = factors.zero_point.reshape(-1) - factors.shift
         if np.any(offsets != 0):
@@ -288,7 +288,8 @@ class _Converter:
             if alpha != 1.0:       # lower applies alpha through the scale (the codes are B's)
                 scale_w = (scale_w * np.float32(alpha)).astype(np.float32)
         per_channel_axis = channel_axis if scale_w.size > 1 else None
-        return WeightQuantParams(np.ascontiguousarray(scale_w, np.float32), np.ascontiguousarray(codes), 8), \
+        bits = 4 if factors.bits == 4 else 8
+        return WeightQuantParams(np.ascontiguousarray(scale_w, np.float32), np.ascontiguousarray(codes), bits), \
             per_channel_axis
 
     def _check_bias(self, node: gs.Node, found: dict[str, Any], act: ActQuantParams,

@@ -77,6 +77,10 @@ class LowerPass(Pass):
         from ..quant.plan import build_plan
         targets = self._targets(ctx)
         plan = build_plan(graph, ctx.artifacts)
+        for target in targets:            # every target accepts every layer's precision before any is written
+            check = getattr(target, "check_plan", None)
+            if check is not None:
+                check(plan)
         ctx.artifacts["quant_record"] = plan.record()
         lowered = ctx.artifacts.setdefault("lowered", {})
         files = []

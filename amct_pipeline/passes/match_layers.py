@@ -15,6 +15,11 @@ are skipped, and each quantized layer gets ``options["calibrate"] = {"algorithm"
 "algorithm_options": {AMCT's option names}}`` and ``options["quantize_weights"] = {"channel_wise",
 "num_bits"}``; ``overrides`` still apply on top. The parsed ``QuantConfig`` becomes the
 ``amct_config`` artifact (calibrate takes its ``batch_num``).
+
+``precision`` sets bit widths per layer name or op type (a name wins over its op type) on top of
+both: ``{conv1: {act: 16}, Gemm: {wts: 4}, fc: float}``; ``float`` leaves the layer unquantized. Every
+matched layer's resulting precision is checked here (``quant.precision``, AMCT's rules), so a bad one
+is a one-line error naming the layer and field before calibration runs the model.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import onnx_graphsurgeon as gs
 from pydantic import Field, field_validator, model_validator
@@ -31,6 +36,7 @@ from ..amct.model_config import read_amct_config
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
 from ..quant.layers import SUPPORTED_OP_TYPES, LayerMap, QuantLayer, match_layer
+from ..quant.precision import FLOAT, layer_bits, precision_options, precision_problems
 from .base import Pass, PassResult
 
 __all__ = [
@@ -38,6 +44,7 @@ __all__ = [
     "MatchLayersOptions",
     "LayerOverride",
     "LayerMatch",
+    "LayerPrecision",
     "amct_layer_options",
 ]
 
@@ -92,6 +99,13 @@ class LayerOverride(Options):
     skip: bool = Field(False, description="Do not quantize the matched layers (an explicit false un-skips).")
 
 
+class LayerPrecision(Options):
+    """Bit widths of one layer (or op type); an absent side keeps its configured width."""
+
+    act: Optional[int] = Field(None, description="Activation bits: 8 or 16 (16 on Conv, ConvTranspose, Gemm).")
+    wts: Optional[int] = Field(None, description="Weight bits: 8 or 4 (6 or 7 on Conv).")
+
+
 class MatchLayersOptions(Options):
     skip_layers: list[str] = Field(default_factory=list,
                                    description="AMCT 'skip_layers': layer names not to quantize (must exist).")
@@ -102,6 +116,10 @@ class MatchLayersOptions(Options):
                                                     + ", ".join(SUPPORTED_OP_TYPES) + ".")
     overrides: list[LayerOverride] = Field(default_factory=list,
                                            description="Per-layer options/skips, resolved in order; last match wins.")
+    precision: dict[str, Union[Literal["float"], LayerPrecision]] = Field(
+        default_factory=dict,
+        description="Per layer name or op type: {act: 8|16, wts: 8|4} or 'float' (not quantized); a name wins "
+                    "over its op type, and both over overrides and amct_config.")
     amct_config: Optional[str] = Field(
         None, description="AMCT quant config file (.json or simplified .cfg; a relative path resolves against "
                           "the current working directory): its skips and per-layer activation/weight settings "
@@ -159,15 +177,40 @@ class MatchLayersPass(Pass):
             return "in skip_layers"
         config_options, config_skip = _from_config(config, node.name)
         skip_by, layer_options, explicit = _resolve_overrides(opts.overrides, node)
+        chosen, key = _precision(opts.precision, node)
+        if chosen == FLOAT:
+            return f"precision float (precision.{key})"
         if skip_by is not None:
             return f"skipped by overrides[{skip_by}]"
-        if config_skip and not explicit:
+        if config_skip and not explicit and chosen is None:
             return config_skip
         layer_options = _deep_merge(config_options, layer_options)
+        if chosen is not None:
+            layer_options = _deep_merge(layer_options, precision_options(chosen.act, chosen.wts))
         found = match_layer(graph, node)
         if isinstance(found, str):
             return found
+        _check_precision(node, layer_options, key)
         return QuantLayer(options=layer_options, **found)
+
+
+def _precision(table: Mapping[str, Any], node: gs.Node) -> tuple[Any, str | None]:
+    """(the node's entry of ``precision``, its key): by name, else by op type; (None, None) if absent."""
+    for key in (node.name, node.op):
+        if key in table:
+            return table[key], key
+    return None, None
+
+
+def _check_precision(node: gs.Node, options: Mapping[str, Any], key: str | None) -> None:
+    """AMCT's precision rules for the layer's final options; the error names the layer and the field."""
+    act, wts = layer_bits(options)
+    problems = precision_problems(node.op, act, wts)
+    if problems:
+        side, message = problems[0]
+        path = f"precision.{key}.{side}" if key is not None else (
+            "options.calibrate.algorithm_options.num_bits" if side == "act" else "options.quantize_weights.num_bits")
+        raise ConfigError([Problem(WHERE, f"layer '{node.name}' ({node.op}) {path}", message)])
 
 
 def _nested_layers(graph) -> list[str]:
@@ -191,6 +234,7 @@ def _check_names(graph, opts: MatchLayersOptions) -> None:
     named = [("skip_layers", name) for name in opts.skip_layers]
     named += [(f"overrides[{i}].match.name", o.match.name) for i, o in enumerate(opts.overrides)
               if o.match.name is not None]
+    named += [(f"precision.{key}", key) for key in opts.precision if key not in SUPPORTED_OP_TYPES]
     for path, name in named:
         if name not in ops:
             candidates = [n for n, op in ops.items() if op in SUPPORTED_OP_TYPES]

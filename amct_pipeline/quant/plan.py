@@ -101,7 +101,8 @@ class LayerPlan:
         from ..amct.record import LayerRecord
         return LayerRecord(scale_d=self.act.scale, offset_d=self.act.offset, scale_w=self.scale_w.tolist(),
                            offset_w=[0] * self.scale_w.size, act_type="INT8" if self.act.num_bits <= 8 else "INT16",
-                           wts_type=f"INT{self.wts_bits}")
+                           wts_type=f"INT{self.wts_bits}",
+                           dst_type="INT4" if self.wts_bits == 4 else "INT8")     # AMCT: the weights' QAT type
 
 
 @dataclass(frozen=True)

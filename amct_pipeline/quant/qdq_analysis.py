@@ -18,13 +18,27 @@ from ..ir.constants import chain_values, constant_chain
 from .params import ActQuantParams
 from .weights import deconv_channel_view
 
-__all__ = ["QUANTIZE", "DEQUANTIZE", "ACT_DTYPES", "UINT8_SHIFT", "QdqFactors", "QdqPair", "QuantConst",
+__all__ = ["QUANTIZE", "DEQUANTIZE", "ACT_DTYPES", "WEIGHT_DTYPE_NAMES", "UINT8_SHIFT", "dtype_bits", "QdqFactors", "QdqPair", "QuantConst",
            "node_factors", "analyse", "restore_constants", "broadcast", "channel_scales", "problem"]
 
 WHERE = "pass 'convert_qat'"
 QUANTIZE, DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
-ACT_DTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
+ACT_DTYPES = (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.uint16), np.dtype(np.int16))
+WEIGHT_DTYPE_NAMES = ("int8", "uint8", "int4", "uint4")      # INT4 Q/DQ (opset 21) load as ml_dtypes arrays
 UINT8_SHIFT = 128
+
+
+def dtype_bits(dtype: np.dtype) -> int:
+    """Bits of an integer Q/DQ type (INT4 / UINT4 included)."""
+    return 4 if dtype.name in ("int4", "uint4") else np.dtype(dtype).itemsize * 8
+
+
+def _signed(dtype: np.dtype) -> bool:
+    return dtype.name == "int4" or np.issubdtype(dtype, np.signedinteger)
+
+
+def _is_integer(dtype: np.dtype) -> bool:
+    return dtype.name in ("int4", "uint4") or np.issubdtype(dtype, np.integer)
 
 
 def problem(node: gs.Node | str, message: str, hint: str = "") -> Problem:
@@ -45,14 +59,20 @@ class QdqFactors:
         return self.scale.size == 1
 
     @property
+    def bits(self) -> int:
+        return dtype_bits(self.dtype)
+
+    @property
     def shift(self) -> int:
-        """uint8 -> int8 domain: offset = zp - 128 (SPEC 4.1); 0 for signed types."""
-        return UINT8_SHIFT if self.dtype == np.uint8 else 0
+        """Unsigned -> signed domain: offset = zp - 128 for uint8 (SPEC 4.1; 32768 for uint16, 8 for
+        uint4); 0 for signed types."""
+        return 0 if _signed(self.dtype) else 1 << (self.bits - 1)
 
     @property
     def code_range(self) -> tuple[int, int]:
-        info = np.iinfo(self.dtype)
-        return int(info.min), int(info.max)
+        if _signed(self.dtype):
+            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        return 0, (1 << self.bits) - 1
 
     def same(self, other: QdqFactors, rank: int | None = None) -> bool:
         if self.dtype != other.dtype or self.scale.size != other.scale.size:
@@ -64,7 +84,7 @@ class QdqFactors:
 
     def act_params(self) -> ActQuantParams:
         return ActQuantParams(float(np.float32(self.scale.reshape(-1)[0])),
-                              int(self.zero_point.reshape(-1)[0]) - self.shift, 8)
+                              int(self.zero_point.reshape(-1)[0]) - self.shift, 16 if self.bits == 16 else 8)
 
     def describe(self) -> str:
         scale = self.scale.reshape(-1)
@@ -138,7 +158,7 @@ def node_factors(graph, node: gs.Node, problems: list[Problem]) -> QdqFactors | 
     else:
         dtype = _default_dtype(graph, node)
         zp = np.zeros(scale.shape, np.int64)
-    if not np.issubdtype(dtype, np.integer):
+    if not _is_integer(dtype):
         problems.append(problem(node, f"{label} quantizes to {dtype.name}; only integer types are supported"))
         return None
     if scale.dtype != np.float32:
@@ -247,7 +267,7 @@ def _check_activation(node: gs.Node, factors: QdqFactors, problems: list[Problem
                                  "only weights may be quantized per channel"))
     if factors.dtype not in ACT_DTYPES:
         problems.append(problem(node, f"unsupported activation type {factors.dtype.name}; AMCT converts int8 and "
-                                       "uint8 Q/DQ pairs"))
+                                       "uint8 Q/DQ pairs (and 16-bit ones, INT16 activations)"))
 
 
 def _dq_readers(graph, q: gs.Node, problems: list[Problem]) -> list[tuple[gs.Node, tuple[int, int] | None]] | None:

@@ -691,13 +691,26 @@ def test_int16_on_matmul_is_refused(session, tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_int4_weights_are_refused(session, tmp_path):
+def test_int4_weights_are_packed_and_match_fakequant(session, tmp_path):
+    from amct_pipeline.ascend.packing import unpack_int4
+
     def edit(record):
-        record["conv"].wts_type = "INT4"
-    path, _, _, record = _edited_record(session, tmp_path, edit)
-    with pytest.raises(PassError) as info:
-        _from_record(session, path, record, tmp_path / "o")
-    assert "layer 'conv'" in str(info.value) and "INT4 weights are not supported" in str(info.value)
+        conv = record["conv"]
+        conv.wts_type = "INT4"
+        conv.scale_w = [s * 127 / 7 for s in conv.scale_w]       # the INT4 grid over the same range
+    path, _, x, record = _edited_record(session, tmp_path, edit)
+    result = _from_record(session, path, record)
+    deploy, fake = result.artifacts["lowered"]["ascend"], result.artifacts["lowered"]["fakequant"]
+    nodes = {n.name: n for n in deploy.graph.node}
+    weight = next(t for t in deploy.graph.initializer if t.name == nodes["conv"].input[1])
+    assert weight.data_type == onnx.TensorProto.INT4 and len(weight.raw_data) == (np.prod(weight.dims) + 1) // 2
+    codes = unpack_int4(weight.raw_data, tuple(weight.dims))
+    fake_codes = inits(fake)[next(n for n in fake.graph.node if n.name == "conv").input[1]]
+    np.testing.assert_array_equal(codes, fake_codes.astype(np.int8))
+    assert codes.min() >= -8 and codes.max() <= 7 and np.abs(codes).max() >= 7
+    assert result.artifacts["quant_record"]["conv"].wts_type == "INT4"
+    report = compare(result, x)
+    assert report.ok and report.max_steps <= 1e-3, report.format()
 
 
 # -- bad records through the ascend pipeline -------------------------------------------------------

@@ -145,19 +145,21 @@ def run_ort(model: onnx.ModelProto, x: np.ndarray, *, optimized_path=None, level
 
 
 # -- the integer simulation (SPEC 4.1, 4.3, 5.4) ---------------------------------------------------
-def quantize_act(x: np.ndarray, scale_d: float, offset_d: int) -> np.ndarray:
-    """int8 codes minus the offset, as int64: clip(rint(x * float32(1/scale_d)) + offset) - offset."""
+def quantize_act(x: np.ndarray, scale_d: float, offset_d: int, bits: int = 8) -> np.ndarray:
+    """Integer codes minus the offset, as int64: clip(rint(x * float32(1/scale_d)) + offset) - offset."""
     m = np.float32(1.0 / float(scale_d))
-    q = np.clip(np.rint(np.asarray(x, np.float32) * m) + offset_d, -128, 127)
+    half = 1 << (bits - 1)
+    q = np.clip(np.rint(np.asarray(x, np.float32) * m) + offset_d, -half, half - 1)
     return q.astype(np.int64) - offset_d
 
 
-def weight_codes(w: np.ndarray, scale_w: np.ndarray, axis: int | None) -> np.ndarray:
+def weight_codes(w: np.ndarray, scale_w: np.ndarray, axis: int | None, bits: int = 8) -> np.ndarray:
     shape = [1] * w.ndim
     if scale_w.size > 1:
         shape[axis] = -1
     codes = np.rint(w.astype(np.float32) / scale_w.astype(np.float32).reshape(shape))
-    return np.clip(codes, -128, 127).astype(np.int64)
+    half = 1 << (bits - 1)
+    return np.clip(codes, -half, half - 1).astype(np.int64)
 
 
 def bias_codes(b: np.ndarray, scale_d: float, scale_w: np.ndarray) -> np.ndarray:
@@ -246,6 +248,12 @@ def simulate(float_model: onnx.ModelProto, record, x: np.ndarray, outputs: list[
         r = record[node_name]
         return float(r.scale_d), int(r.offset_d), np.asarray(r.scale_w, np.float32)
 
+    def act_bits(op) -> int:             # INT16 activations / INT4 weights as the record says
+        return 16 if record[op.onnx_node.name].act_type == "INT16" else 8
+
+    def wts_bits(op) -> int:
+        return int(record[op.onnx_node.name].wts_type[3:])
+
     def dequant(acc, deq, channel_rank):
         deq = deq.reshape([1, -1] + [1] * (channel_rank - 2)) if deq.size > 1 else deq.reshape(())
         return acc.astype(np.float32) * deq
@@ -261,7 +269,8 @@ def simulate(float_model: onnx.ModelProto, record, x: np.ndarray, outputs: list[
                 y = conv_int(x.astype(np.float64), w.astype(np.float64), attrs(self.onnx_node))
                 return ((y + (0 if b is None else b.reshape([1, -1] + [1] * (w.ndim - 2)))).astype(np.float32),)
             scale_d, offset_d, scale_w = rec(self.onnx_node.name)
-            acc = conv_int(quantize_act(x, scale_d, offset_d), weight_codes(w, scale_w, 0), attrs(self.onnx_node))
+            acc = conv_int(quantize_act(x, scale_d, offset_d, act_bits(self)),
+                           weight_codes(w, scale_w, 0, wts_bits(self)), attrs(self.onnx_node))
             if b is not None:
                 acc = acc + bias_codes(b, scale_d, scale_w).reshape([1, -1] + [1] * (w.ndim - 2))
             return (dequant(acc, np.float32(scale_d) * scale_w, w.ndim),)
@@ -276,7 +285,8 @@ def simulate(float_model: onnx.ModelProto, record, x: np.ndarray, outputs: list[
             scale_d, offset_d, scale_w = rec(self.onnx_node.name)
             group = attrs(self.onnx_node).get("group", 1)
             assert group == 1 or scale_w.size == 1, "the simulation handles per-channel deconv with group 1"
-            acc = conv_transpose_int(quantize_act(x, scale_d, offset_d), weight_codes(w, scale_w, 1),
+            acc = conv_transpose_int(quantize_act(x, scale_d, offset_d, act_bits(self)),
+                                     weight_codes(w, scale_w, 1, wts_bits(self)),
                                      attrs(self.onnx_node))
             if b is not None:
                 acc = acc + bias_codes(b, scale_d, scale_w).reshape(1, -1, 1, 1)
@@ -293,8 +303,8 @@ def simulate(float_model: onnx.ModelProto, record, x: np.ndarray, outputs: list[
                 return ((y + (0 if c is None else at.get("beta", 1.0) * c)).astype(np.float32),)
             scale_d, offset_d, scale_w = rec(self.onnx_node.name)
             assert at.get("alpha", 1.0) == 1.0 and at.get("beta", 1.0) == 1.0
-            w = weight_codes(b.T if at.get("transB", 0) else b, scale_w, None)
-            acc = quantize_act(a, scale_d, offset_d) @ w
+            w = weight_codes(b.T if at.get("transB", 0) else b, scale_w, None, wts_bits(self))
+            acc = quantize_act(a, scale_d, offset_d, act_bits(self)) @ w
             if c is not None:
                 acc = acc + bias_codes(c, scale_d, scale_w)
             return (dequant(acc, np.float32(scale_d) * scale_w, 2),)
@@ -306,7 +316,8 @@ def simulate(float_model: onnx.ModelProto, record, x: np.ndarray, outputs: list[
             if unquantized(self.onnx_node):
                 return (np.matmul(a.astype(np.float64), b).astype(np.float32),)
             scale_d, offset_d, scale_w = rec(self.onnx_node.name)
-            acc = quantize_act(a, scale_d, offset_d) @ weight_codes(b, scale_w, None)
+            acc = quantize_act(a, scale_d, offset_d, act_bits(self)) @ weight_codes(b, scale_w, None,
+                                                                                      wts_bits(self))
             if self.onnx_node.name in matmul_bias:
                 acc = acc + bias_codes(matmul_bias[self.onnx_node.name], scale_d, scale_w)
             return (dequant(acc, np.float32(scale_d) * scale_w, 2),)
@@ -319,7 +330,7 @@ def simulate(float_model: onnx.ModelProto, record, x: np.ndarray, outputs: list[
             at = attrs(self.onnx_node)
             assert not any(at.get("pads", [0])), "the simulation handles unpadded pooling"
             kernel, strides = at["kernel_shape"], at.get("strides", at["kernel_shape"])
-            q = quantize_act(x, scale_d, offset_d)
+            q = quantize_act(x, scale_d, offset_d, act_bits(self))
             win = np.lib.stride_tricks.sliding_window_view(q, kernel, axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
             mean = win.sum(axis=(-2, -1)).astype(np.float64) / (kernel[0] * kernel[1])
             return (mean.astype(np.float32) * np.float32(scale_d),)

@@ -333,7 +333,7 @@ VIOLATIONS = {
     "pair_factors": (lambda: conv_qdq(act_scale_dq=0.021), "x.DequantizeLinear", "different factors"),
     "per_channel_activation": (lambda: conv_qdq(act_axis=True), "x.QuantizeLinear", "per-channel activation"),
     "weight_zero_point": (lambda: conv_qdq(weight_zp=3), "conv.weight_DequantizeLinear", "weight zero point"),
-    "uint16_activation": (lambda: conv_qdq(act_dtype=np.uint16, opset=21), "x.QuantizeLinear", "uint16"),
+    "int32_activation": (lambda: conv_qdq(act_dtype=np.int32, opset=21), "x.QuantizeLinear", "int32"),
 }
 
 

@@ -27,6 +27,17 @@ saturates where it clips, else a uint8 Clip after the QuantizeLinear), which is 
 layer before it fuse. Opsets below 13 are upgraded first (per-axis DequantizeLinear needs 13), so old models load.
 Grouped ConvTranspose with per-channel weights cannot be expressed with one DequantizeLinear axis; its
 weight is stored dequantized (float), which onnxruntime would not run in integers anyway.
+
+Other precisions, per layer (opset 21 is then required and the model is upgraded to it):
+
+* INT4 weights: a packed INT4 initializer (two codes per byte) behind a per-channel DequantizeLinear
+  with an INT4 zero point; onnxruntime dequantizes it once when the session is built and runs the
+  layer in float (it has no integer Conv for INT4), so the file shrinks, not the compute.
+* INT16 activations: UINT16 QuantizeLinear / DequantizeLinear (zero point offset_d + 32768) on the
+  layer's own input pair; onnxruntime has no 16-bit QLinearConv, so the layer runs in float on the
+  dequantized input (quantization is simulated exactly; no integer speed-up). The block-output
+  tensors around a 16-bit layer (its input class and its output) get no 8-bit pair: they would only
+  serve integer fusion, which cannot happen there, and would add 8-bit noise next to it.
 """
 from __future__ import annotations
 
@@ -35,16 +46,16 @@ import onnx_graphsurgeon as gs
 from pydantic import Field
 
 from ...errors import ConfigError, Problem
-from ...ir.edit import Namer, add_node, constant, reroute
+from ...ir.edit import Namer, constant, reroute
 from ...options import Options
 from ...quant.facts import FOLDABLE_ACTIVATIONS, QdqLayout, activation_bounds, plan_layout, resolve_layout
 from ...quant.params import ActQuantParams
-from ...quant.plan import LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, with_input_factors
-from .base import PlanTarget
+from ...quant.plan import (LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, output_node,
+                           with_input_factors)
+from .base import ACT_TYPES, PRECISION_OPSET, PlanTarget, dequantized_constant, qdq_pair
 
 __all__ = ["QdqTarget", "QdqOptions"]
 
-UINT8_SHIFT = 128                             # uint8 zero point = int8-domain offset + 128
 
 
 class QdqOptions(Options):
@@ -56,13 +67,28 @@ class QdqOptions(Options):
 
 class QdqTarget(PlanTarget):
     name = "qdq"
-    summary = "QuantizeLinear/DequantizeLinear model (uint8 activations, int8 weights, int32 bias) for onnxruntime."
+    summary = ("QuantizeLinear/DequantizeLinear model (uint8/uint16 activations, int8/int4 weights, int32 bias) "
+               "for onnxruntime.")
     suffix = "qdq_model"
     Options = QdqOptions
 
+    def check_plan(self, plan: LoweringPlan) -> None:
+        for name, layer_plan in plan.layers.items():
+            if layer_plan.act.num_bits not in ACT_TYPES:
+                raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
+                                           "activations cannot be expressed as a QuantizeLinear",
+                                           "use 8- or 16-bit activations for this layer")])
+
+    def opset(self, plan: LoweringPlan) -> int | None:
+        wide = any(p.act.num_bits != 8 or (p.weight_q is not None and p.wts_bits == 4) for p in plan.layers.values())
+        return max(self.min_opset, PRECISION_OPSET) if wide else self.min_opset
+
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
-        _check_bits(plan)
+        self.check_plan(plan)
         layout = self.layout(graph, plan, ctx)
+        for name, layer_plan in plan.layers.items():      # a 16-bit layer reads its own 16-bit pair
+            if layer_plan.act.num_bits != 8 and layout.factors.get(layer_plan.layer.input) != layer_plan.act:
+                layout.layer_pairs[name] = layer_plan.act
         namer = Namer(graph)
         _quantize_activations(graph, namer, plan, layout)
         nodes = {node.name: node for node in graph.nodes}
@@ -79,7 +105,10 @@ class QdqTarget(PlanTarget):
             structure.concats = []
             return resolve_layout(graph, structure, act, {})
         wanted = structure.wanted()
-        found = {name: normalized_act(ctx.tensor_quant[name], name) for name in wanted if name in ctx.tensor_quant}
+        wide = _wide_neighbourhood(graph, plan)
+        wide |= {structure.sources[t].name for t in wide if t in structure.sources}     # their classes' sources
+        found = {name: normalized_act(ctx.tensor_quant[name], name) for name in wanted
+                 if name in ctx.tensor_quant and name not in wide}
         if len(found) < len(wanted):
             ctx.logger.info("qdq: %d layer/Add/pooling/Concat outputs have no factors and stay float (calibrate "
                             "with block_outputs: true for full integer fusion)", len(wanted) - len(found))
@@ -90,12 +119,22 @@ class QdqTarget(PlanTarget):
         return layout
 
 
-def _check_bits(plan: LoweringPlan) -> None:
-    for name, layer_plan in plan.layers.items():
-        if layer_plan.act.num_bits != 8:
-            raise ConfigError([Problem("target 'qdq'", f"layer '{name}'", f"{layer_plan.act.num_bits}-bit "
-                                       "activations cannot be expressed as uint8 QuantizeLinear",
-                                       "use 8-bit activations or only the fakequant target")])
+def _wide_neighbourhood(graph, plan: LoweringPlan) -> set[str]:
+    """Inputs and outputs (after a Relu/Clip) of 16-bit layers. Their 8-bit block-output factors exist
+    only so onnxruntime fuses integer kernels, which it has none of for 16-bit layers; quantizing them
+    would put 8-bit noise around a layer the user asked to keep at 16 bits, so they stay float."""
+    nodes = {node.name: node for node in graph.nodes}
+    names: set[str] = set()
+    for layer_plan in plan.layers.values():
+        if layer_plan.act.num_bits == 8:
+            continue
+        names.add(layer_plan.layer.input)
+        out = output_node(nodes, layer_plan.layer).outputs[0]
+        names.add(out.name)
+        while len(out.outputs) == 1 and out.outputs[0].op in FOLDABLE_ACTIVATIONS:
+            out = out.outputs[0].outputs[0]
+            names.add(out.name)
+    return names
 
 
 # -- emitting -------------------------------------------------------------------------------------
@@ -107,12 +146,12 @@ def _quantize_activations(graph, namer: Namer, plan: LoweringPlan, layout: QdqLa
         tensor, params = tensors[name], layout.factors[name]
         readers = list(tensor.outputs)
         source, code_range = _fold_activation(graph, tensor, params)
-        _, dequantized = _qdq_pair(graph, namer, source, params, name, code_range)
+        _, dequantized = qdq_pair(graph, namer, source, params, name, code_range)
         reroute(tensor, dequantized, readers)
     nodes = {node.name: node for node in graph.nodes}
     for name, params in layout.layer_pairs.items():
         node = nodes[name]
-        _, dequantized = _qdq_pair(graph, namer, tensors[plan.layers[name].layer.input], params, f"{name}.input")
+        _, dequantized = qdq_pair(graph, namer, tensors[plan.layers[name].layer.input], params, f"{name}.input")
         node.inputs[0] = dequantized
 
 
@@ -150,28 +189,8 @@ def _code(bound: float, params: ActQuantParams) -> int:
     return int(np.clip(code, params.qmin, params.qmax))
 
 
-def _qdq_pair(graph, namer: Namer, tensor: gs.Tensor, params: ActQuantParams, base: str,
-              code_range: tuple[int, int] | None = None):
-    """QuantizeLinear -> [Clip on the uint8 codes] -> DequantizeLinear; returns (Q node, DQ output)."""
-    scale = constant(namer, f"{base}_scale", np.array(params.scale, np.float32))
-    zero_point = constant(namer, f"{base}_zero_point", np.array(params.offset + UINT8_SHIFT, np.uint8))
-    quantize = add_node(graph, namer, "QuantizeLinear", f"{base}_QuantizeLinear", [tensor, scale, zero_point],
-                        [f"{base}_quantized"])
-    codes = quantize.outputs[0]
-    codes.dtype = np.uint8
-    if code_range is not None:
-        low, high = (constant(namer, f"{base}_clip_{end}", np.array(code + UINT8_SHIFT, np.uint8))
-                     for end, code in zip(("min", "max"), code_range))
-        codes = add_node(graph, namer, "Clip", f"{base}_Clip", [codes, low, high], [f"{base}_clipped"]).outputs[0]
-        codes.dtype = np.uint8
-    dequantize = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
-                          [codes, scale, zero_point], [f"{base}_dequantized"])
-    dequantize.outputs[0].dtype = np.float32
-    return quantize, dequantize.outputs[0]
-
-
 def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: LayerPlan) -> None:
-    """INT8 weight and INT32 bias initializers behind DequantizeLinear nodes."""
+    """INT8 (or packed INT4) weight and INT32 bias initializers behind DequantizeLinear nodes."""
     if plan.weight_q is None:
         return
     layer, node = plan.layer, nodes[plan.name]
@@ -180,28 +199,13 @@ def _quantize_constants(graph, namer: Namer, nodes: dict[str, gs.Node], plan: La
         node.inputs[1] = constant(namer, f"{base}_dequantized", plan.dequantized_weight())
     else:
         axis = layer.channel_axis if plan.per_channel else None
-        node.inputs[1] = _dequantized_constant(graph, namer, plan.weight_q.astype(np.int8), plan.scale_w,
-                                               np.int8, axis, base)
+        dtype = "int4" if plan.wts_bits == 4 else np.int8
+        node.inputs[1] = dequantized_constant(graph, namer, plan.weight_q.astype(np.int8), plan.scale_w,
+                                               dtype, axis, base)
     slot = bias_slot(nodes, layer)
     if slot is not None and plan.bias_q is not None:
         bias_node, index = slot
         axis = 0 if plan.per_channel else None
-        bias_node.inputs[index] = _dequantized_constant(graph, namer, plan.bias_q, plan.deq_scale, np.int32, axis,
+        bias_node.inputs[index] = dequantized_constant(graph, namer, plan.bias_q, plan.deq_scale, np.int32, axis,
                                                         bias_node.inputs[index].name)
     neutralize_gemm(node)
-
-
-def _dequantized_constant(graph, namer: Namer, codes: np.ndarray, scale: np.ndarray, dtype, axis: int | None,
-                          base: str) -> gs.Variable:
-    scale = np.asarray(scale, np.float32).reshape(-1)
-    if axis is None:
-        scale_values, zero = np.array(scale[0], np.float32), np.array(0, dtype)
-    else:
-        scale_values, zero = scale, np.zeros(scale.size, dtype)
-    attrs = {} if axis is None else {"axis": int(axis)}
-    node = add_node(graph, namer, "DequantizeLinear", f"{base}_DequantizeLinear",
-                    [constant(namer, f"{base}_quantized", codes.astype(dtype)),
-                     constant(namer, f"{base}_scale", scale_values),
-                     constant(namer, f"{base}_zero_point", zero)], [f"{base}_dequantized"], **attrs)
-    node.outputs[0].dtype = np.float32
-    return node.outputs[0]
