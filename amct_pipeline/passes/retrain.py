@@ -45,6 +45,7 @@ from pydantic import Field, field_validator, model_validator
 from ..errors import ConfigError, Problem
 from ..options import Options, suggest
 from ..quant.params import ActQuantParams, WeightQuantParams
+from ..quant.precision import layer_bits, precision_problems
 from ..quant.weights import effective_weight
 from .base import Pass, PassResult
 
@@ -72,8 +73,9 @@ class RetrainOptions(Options):
                                    "re-quantization at every step, straight-through), ada (learned rounding of "
                                    "ARQ-scaled weights), ulq_retrain (learned weights and scales), arq "
                                    "(round-to-nearest, nothing learned).")
-    weight_bits: Literal[4, 8] = Field(8, description="Weight bits (INT4 codes are stored in int8 arrays).")
-    act_bits: Literal[8, 16] = Field(8, description="Activation bits.")
+    weight_bits: Literal[4, 8] = Field(8, description="Weight bits of layers match_layers gives no width "
+                                                     "(INT4 codes are stored in int8 arrays within [-8, 7]).")
+    act_bits: Optional[Literal[8, 16]] = Field(None, description="Activation bits; default: calibrate's per layer.")
     channel_wise: bool = Field(True, description="Per-channel weight scales for Conv / ConvTranspose.")
     layers: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per layer, AMCT spelling: {retrain_enable, act: {clip_max, clip_min, "
@@ -183,7 +185,7 @@ def _number(value) -> bool:
 @dataclass
 class LayerSettings:
     enabled: bool
-    act_bits: int
+    act_bits: Optional[int]          # None: the calibrated width
     clip_max: Optional[float]
     clip_min: Optional[float]
     fixed_min: Optional[bool]
@@ -245,7 +247,9 @@ class RetrainPass(Pass):
                                        suggest(name, list(layer_map)) or "see `amct-pipeline inspect`")])
         out = {}
         for layer in layer_map.layers():
-            s = LayerSettings(True, o.act_bits, None, None, None, o.wts_algo, o.weight_bits, o.channel_wise)
+            _, given_wts = layer_bits(layer.options)          # match_layers' precision / AMCT quant config
+            s = LayerSettings(True, o.act_bits, None, None, None, o.wts_algo,
+                              given_wts if given_wts in (4, 8) else o.weight_bits, o.channel_wise)
             entry = config.layers.get(layer.name) if config is not None else None
             if entry is not None:
                 s.enabled = entry.retrain_enable
@@ -258,6 +262,10 @@ class RetrainPass(Pass):
             _apply_entry(s, o.layers.get(layer.name) or {})
             if layer.weight is None and s.wts_algo != "arq":
                 s.wts_algo = "arq"            # AveragePool: nothing to learn on the weight side
+            problems = precision_problems(layer.op_type, s.act_bits, s.weight_bits if layer.weight is not None else None)
+            if problems and s.enabled:
+                side, message = problems[0]
+                raise ConfigError([Problem(WHERE, f"layer '{layer.name}' ({layer.op_type}).{side}.dst_type", message)])
             out[layer.name] = s
         return out
 
@@ -346,9 +354,10 @@ def _initial_act(graph, layer_map, act_quant, settings) -> dict[str, ActQuantPar
         if not high > low:
             raise ConfigError([Problem(WHERE, f"layer '{layer.name}'.act", f"calibrated range [{low}, {high}] is "
                                        "empty; give clip_max / clip_min")])
-        key = (layer.input, id(params), high, low, fixed, s.act_bits)
+        bits = s.act_bits or params.num_bits
+        key = (layer.input, id(params), high, low, fixed, bits)
         if key not in shared:
-            shared[key] = ulq_factors(max(high, 1e-6), min(low, 0.0), s.act_bits)
+            shared[key] = ulq_factors(max(high, 1e-6), min(low, 0.0), bits)
         out[layer.name] = shared[key]
     return out
 

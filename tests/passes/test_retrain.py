@@ -64,9 +64,10 @@ def test_same_seed_gives_byte_identical_models(session):
     assert c.artifacts["lowered"]["qdq"].SerializeToString() != a.artifacts["lowered"]["qdq"].SerializeToString()
 
 
-def test_retrained_fakequant_model_equals_integer_simulation_of_its_record(session):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_retrained_fakequant_model_equals_integer_simulation_of_its_record(session, bits):
     x = build_demo_data(8)
-    result = _run(session, "retrain{steps=30 block_layers=1}")
+    result = _run(session, f"retrain{{steps=30 block_layers=1 weight_bits={bits}}}")
     float_model = result.model           # after fuse_bn and retraining: the graph (learned biases) the record belongs to
     outputs = [o.name for o in float_model.graph.output]
     expected = simulate(float_model, result.artifacts["quant_record"], x, outputs)
@@ -169,3 +170,12 @@ def test_spill_to_disk_gives_the_same_model(session, tmp_path):
     assert in_memory.artifacts["lowered"]["qdq"].graph.SerializeToString() == \
         spilled.artifacts["lowered"]["qdq"].graph.SerializeToString()
     assert isinstance(spilled.artifacts["lowered"]["qdq"], onnx.ModelProto)
+
+
+def test_match_layers_precision_sets_the_layer_weight_bits(session):
+    """match_layers{precision} gives one layer INT4 weights; the others keep the pass's 8 bits."""
+    text = ("fuse_bn,match_layers{precision={conv2={wts=4}}},calibrate{algorithm=ifmr},retrain{steps=5}" + LOWER)
+    result = session.build(text, datasets=["calib"]).run(build_demo_model(), datasets={"calib": _source()})
+    bits = {name: p.num_bits for name, p in result.artifacts["weight_quant"].items()}
+    assert bits == {"conv1": 8, "conv2": 4, "fc": 8}
+    assert result.artifacts["quant_settings"]["conv2"]["wts"]["num_bits"] == 4
