@@ -12,7 +12,7 @@ evaluated on the other 150; mnist-8 200 / 9,800; ResNet-8; super-resolution) and
 * W4A8: round-to-nearest (ARQ's 4-bit scales, IFMR activations, nothing learned) and retrain_w4a8.
 
 Columns: top-1 (where labels exist), top-1 agreement with the float model, output SQNR of the QDQ
-model (dB), wall time of the run, peak RSS of that run (a fresh process per variant, VmHWM), and
+model (dB), wall time and CPU time (user + system) of the run, peak RSS of that run (a fresh process per variant, VmHWM), and
 for retrain the time per block. The machine's load average is recorded: times are pessimistic under load.
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ def child(case_key: str, label: str, spec: str, steps: int | None) -> dict:
     """Run one variant in a fresh process; its peak RSS (VmHWM) is that variant's."""
     code = ("import json,sys,resource; sys.path.insert(0, %r); import retrain as r; "
             "row = r.run_variant(%r, %r, %r, %r, None); "
-            "row['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); "
+            "use = resource.getrusage(resource.RUSAGE_SELF); row['peak_rss_mb'] = round(use.ru_maxrss / 1024); "
+            "row['cpu_s'] = round(use.ru_utime + use.ru_stime, 1); "
             "print('ROW' + json.dumps(row))") % (str(HERE), case_key, label, spec, steps)
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")     # faster than two threads for the engine on this shared machine
@@ -92,7 +93,7 @@ def child(case_key: str, label: str, spec: str, steps: int | None) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["model", "variant", "top1_float", "top1", "agreement", "sqnr_db", "wall_s", "peak_rss_mb"]
+    columns = ["model", "variant", "top1_float", "top1", "agreement", "sqnr_db", "wall_s", "cpu_s", "peak_rss_mb"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
