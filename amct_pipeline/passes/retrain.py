@@ -301,7 +301,8 @@ class RetrainPass(Pass):
 
 
 def _bad(layer: str, field: str, value) -> int:
-    raise ConfigError([Problem(WHERE, f"layer '{layer}'.{field}", f"{value} is not supported here")])
+    raise ConfigError([Problem(WHERE, f"layer '{layer}'.{field}", f"{value} activations are not supported "
+                               "(INT8 or INT16; no target holds INT4 activations)")])
 
 
 def _apply_entry(s: LayerSettings, entry: dict[str, Any]) -> None:

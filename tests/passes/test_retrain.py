@@ -179,3 +179,19 @@ def test_match_layers_precision_sets_the_layer_weight_bits(session):
     bits = {name: p.num_bits for name, p in result.artifacts["weight_quant"].items()}
     assert bits == {"conv1": 8, "conv2": 4, "fc": 8}
     assert result.artifacts["quant_settings"]["conv2"]["wts"]["num_bits"] == 4
+
+
+def test_amct_retrain_cfg(session, tmp_path):
+    """The simplified .cfg: types and layers resolved separately; skipped layers stay float; an INT4
+    activation is an error naming the layer and field before the pass runs the model."""
+    cfg = tmp_path / "retrain.cfg"
+    cfg.write_text('retrain_weight_quant_config { arq_retrain { channel_wise: false } }\n'
+                   'override_layer_types { layer_type: "Conv" retrain_weight_quant_config { ulq_retrain { '
+                   'channel_wise: true } } }\nquant_skip_layers: "fc"\n')
+    result = _run(session, f"retrain{{config=\"{cfg}\" steps=5}}")
+    assert result.stats_for("retrain")["weight_algorithms"] == {"ulq_retrain": 2}
+    assert "fc" not in result.artifacts["act_quant"]
+    cfg.write_text('override_layer_configs { layer_name: "conv2" retrain_data_quant_config { ulq_quantize { '
+                   'dst_type: INT4 } } }\n')
+    with pytest.raises(AmctError, match="layer 'conv2'.act.dst_type: INT4 activations are not supported"):
+        _run(session, f"retrain{{config=\"{cfg}\" steps=5}}")
