@@ -26,9 +26,10 @@ def amct_register_passes():
     from ..passes.analyze import AnalyzePass
     from ..passes.auto_calibrate import AutoCalibratePass
     from ..passes.mixed_precision import MixedPrecisionPass
+    from ..passes.retrain import RetrainPass
     return [FuseBatchNormPass, MatchLayersPass, SavePass, CalibratePass, RefineRangesPass, DecomposePass, ApplyDecompositionPass,
             QuantizeWeightsPass, LowerPass, ExportAmctPass, LoadRecordPass, ConvertQatPass, EqualizeChannelsPass,
-            DmqBalancePass, AnalyzePass, AutoCalibratePass, MixedPrecisionPass]
+            DmqBalancePass, AnalyzePass, AutoCalibratePass, MixedPrecisionPass, RetrainPass]
 
 
 @hookimpl

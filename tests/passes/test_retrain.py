@@ -1,0 +1,197 @@
+"""retrain: block reconstruction against the float model, checked through onnxruntime.
+
+The models are small (the demo model: Conv-BN-Relu x2, a residual Add, pooling, Gemm) so that a few
+dozen steps run in seconds; quality is measured on the lowered QDQ / fake-quant models in onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from amct_pipeline.demo import build_demo_data, build_demo_model
+from amct_pipeline.errors import AmctError, ConfigError
+from amct_pipeline.pipeline.spec import DatasetSpec
+from amct_pipeline.runtime.data import ArraySource
+from amct_pipeline.runtime.ort import make_session
+from test_lower import assert_float32_equal, run_ort, simulate
+
+BASE = "fuse_bn,match_layers,calibrate{algorithm=ifmr},"
+LOWER = ",lower{targets=[fakequant,qdq]}"
+
+
+def _source(count: int = 48) -> ArraySource:
+    return ArraySource("calib", {"x": build_demo_data(count)}, DatasetSpec(batch_size=16), "test")
+
+
+def _run(session, retrain: str, count: int = 48):
+    pipeline = session.build(BASE + retrain + LOWER, datasets=["calib"])
+    return pipeline.run(build_demo_model(), datasets={"calib": _source(count)})
+
+
+def _sqnr_db(result, target: str, x: np.ndarray) -> float:
+    """Against the float model as given (``result.model`` holds the learned biases)."""
+    reference = make_session(build_demo_model()).run(None, {"input": x})[0].astype(np.float64)
+    got = make_session(result.artifacts["lowered"][target]).run(None, {"input": x})[0].astype(np.float64)
+    return float(10 * np.log10(np.square(reference).sum() / np.square(got - reference).sum()))
+
+
+def test_retrain_beats_round_to_nearest_at_int4(session):
+    """W4A8 on the demo model: learned clips, rounding and biases beat ARQ round-to-nearest with IFMR
+    clips, on held-out inputs, in the QDQ and the fake-quant models onnxruntime runs."""
+    held_out = build_demo_data(96)[48:]
+    nearest = _run(session, "retrain{weight_bits=4 wts_algo=arq steps=0}")
+    learned = _run(session, "retrain{weight_bits=4 steps=120 block_layers=1}")
+    for target in ("qdq", "fakequant"):
+        before, after = _sqnr_db(nearest, target, held_out), _sqnr_db(learned, target, held_out)
+        assert after > before + 0.5, (target, before, after)
+    stats = learned.stats_for("retrain")
+    assert stats["blocks"] >= 2 and len(stats["block_seconds"]) == stats["blocks"]
+    assert all(a >= b for a, b in zip(stats["block_db_after"], stats["block_db_before"]))
+    codes = [p.quantized for p in learned.artifacts["weight_quant"].values() if p.quantized.size]
+    assert all(c.dtype == np.int8 and c.min() >= -8 and c.max() <= 7 for c in codes)
+    assert {p.num_bits for p in learned.artifacts["weight_quant"].values() if p.quantized.size} == {4}
+
+
+def test_same_seed_gives_byte_identical_models(session):
+    text = "retrain{steps=30 seed=7 block_layers=1}"
+    a, b = _run(session, text), _run(session, text)
+    for target in ("qdq", "fakequant"):
+        assert a.artifacts["lowered"][target].SerializeToString() == b.artifacts["lowered"][target].SerializeToString()
+    c = _run(session, "retrain{steps=30 seed=8 block_layers=1}")
+    assert c.artifacts["lowered"]["qdq"].SerializeToString() != a.artifacts["lowered"]["qdq"].SerializeToString()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_retrained_fakequant_model_equals_integer_simulation_of_its_record(session, bits):
+    x = build_demo_data(8)
+    result = _run(session, f"retrain{{steps=30 block_layers=1 weight_bits={bits}}}")
+    float_model = result.model           # after fuse_bn and retraining: the graph (learned biases) the record belongs to
+    outputs = [o.name for o in float_model.graph.output]
+    expected = simulate(float_model, result.artifacts["quant_record"], x, outputs)
+    actual = run_ort(result.artifacts["lowered"]["fakequant"], x, level="none")
+    for name, a, e in zip(outputs, actual, expected):
+        assert_float32_equal(a, e, f"output '{name}'")
+
+
+def test_artifacts_as_ptq_and_amct_files(session, tmp_path):
+    """act_quant / weight_quant / record as PTQ gives them; export_amct writes the record; a Relu
+    producer fixes clip_min at 0 (AMCT's fixed_min rule)."""
+    pipeline = session.build(BASE + "retrain{steps=10}" + LOWER + ",export_amct", datasets=["calib"])
+    result = pipeline.run(build_demo_model(), datasets={"calib": _source()}, output_dir=tmp_path)
+    act, weights = result.artifacts["act_quant"], result.artifacts["weight_quant"]
+    assert list(act) == ["conv1", "conv2", "fc"] and set(weights) == set(act)
+    assert act["conv2"].offset == -128 and act["fc"].offset == -128      # inputs produced by Relu / after Relu
+    assert set(result.artifacts["quant_record"]) == {"conv1", "conv2", "fc"}
+    assert any(p.name.endswith("record.txt") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(".amct-retrain") for p in tmp_path.iterdir())     # spill folder removed
+
+
+def test_amct_json_config_given_clips_and_disabled_layer(session, tmp_path):
+    config = tmp_path / "retrain.json"
+    config.write_text(json.dumps({
+        "version": 1, "batch_num": 1,
+        "conv1": {"retrain_enable": True, "retrain_data_config": {"algo": "ulq_quantize", "clip_max": 3.0,
+                                                                    "clip_min": -2.5},
+                  "retrain_weight_config": {"algo": "ulq_retrain", "channel_wise": True, "dst_type": "INT8"}},
+        "fc": {"retrain_enable": False}}))
+    result = _run(session, f"retrain{{config=\"{config}\" steps=0}}")
+    act = result.artifacts["act_quant"]
+    assert "fc" not in act and "fc" not in result.artifacts["weight_quant"]      # left float
+    assert act["conv1"].clip_max == pytest.approx(3.0, rel=1e-2) and act["conv1"].clip_min == pytest.approx(-2.5, rel=2e-2)
+    assert result.stats_for("retrain")["weight_algorithms"] == {"ulq_retrain": 1, "arq_retrain": 1}
+
+
+def test_ada_and_ulq_retrain_beat_round_to_nearest(session):
+    x = build_demo_data(96)[48:]
+    nearest = _run(session, "retrain{weight_bits=4 wts_algo=arq steps=0}")
+    for algo in ("ada", "ulq_retrain"):
+        result = _run(session, f"retrain{{weight_bits=4 wts_algo={algo} steps=80 block_layers=1}}")
+        assert _sqnr_db(result, "qdq", x) > _sqnr_db(nearest, "qdq", x), algo
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"act": {"clip_max": 0.0}}, "layer 'conv1'.act.clip_max"),
+    ({"act": {"clip_max": -1.0}}, "layer 'conv1'.act.clip_max"),
+    ({"act": {"clip_min": 0.5}}, "layer 'conv1'.act.clip_min"),
+    ({"act": {"clip_min": 0.0}}, "layer 'conv1'.act.clip_min"),
+    ({"act": {"algo": "lsq"}}, "layer 'conv1'.act.algo"),
+    ({"wts": {"algo": "adaround"}}, "layer 'conv1'.wts.algo"),
+    ({"wts": {"dst_type": "INT16"}}, "layer 'conv1'.wts.dst_type"),
+    ({"act": {"dst_type": "INT4"}}, "layer 'conv1'.act.dst_type"),
+    ({"wts": {"channel": True}}, "layer 'conv1'.wts.channel"),
+])
+def test_bad_layer_values_fail_when_the_pipeline_is_built(session, entry, message):
+    """Before any model runs (session.build), one line naming the layer and the field."""
+    text = BASE + "retrain{layers=" + json.dumps({"conv1": entry}).replace('"', "").replace(":", "=") \
+        .replace(",", " ") + "}" + LOWER
+    with pytest.raises(ConfigError) as info:
+        session.build(text, datasets=["calib"])
+    assert message in str(info.value) and "\n" not in str(info.value).strip()
+
+
+@pytest.mark.parametrize("act, message", [
+    ({"clip_max": -1.0}, "conv1.retrain_data_config.clip_max"),
+    ({"clip_min": 1.0}, "conv1.retrain_data_config.clip_min"),
+    ({"algo": "ulq"}, "conv1.retrain_data_config.algo"),
+])
+def test_bad_amct_config_values_fail_when_the_pipeline_is_built(session, tmp_path, act, message):
+    config = tmp_path / "retrain.json"
+    config.write_text(json.dumps({"version": 1, "conv1": {"retrain_data_config": act}}))
+    with pytest.raises(ConfigError) as info:
+        session.build(BASE + f"retrain{{config=\"{config}\"}}" + LOWER, datasets=["calib"])
+    assert message in str(info.value)
+
+
+def test_int16_weights_in_amct_config_and_unknown_layer(session, tmp_path):
+    config = tmp_path / "retrain.json"
+    config.write_text(json.dumps({"version": 1, "conv1": {"retrain_weight_config": {"dst_type": "INT16"}}}))
+    with pytest.raises(ConfigError, match="conv1.retrain_weight_config.dst_type"):
+        session.build(BASE + f"retrain{{config=\"{config}\"}}" + LOWER, datasets=["calib"])
+    with pytest.raises(AmctError, match="layers.nope: is not a matched layer"):
+        _run(session, "retrain{layers={nope={act={clip_max=1.0}}}}")
+
+
+def test_options_are_bounded(session):
+    for option in ("steps=100000", "max_samples=100000", "batch_size=100000"):
+        with pytest.raises(ConfigError):
+            session.build(BASE + f"retrain{{{option}}}" + LOWER, datasets=["calib"])
+
+
+def test_spill_to_disk_gives_the_same_model(session, tmp_path):
+    """Block activations memory-mapped under the output folder train the same model as in memory."""
+    text = BASE + "retrain{steps=20 block_layers=1 spill_mb=1}" + LOWER
+    in_memory = _run(session, "retrain{steps=20 block_layers=1}", count=48)
+    spilled = session.build(text, datasets=["calib"]).run(build_demo_model(), datasets={"calib": _source(48)},
+                                                          output_dir=tmp_path)
+    # the models' metadata holds the pipeline text, which differs; the graphs do not
+    assert in_memory.artifacts["lowered"]["qdq"].graph.SerializeToString() == \
+        spilled.artifacts["lowered"]["qdq"].graph.SerializeToString()
+    assert isinstance(spilled.artifacts["lowered"]["qdq"], onnx.ModelProto)
+
+
+def test_match_layers_precision_sets_the_layer_weight_bits(session):
+    """match_layers{precision} gives one layer INT4 weights; the others keep the pass's 8 bits."""
+    text = ("fuse_bn,match_layers{precision={conv2={wts=4}}},calibrate{algorithm=ifmr},retrain{steps=5}" + LOWER)
+    result = session.build(text, datasets=["calib"]).run(build_demo_model(), datasets={"calib": _source()})
+    bits = {name: p.num_bits for name, p in result.artifacts["weight_quant"].items()}
+    assert bits == {"conv1": 8, "conv2": 4, "fc": 8}
+    assert result.artifacts["quant_settings"]["conv2"]["wts"]["num_bits"] == 4
+
+
+def test_amct_retrain_cfg(session, tmp_path):
+    """The simplified .cfg: types and layers resolved separately; skipped layers stay float; an INT4
+    activation is an error naming the layer and field before the pass runs the model."""
+    cfg = tmp_path / "retrain.cfg"
+    cfg.write_text('retrain_weight_quant_config { arq_retrain { channel_wise: false } }\n'
+                   'override_layer_types { layer_type: "Conv" retrain_weight_quant_config { ulq_retrain { '
+                   'channel_wise: true } } }\nquant_skip_layers: "fc"\n')
+    result = _run(session, f"retrain{{config=\"{cfg}\" steps=5}}")
+    assert result.stats_for("retrain")["weight_algorithms"] == {"ulq_retrain": 2}
+    assert "fc" not in result.artifacts["act_quant"]
+    cfg.write_text('override_layer_configs { layer_name: "conv2" retrain_data_quant_config { ulq_quantize { '
+                   'dst_type: INT4 } } }\n')
+    with pytest.raises(AmctError, match="layer 'conv2'.act.dst_type: INT4 activations are not supported"):
+        _run(session, f"retrain{{config=\"{cfg}\" steps=5}}")
