@@ -153,6 +153,20 @@ def initial_record(spec: CalibrationSpec, artifacts):
             for name, p in artifacts["weight_quant"].items()}
 
 
+def _check_record_target(record_file: str) -> None:
+    """The record path comes from the modified model, which may not be ours: only a record
+    quantize_model wrote (an existing file that parses as one) is ever replaced."""
+    from ..amct import RecordError, read_record
+    try:
+        if os.path.isfile(record_file) and not os.path.islink(record_file):
+            read_record(record_file)
+            return
+    except RecordError:
+        pass
+    raise CalibrationError(f"the modified model names the record {record_file}, which is not a record "
+                           "quantize_model wrote; run quantize_model again to make the modified model")
+
+
 def balance_record(record_file: str) -> bool:
     """Whether ``record_file`` holds DMQ factors (quantize_preprocess's calibration wrote it)."""
     from ..amct import RecordError, read_record
@@ -334,6 +348,7 @@ class _Run:
         from ..amct import write_record
         from ._common import run_passes
         try:
+            _check_record_target(self.spec.record)
             result = run_passes(self.spec.calibration_passes(), self.spec.model, datasets={"calib": self.source})
             write_record(self.spec.final_record(result.artifacts), self.spec.record)
         except Exception as exc:         # reported by the next tap and by save_model

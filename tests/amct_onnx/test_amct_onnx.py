@@ -510,3 +510,16 @@ def test_auto_calibration_gives_the_pipelines_files(tmp_path):
     for suffix in ("fake_quant_model", "deploy_model"):
         assert _model_bytes(tmp_path / "ref" / f"demo_{suffix}.onnx") == _model_bytes(out / f"demo_{suffix}.onnx")
     assert not [p for p in out.iterdir() if p.name.startswith(".amct")]      # no temporary folder left
+
+
+def test_a_modified_model_never_replaces_a_file_that_is_not_its_record(tmp_path):
+    """The record path travels inside the modified model; a model naming another file cannot overwrite it."""
+    from amct_pipeline.runtime.ort import open_session
+    model, data = _demo(tmp_path)
+    config, record, modified = _calibrate(model, data, tmp_path, batch_num=2, batches=0)
+    record.write_text("precious notes, not a record\n")
+    session = open_session(modified, amct.AMCT_SO)
+    with pytest.warns(RuntimeWarning, match="not a record quantize_model wrote"):
+        for feed in _feeds(data, 16, 2):
+            session.run(None, feed)
+    assert record.read_text() == "precious notes, not a record\n"
