@@ -7,8 +7,9 @@
 Per model (data as benchmarks/ptq.py loads it: MobileNetV2 on the first 100 ImageNet dev images,
 evaluated on the other 150; mnist-8 200 / 9,800; ResNet-8; super-resolution) and precision:
 
-* W8A8: our PTQ variants (ptq_int8 = IFMR + ARQ; percentile 99.99 + ARQ; ptq_int8_accurate), ONNX
-  Runtime's quantize_static (MinMax, per channel), and retrain_int8 (the shipped pipeline);
+* W8A8: our PTQ variants (ptq_int8, the default: equalization, sample_quantile 0.7 ranges, ARQ + bias
+  correction; percentile 99.99 + ARQ; ptq_int8_accurate), ONNX Runtime's quantize_static (MinMax,
+  per channel), and retrain_int8 (the shipped pipeline, from ptq_int8's start);
 * W4A8: round-to-nearest (ARQ's 4-bit scales, IFMR activations, nothing learned) and retrain_w4a8.
 
 Columns: top-1 (where labels exist), top-1 agreement with the float model, output SQNR of the QDQ
@@ -32,7 +33,7 @@ sys.path.insert(0, str(HERE))
 import ptq  # noqa: E402  (benchmarks/ptq.py: data loading, prediction and scoring shared with the PTQ benchmark)
 
 W8 = [
-    ("ptq_int8 (IFMR + ARQ)", "@ptq_int8"),
+    ("ptq_int8", "@ptq_int8"),
     ("ptq percentile 99.99", "fuse_bn,match_layers,calibrate{algorithm=percentile algorithm_options={percentile=99.99} "
                              "block_outputs=true},quantize_weights{algorithm=arq},lower{targets=[qdq,fakequant]}"),
     ("ptq_int8_accurate", "@ptq_int8_accurate"),
