@@ -6,7 +6,7 @@ from typing import Mapping, Optional, Sequence
 
 from ..errors import ConfigError
 
-__all__ = ["require_matplotlib", "plot_tradeoff"]
+__all__ = ["require_matplotlib", "new_figure", "save_figure", "plot_tradeoff"]
 
 
 def require_matplotlib() -> None:
@@ -18,15 +18,28 @@ def require_matplotlib() -> None:
                           "pip install 'amct-pipeline[plots]' or drop the plot option") from None
 
 
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (object API: no global pyplot state)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(str(path), format="png")
+    return path
+
+
 def plot_tradeoff(series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *,
                   ylabel: str = "output SQNR (dB)", xlabel: str = "FLOPs kept in decomposed layers (fraction)",
                   title: str = "", baseline: Optional[float] = None) -> Path:
     """One line per series of (x, y) points; ``baseline`` draws the float model's figure."""
-    require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure       # object API: no global pyplot state
-    figure = Figure(figsize=(6.4, 4.2), dpi=110)
-    FigureCanvasAgg(figure)
+    figure = new_figure(6.4, 4.2)
     axes = figure.add_subplot(1, 1, 1)
     for label, points in series.items():
         ordered = sorted(points)
@@ -38,7 +51,4 @@ def plot_tradeoff(series: Mapping[str, Sequence[tuple[float, float]]], path: str
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(str(path), format="png")
-    return path
+    return save_figure(figure, path)

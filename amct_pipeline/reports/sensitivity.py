@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .plot import require_matplotlib
+from .plot import new_figure, save_figure
 
 __all__ = ["sensitivity_table", "plot_sensitivity", "pareto_table", "plot_pareto"]
 
@@ -41,19 +41,10 @@ def sensitivity_table(result: Mapping[str, Any], limit: int = 0) -> str:
     return "\n".join(lines)
 
 
-def _figure(width: float, height: float):
-    require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure       # object API: no global pyplot state
-    figure = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_sensitivity(result: Mapping[str, Any], path: str | Path) -> Path:
     """Per-layer sensitivity bars (1 - (0.5 + 0.5 cos), graph order) beside cumulative bitops."""
     rows = result["layers"]
-    figure = _figure(max(6.4, 0.12 * len(rows) + 2), 4.6)
+    figure = new_figure(max(6.4, 0.12 * len(rows) + 2), 4.6)
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     xs = list(range(len(rows)))
     left.bar(xs, [max(1.0 - r["cosine_similarity"], 1e-12) for r in rows], color="tab:red")
@@ -72,10 +63,7 @@ def plot_sensitivity(result: Mapping[str, Any], path: str | Path) -> Path:
     right.set_title(f"bitops: {total / 1e9:.2f} G per sample")
     for axes in (left, right):
         axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(str(path), format="png")
-    return path
+    return save_figure(figure, path)
 
 
 def pareto_table(points: Sequence[Mapping[str, Any]], reference_bitops: float) -> str:
@@ -91,7 +79,7 @@ def pareto_table(points: Sequence[Mapping[str, Any]], reference_bitops: float) -
 def plot_pareto(points: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str, Any]], reference_bitops: float,
                 path: str | Path) -> Path:
     """Every evaluated point and the Pareto front: output SQNR against bitops (relative to all-INT8)."""
-    figure = _figure(6.4, 4.4)
+    figure = new_figure(6.4, 4.4)
     axes = figure.add_subplot(1, 1, 1)
     axes.scatter([p["bitops"] / reference_bitops for p in points], [p["sqnr_db"] for p in points], s=12,
                  color="tab:grey", alpha=0.6, label="evaluated")
@@ -104,7 +92,4 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], front: Sequence[Mapping[str
     axes.set_title("mixed precision: quality vs bit complexity")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(str(path), format="png")
-    return path
+    return save_figure(figure, path)
