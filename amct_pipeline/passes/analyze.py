@@ -48,14 +48,12 @@ class AnalyzePass(Pass):
     produces = frozenset({"sensitivity"})
     references = {"dataset": "datasets"}
     writes = ("output", "plot")
+    plots = ("plot",)
 
     def run(self, graph, ctx) -> PassResult:
         from ..algorithms.sensitivity import analyze
         from ..reports.sensitivity import plot_sensitivity, sensitivity_table
         opts = self.options
-        if opts.plot:
-            from ..reports.plot import require_matplotlib
-            require_matplotlib()
         result = analyze(graph, ctx.dataset(opts.dataset), ctx.artifacts["layer_map"], ctx.artifacts["act_quant"],
                          ctx.artifacts["weight_quant"], max_samples=opts.max_samples,
                          output_effects=opts.output_effects, num_batches=opts.num_batches, progress=ctx.progress)

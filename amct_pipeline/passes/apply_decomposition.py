@@ -45,6 +45,7 @@ class ApplyDecompositionPass(Pass):
     summary = "Re-apply a saved decomposition structure (info file) to a model; load fine-tuned child weights."
     Options = ApplyDecompositionOptions
     reads = ("info_file", "weights")
+    changes_layers = True
 
     def run(self, graph, ctx) -> PassResult:
         opts = self.options

@@ -49,6 +49,10 @@ class Pass(abc.ABC):
     # options that name files the pass reads (never overwritten by the run): checked before running
     writes: ClassVar[tuple[str, ...]] = ()
     reads: ClassVar[tuple[str, ...]] = ()
+    # options among ``writes`` that are PNG reports: matplotlib is required before the run starts
+    plots: ClassVar[tuple[str, ...]] = ()
+    # True for passes that add, remove or rename layers: later passes' ``check_model`` cannot see them
+    changes_layers: ClassVar[bool] = False
 
     def output_files(self, render, session) -> list[tuple[str, str]]:
         """(option, file name) of every file this pass may write. ``render(template, option)`` fills a
@@ -63,6 +67,10 @@ class Pass(abc.ABC):
 
     @abc.abstractmethod
     def run(self, graph, ctx: "PassContext") -> PassResult: ...
+
+    def check_model(self, graph, writes_files: bool) -> None:
+        """Checks that need the input model (layer names and types), run before any pass: raise
+        ConfigError. Called only while no earlier pass ``changes_layers``."""
 
     def produced(self, session) -> frozenset[str]:
         """Every artifact this instance may write: ``produces``, plus what its options add.

@@ -148,15 +148,14 @@ class DecomposePass(Pass):
     Options = DecomposeOptions
     produces = frozenset({"decomposition"})
     references = {"method": "decompositions", "dataset": "datasets"}
+    changes_layers = True
+    plots = ("plot",)
 
     def run(self, graph, ctx) -> PassResult:
         opts = self.options
         if "layer_map" in ctx.artifacts:
             raise ConfigError([Problem(WHERE, "", "decompose replaces layers that 'layer_map' already names",
                                        "put decompose before match_layers")])
-        if opts.plot:
-            from ..reports.plot import require_matplotlib
-            require_matplotlib()
         method = ctx.session.make_algorithm("decompositions", opts.method, opts.method_options)
         original = graph.to_proto() if opts.plot else None
         data = self._data(graph, ctx) if opts.dataset else None

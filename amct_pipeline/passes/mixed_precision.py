@@ -46,13 +46,11 @@ class MixedPrecisionPass(Pass):
     produces = frozenset({"mixed_precision"})
     references = {"dataset": "datasets"}
     writes = ("output", "plot")
+    plots = ("plot",)
 
     def run(self, graph, ctx) -> PassResult:
         from ..reports.sensitivity import pareto_table, plot_pareto
         opts = self.options
-        if opts.plot and ctx.outputs.directory is not None:
-            from ..reports.plot import require_matplotlib
-            require_matplotlib()
         result = search(graph, ctx, opts)
         ctx.artifacts["mixed_precision"] = result
         if ctx.outputs.directory is not None:

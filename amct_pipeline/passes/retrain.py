@@ -23,7 +23,7 @@ then an AMCT retrain config (``config``: JSON from ``create_quant_retrain_config
 text; ``retrain_enable: false`` leaves a layer float), then ``layers: {name: {act: {...}, wts: {...}}}``
 in AMCT spelling (act: clip_max, clip_min, fixed_min, dst_type; wts: algo, dst_type, channel_wise).
 Every value is checked before any model runs (the JSON config and ``layers`` when the pipeline is
-built; the ``.cfg``, which needs the layer types, when the pass starts).
+built; the ``.cfg``, which needs the layer types, against the input model before the first pass).
 
 Produces what PTQ produces: ``act_quant`` (the learned clips as AMCT factors), ``tensor_quant``,
 ``weight_quant`` (the learned codes; INT4 codes in int8 arrays within [-8, 7]), ``quant_settings``;
@@ -203,9 +203,16 @@ class RetrainPass(Pass):
     produces = frozenset({"act_quant", "tensor_quant", "weight_quant", "quant_settings"})
     references = {"dataset": "datasets"}
 
+    def check_model(self, graph, writes_files: bool) -> None:
+        """A ``.cfg`` needs the layer types: its values are checked against the input model's layers."""
+        if self.options.config and self.options.config.endswith(".cfg"):
+            from ..amct.retrain_config import RETRAIN_TYPES
+            self._settings({n.name: _GraphLayer(n.name, n.op, n.name if n.op in RETRAIN_TYPES else None, {})
+                            for n in graph.gs.nodes if n.name and n.op in RETRAIN_TYPES + ("AveragePool",)})
+
     def run(self, graph, ctx) -> PassResult:
         layer_map = ctx.artifacts["layer_map"]
-        settings = self._settings(layer_map)                     # every value checked before the model runs
+        settings = self._settings({layer.name: layer for layer in layer_map.layers()})
         act_quant = _initial_act(graph, layer_map, ctx.artifacts["act_quant"], settings)
         weights = _initial_weights(graph, layer_map, ctx.artifacts.get("weight_quant") or {}, settings)
         tensor_quant = dict(ctx.artifacts.get("tensor_quant") or {}) if self.options.layout == "qdq" else {}
@@ -237,7 +244,7 @@ class RetrainPass(Pass):
         return PassResult(changed, stats, _report(reports))
 
     # -- settings --------------------------------------------------------------------------------
-    def _settings(self, layer_map) -> dict[str, LayerSettings]:
+    def _settings(self, layer_map: dict[str, Any]) -> dict[str, LayerSettings]:
         o = self.options
         config = _read_config(o.config, layer_map) if o.config else None
         problems = [f"layer '{n}'" for n in o.layers if n not in layer_map]
@@ -246,7 +253,7 @@ class RetrainPass(Pass):
             raise ConfigError([Problem(WHERE, f"layers.{name}", "is not a matched layer",
                                        suggest(name, list(layer_map)) or "see `amct-pipeline inspect`")])
         out = {}
-        for layer in layer_map.layers():
+        for layer in layer_map.values():
             _, given_wts = layer_bits(layer.options)          # match_layers' precision / AMCT quant config
             s = LayerSettings(True, o.act_bits, None, None, None, o.wts_algo,
                               given_wts if given_wts in (4, 8) else o.weight_bits, o.channel_wise)
@@ -321,11 +328,20 @@ def _apply_entry(s: LayerSettings, entry: dict[str, Any]) -> None:
     s.channel_wise = wts.get("channel_wise", s.channel_wise)
 
 
+@dataclass(frozen=True)
+class _GraphLayer:
+    """What ``_settings`` reads of a matched layer, taken from the input model before match_layers ran."""
+    name: str
+    op_type: str
+    weight: Any                      # anything but None: the layer has a weight
+    options: Any
+
+
 def _read_config(path: str, layer_map):
     """The AMCT retrain config, checked against the matched layers (one line per problem)."""
     from ..amct.retrain_config import parse_retrain_config, read_retrain_cfg
     from ..amct._common import load_json, read_text
-    layers = {layer.name: layer.op_type for layer in layer_map.layers()}
+    layers = {layer.name: layer.op_type for layer in layer_map.values()}
     if path.endswith(".cfg"):
         return read_retrain_cfg(path, layers)
     data = load_json(read_text(path), path)

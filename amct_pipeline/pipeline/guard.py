@@ -67,6 +67,11 @@ def _require_regular_if_present(path: str, where: str) -> None:
                                    f"{path} is a {file_kind(mode)}, not a regular file")])
 
 
+def _has_matplotlib() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 class RunGuard:
     """The checks of one run that need no graph (``before_loading``) and those that do (``after_loading``)."""
 
@@ -95,6 +100,18 @@ class RunGuard:
                     _require_regular_if_present(value, f"{spec.source}: passes[{index}].options.{option}")
                     stage.protect(value)
         self._check_names()
+        self._check_plots()
+
+    def _check_plots(self) -> None:
+        """A PNG report asked for where matplotlib is missing fails now, not after the passes before it."""
+        if self.stage.directory is None:
+            return
+        for index, pass_ in enumerate(self.pipeline.passes):
+            for option in getattr(type(pass_), "plots", ()):
+                if getattr(pass_.options, option, None) and not _has_matplotlib():
+                    raise ConfigError([Problem(self.pipeline.spec.source, f"passes[{index}].options.{option}",
+                                               "asks for a PNG but matplotlib is not installed",
+                                               "pip install 'amct-pipeline[plots]' or drop the option")])
 
     def after_loading(self, graph, sources: Mapping[str, Any]) -> None:
         for tensor in graph.gs.tensors().values():
@@ -105,6 +122,15 @@ class RunGuard:
             for file in getattr(source, "files", ()) or ():
                 self.stage.protect(file)
         self._check_names()
+        self._check_model(graph)
+
+    def _check_model(self, graph) -> None:
+        """Each pass's model-dependent checks, up to the first pass that changes the layers."""
+        writes_files = self.stage.directory is not None
+        for pass_ in self.pipeline.passes:
+            pass_.check_model(graph, writes_files)
+            if pass_.changes_layers:
+                return
 
     def _data_paths(self, datasets: Mapping[str, Any]) -> list[Path]:
         spec, paths = self.pipeline.spec, []

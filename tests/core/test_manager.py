@@ -233,3 +233,18 @@ def test_the_static_check_sees_options_dependent_and_target_artifacts(session):
     with pytest.raises(ConfigError, match="'needs_report' requires artifact 'reported_report'"):
         session.build(ptq % "fakequant", datasets=["calib"])
     assert session.build(ptq % "reported", datasets=["calib"]).passes
+
+
+@pytest.mark.parametrize("text", ["analyze{plot=s.png}", "mixed_precision{max_evaluations=2}",
+                                  "decompose{plot=d.png dataset=calib}"])
+def test_a_plot_without_matplotlib_fails_before_any_pass(session, tmp_path, monkeypatch, text):
+    """Every pass declaring a PNG option is checked by one mechanism before the model is loaded."""
+    import amct_pipeline.pipeline.guard as guard
+    monkeypatch.setattr(guard, "_has_matplotlib", lambda: False)
+    head = "" if text.startswith("decompose") else "fuse_bn,match_layers,calibrate,quantize_weights,"
+    pipeline = session.build(head + text, datasets=["calib"])
+    timing = Timing()
+    with pytest.raises(ConfigError, match=r"options\.plot: asks for a PNG but matplotlib is not installed"):
+        pipeline.run(build_demo_model(), output_dir=tmp_path / "out", instruments=[timing],
+                     datasets={"calib": build_demo_data(4)})
+    assert timing.times == [] and not (tmp_path / "out").exists()

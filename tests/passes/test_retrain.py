@@ -13,6 +13,7 @@ import pytest
 
 from amct_pipeline.demo import build_demo_data, build_demo_model
 from amct_pipeline.errors import AmctError, ConfigError
+from amct_pipeline.pipeline.instruments import PassInstrument
 from amct_pipeline.pipeline.spec import DatasetSpec
 from amct_pipeline.runtime.data import ArraySource
 from amct_pipeline.runtime.ort import make_session
@@ -193,5 +194,16 @@ def test_amct_retrain_cfg(session, tmp_path):
     assert "fc" not in result.artifacts["act_quant"]
     cfg.write_text('override_layer_configs { layer_name: "conv2" retrain_data_quant_config { ulq_quantize { '
                    'dst_type: INT4 } } }\n')
+    ran = _PassesRun()
+    pipeline = session.build(BASE + f"retrain{{config=\"{cfg}\" steps=5}}" + LOWER, datasets=["calib"])
     with pytest.raises(AmctError, match="layer 'conv2'.act.dst_type: INT4 activations are not supported"):
-        _run(session, f"retrain{{config=\"{cfg}\" steps=5}}")
+        pipeline.run(build_demo_model(), datasets={"calib": _source()}, instruments=[ran])
+    assert ran.names == []                        # refused before fuse_bn / calibrate ran the model
+
+
+class _PassesRun(PassInstrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def before_pass(self, index, pass_, graph) -> None:
+        self.names.append(pass_.name)
