@@ -226,13 +226,19 @@ def nothing_decomposed(skipped: dict[str, str]) -> str:
     import re
     if not skipped:
         return "decompose: no layer was decomposed: the model has no Conv layer"
-    counts: dict[str, int] = {}
+    groups: dict[str, list[str]] = {}            # reasons that differ only in their numbers count together
     for reason in skipped.values():
-        kind = re.sub(r"\d+", "N", re.split(r": | \(", reason)[0])
-        counts[kind] = counts.get(kind, 0) + 1
-    parts = "; ".join(f"{n} x {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        short = re.split(r": | \(", reason)[0]
+        groups.setdefault(re.sub(r"\d+", "N", short), []).append(short)
+    parts = "; ".join(f"{len(shorts)} x {_group_label(sorted(shorts))}"
+                      for _, shorts in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
     return (f"decompose: no layer was decomposed ({len(skipped)} Conv layer(s) left alone: {parts}); "
             "see the rules, min_in_channels and target options")
+
+
+def _group_label(shorts: list[str]) -> str:
+    first, others = shorts[0], len(set(shorts)) - 1
+    return first if not others else f"{first} and {others} other value(s)"
 
 
 def make_plan(graph, method, opts: DecomposeOptions, data: Optional[CalibrationData] = None, *,

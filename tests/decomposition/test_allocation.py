@@ -79,6 +79,6 @@ def test_few_input_channels_are_left_alone_by_default(session):
 def test_nothing_decomposed_is_a_warning_with_reason_counts(session):
     model = conv_chain([{"cout": 8, "k": 1}, {"cout": 8, "k": 1}, {"cout": 8, "k": 3, "group": 8}], cin=8)
     with pytest.warns(UserWarning, match=r"no layer was decomposed \(3 Conv layer\(s\) left alone: "
-                                         r"2 x kernel NxN is too small; 1 x group=N\)"):
+                                         r"2 x kernel 1x1 is too small; 1 x group=8\)"):
         result = _decompose(session, model, method="tucker2", target=0.5)
     assert result.stats_for("decompose")["decomposed"] == 0
