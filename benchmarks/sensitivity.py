@@ -70,7 +70,9 @@ def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: st
             return PassResult(False)
     session.register_pass(GivenAnalysis)
     analyze = "given_analysis" if given else "analyze{max_samples=16}"
-    text = f"{ptq},{analyze}" + (f",mixed_precision{{max_samples=16 max_evaluations={max_evaluations}}}" if mixed else "")
+    text = f"{ptq},{analyze}"
+    if mixed:
+        text += f",mixed_precision{{max_samples=16 max_evaluations={max_evaluations}}}"
     from amct_pipeline.pipeline.instruments import Timing
     timing = Timing()
     result = session.build(text, datasets=["calib"]).run(str(MODEL), datasets={"calib": _batches(calib)},

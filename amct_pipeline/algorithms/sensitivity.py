@@ -1,7 +1,7 @@
-"""Quantization sensitivity: per-layer statistics in one run, and a model whose per-layer precision
-is chosen by its inputs.
+"""Quantization sensitivity: per-layer statistics in one run, the output effect of each layer by
+suffix execution, and a model whose per-layer precision is chosen by its inputs.
 
-Two evaluation models are built from the float graph, both run by onnxruntime:
+Evaluation models built from the float graph, all run by onnxruntime:
 
 * the **probe model** (:func:`build_probe_model`) computes, beside the float network, each layer a
   second time on its fake-quantized input with its fake-quantized weight (AMCT's ranking feeds the
@@ -9,11 +9,15 @@ Two evaluation models are built from the float graph, both run by onnxruntime:
   a few scalars per batch: their dot product, norms and squared difference, the input's range and
   the shapes. One run of it over the calibration data gives every layer's AMCT sensitivity
   (``0.5 + 0.5 cos``, MSE) and FLOPs, however many layers there are, and keeps nothing per sample.
+* **suffix models** (:func:`quantized_graph`, :func:`suffix_model`) give the output SQNR with only
+  one layer quantized, and with all but one: the graph from that layer on, fed with the tensors a
+  float (or all-quantized) run of the same batch computed, so each configuration costs the part
+  of the network after the layer, not a whole run (:func:`_output_effects`).
 * the **switch model** (:class:`SwitchModel`) holds, for each layer, fake-quant branches of its
   input and weight at several bit widths, each picked by a ``Where`` whose condition is a boolean
   graph input. Any per-layer precision (float, INT8/INT16 activations, INT8/INT4 weights)
-  is then one more run of the same session: the output-SQNR effects and the mixed-precision search
-  need no model rebuilt.
+  is then one more run of the same session: the mixed-precision search needs no model rebuilt.
+  The suffix models quantize a layer exactly as it does (:func:`_branch`, the same weights).
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from ..quant.params import ActQuantParams
 from ..quant.weights import dequantize_weight, weight_values
 
 __all__ = ["LayerStats", "Variants", "Precision", "build_probe_model", "probe_statistics", "SwitchModel",
-           "OutputMeter", "subset_feeds", "sqnr_db", "INT16_ACT_TYPES", "progress_bar"]
+           "OutputMeter", "OutputError", "quantized_graph", "suffix_model", "Suffix", "first_samples", "subset_feeds",
+           "sqnr_db", "INT16_ACT_TYPES", "progress_bar"]
 
 PREFIX = "amct_sens"
 MIN_OPSET = 13
@@ -486,12 +491,16 @@ def suffix_model(model, heads: Sequence[gs.Node]) -> "Suffix":
                 if id(consumer) not in inside:
                     inside.add(id(consumer))
                     todo.append(consumer)
+    for node in [n for n in g.nodes if id(n) in inside]:     # Constant nodes come along, not as inputs
+        for t in node.inputs:
+            if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+                inside.add(id(t.inputs[0]))
     made = {t.name for n in g.nodes if id(n) in inside for t in n.outputs}
     reads = {t.name: t for n in g.nodes if id(n) in inside for t in n.inputs
              if isinstance(t, gs.Variable) and t.name and t.name not in made}
     outputs = [t for t in g.outputs if t.name in made]
     # the graph inputs too: a subgraph (If, Loop) may read a tensor of the rest, which then stays
-    g.inputs = list({**reads, **{t.name: t for t in g.inputs}}.values())
+    g.inputs = list({**reads, **{t.name: t for t in g.inputs if isinstance(t, gs.Variable)}}.values())
     g.outputs = outputs
     g.cleanup(remove_unused_graph_inputs=True)
     for t in g.inputs:

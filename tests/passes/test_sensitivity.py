@@ -188,7 +188,7 @@ def test_analyze_command_writes_json_png_and_prints_the_table(tmp_path):
 def _residual_two_output_model() -> onnx.ModelProto:
     """x -> c0 -> "side" (an output the later layers never reach); x -> c1 -> relu -> c2 -> relu, added
     to the relu of c1 (a residual branch the suffixes read from the cache) -> c3 -> "feat", and -> pool
-    -> Gemm (alpha 0.5, transB) -> "logits"."""
+    -> Reshape (shape from a Constant node) -> Gemm (alpha 0.5, transB) -> "logits"."""
     from amct_pipeline.testing.models import make_model
     rng = np.random.default_rng(4)
 
@@ -202,7 +202,9 @@ def _residual_two_output_model() -> onnx.ModelProto:
              helper.make_node("Add", ["r1", "r2"], ["res"], name="add"),
              helper.make_node("Conv", ["res", "w3", "b3"], ["feat"], name="c3", kernel_shape=[1, 1]),
              helper.make_node("GlobalAveragePool", ["res"], ["pool"], name="gap"),
-             helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+             helper.make_node("Constant", [], ["shape"], name="shape",
+                              value=onnx.numpy_helper.from_array(np.array([-1, 8], np.int64))),
+             helper.make_node("Reshape", ["pool", "shape"], ["flat"], name="flatten"),
              helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", alpha=0.5, transB=1)]
     inits = [init("w0", 2, 3, 1, 1), init("b0", 2), init("w1", 8, 3, 3, 3), init("b1", 8), init("w2", 8, 8, 3, 3),
              init("b2", 8), init("w3", 4, 8, 1, 1), init("b3", 4), init("wf", 10, 8), init("bf", 10)]
