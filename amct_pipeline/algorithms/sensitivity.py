@@ -541,7 +541,7 @@ class Suffix:
 SUFFIX_SESSION = {"session.disable_quant_qdq": "1", "session.intra_op.allow_spinning": "0"}
 # onnxruntime holds about twice a session's weights (its copy and a re-laid-out one for the convs):
 # the suffix sessions alive at once stay within this many bytes of weights (MobileNetV2: 3 groups)
-SUFFIX_WEIGHT_BUDGET = 256 << 20
+SUFFIX_WEIGHT_BUDGET = 512 << 20
 
 
 def _cached_session(model, fetch: Sequence[str]):
