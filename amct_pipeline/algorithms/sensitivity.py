@@ -416,9 +416,10 @@ def analyze(graph, source, layer_map, act_quant, weight_quant, *, max_samples: i
             num_batches: int | None = None, progress: bool = False) -> dict[str, Any]:
     """AMCT's per-layer sensitivity plus output effects, FLOPs and bitops: the ``sensitivity`` artifact.
 
-    Time: one run of the probe model over the calibration data (about two float runs: every layer
-    is computed twice), plus, with ``output_effects``, on the first ``max_samples`` samples one
-    float and one quantized run and two suffix runs per layer (:func:`_output_effects`).
+    Time: one run of the probe model over the calibration data (every layer computed twice, plus the
+    fake quant and reductions: ~8 float runs on MobileNetV2), plus, with ``output_effects``, on the
+    first ``max_samples`` samples one float and one quantized run and two suffix runs per layer
+    (:func:`_output_effects`).
     """
     layers = [layer for layer in layer_map.layers() if act_quant.get(layer.name) is not None]
     if not layers:
@@ -563,6 +564,19 @@ def _groups(pairs: Sequence[tuple["Suffix", "Suffix"]], budget: int) -> list[lis
     return groups
 
 
+def _suffix_pairs(graph, layers, act_quant, weights) -> list[tuple[Suffix, Suffix]]:
+    """Per layer: the float graph's suffix from it with it quantized, the all-quantized graph's with
+    it float."""
+    every = {layer.name for layer in layers}
+    pairs = []
+    for layer in layers:
+        model, heads = quantized_graph(graph, layers, act_quant, weights, {layer.name})
+        only = suffix_model(model, heads[layer.name])
+        model, heads = quantized_graph(graph, layers, act_quant, weights, every - {layer.name})
+        pairs.append((only, suffix_model(model, heads[layer.name])))
+    return pairs
+
+
 def _output_effects(graph, source, layers, act_quant, weight_quant, rows, max_samples: int, progress: bool):
     """Output SQNR with only each layer quantized and with all but it, by suffix execution.
 
@@ -576,46 +590,36 @@ def _output_effects(graph, source, layers, act_quant, weight_quant, rows, max_sa
     """
     weights = {layer.name: _quant_weight(graph, layer, weight_quant[layer.name]) for layer in layers
                if layer.weight is not None and weight_quant.get(layer.name) is not None}
-    every = {layer.name for layer in layers}
-    pairs = []
-    for layer in layers:
-        model, heads = quantized_graph(graph, layers, act_quant, weights, {layer.name})
-        only = suffix_model(model, heads[layer.name])
-        model, heads = quantized_graph(graph, layers, act_quant, weights, every - {layer.name})
-        pairs.append((only, suffix_model(model, heads[layer.name])))
+    pairs = _suffix_pairs(graph, layers, act_quant, weights)
     outputs = [t.name for t in graph.gs.outputs]
     feeds = {t.name for t in graph.gs.inputs}
 
     def fetch(suffixes):
         return [n for n in dict.fromkeys(outputs + [i for s in suffixes for i in s.inputs]) if n not in feeds]
-    float_session = _cached_session(graph, fetch(p[0] for p in pairs))
-    quant_session = _cached_session(quantized_graph(graph, layers, act_quant, weights, every)[0],
-                                    fetch(p[1] for p in pairs))
-    power = [0.0] * len(outputs)
-    whole = OutputError(len(outputs))
+    runs = (_cached_session(graph, fetch(p[0] for p in pairs)),
+            _cached_session(quantized_graph(graph, layers, act_quant, weights, {layer.name for layer in layers})[0],
+                            fetch(p[1] for p in pairs)))
+    whole, power = OutputError(len(outputs)), [0.0] * len(outputs)
     errors = [(OutputError(len(outputs)), OutputError(len(outputs))) for _ in layers]
     groups = _groups(pairs, SUFFIX_WEIGHT_BUDGET)
     samples = 0
     with progress_bar(progress, len(groups) * max_samples, "analyze: output effects", unit="sample") as bar:
         for number, group in enumerate(groups):
-            float_fetch, quant_fetch = fetch(pairs[i][0] for i in group), fetch(pairs[i][1] for i in group)
+            wanted = (fetch(pairs[i][0] for i in group), fetch(pairs[i][1] for i in group))
             for feed in first_samples(graph, source, max_samples):
-                ref_cache = {**feed, **dict(zip(float_fetch, float_session.run(float_fetch, feed)))}
-                quant_cache = {**feed, **dict(zip(quant_fetch, quant_session.run(quant_fetch, feed)))}
-                ref, quant = [ref_cache[n] for n in outputs], [quant_cache[n] for n in outputs]
+                caches = [{**feed, **dict(zip(names, run.run(names, feed)))} for run, names in zip(runs, wanted)]
+                ref, quant = ([cache[n] for n in outputs] for cache in caches)
                 size = len(next(iter(feed.values())))
                 if number == 0:
                     power = [p + q for p, q in zip(power, output_power(ref))]
                     whole.add(ref, quant)
                     samples += size
                 for i in group:
-                    only, rest = pairs[i]
-                    got = only.run(ref_cache)
-                    errors[i][0].add(ref, [got.get(n, r) for n, r in zip(outputs, ref)])
-                    got = rest.run(quant_cache)
-                    errors[i][1].add(ref, [got.get(n, q) for n, q in zip(outputs, quant)])
+                    for suffix, cache, base, error in zip(pairs[i], caches, (ref, quant), errors[i]):
+                        got = suffix.run(cache)      # the outputs it does not reach are the base run's
+                        error.add(ref, [got.get(n, b) for n, b in zip(outputs, base)])
                 bar.update(size)
-                del ref_cache, quant_cache, ref, quant, feed
+                del caches, ref, quant, feed
             for i in group:
                 pairs[i][0].close()
                 pairs[i][1].close()
