@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..errors import CalibrationError
 from ..ir.edit import Namer, add_node, copy_graph, ensure_opset
@@ -37,8 +38,8 @@ from ..quant.params import ActQuantParams
 from ..quant.weights import dequantize_weight, weight_values
 
 __all__ = ["LayerStats", "Variants", "Precision", "build_probe_model", "probe_statistics", "SwitchModel",
-           "OutputMeter", "OutputError", "quantized_graph", "suffix_model", "Suffix", "first_samples", "subset_feeds",
-           "sqnr_db", "INT16_ACT_TYPES", "progress_bar"]
+           "OutputMeter", "OutputError", "quantized_graph", "suffix_model", "Suffix", "SharedWeights", "first_samples",
+           "subset_feeds", "sqnr_db", "INT16_ACT_TYPES", "progress_bar"]
 
 PREFIX = "amct_sens"
 MIN_OPSET = 13
@@ -514,6 +515,35 @@ def _constant_bytes(model) -> int:
                if isinstance(t, gs.Constant))
 
 
+class SharedWeights:
+    """The suffix models' large float constants, handed to onnxruntime by reference: one buffer per
+    name for every session (a name means the same values in every suffix: they are all cut from
+    copies of one graph, and replaced weights get new names), and no bytes copied into the protos."""
+
+    MIN_SIZE = 1024       # smaller constants stay inside the model
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def detach(self, model) -> dict[str, np.ndarray]:
+        """Turn ``model``'s large float constants into external-data stubs; their values by name."""
+        out = {}
+        for t in model.gs.tensors().values():
+            if not isinstance(t, gs.Constant) or t.dtype != np.float32 or int(np.prod(t.shape)) < self.MIN_SIZE:
+                continue
+            values = self.arrays.get(t.name)
+            if values is None:
+                values = self.arrays[t.name] = np.ascontiguousarray(t.values)
+            if values.shape != tuple(t.shape):
+                continue
+            stub = onnx.TensorProto(name=t.name, data_type=onnx.TensorProto.FLOAT, dims=values.shape,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            stub.external_data.add(key="location", value="amct-shared-weights")
+            t.values = LazyValues(stub)
+            out[t.name] = values
+        return out
+
+
 class Suffix:
     """One suffix model and its onnxruntime session, made on the first batch (when the dtypes of its
     inputs are known) and kept until :meth:`close`."""
@@ -523,15 +553,17 @@ class Suffix:
         self.weight_bytes = _constant_bytes(model)
         self._session = None
 
-    def run(self, cache: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, cache: Mapping[str, np.ndarray], shared: SharedWeights) -> dict[str, np.ndarray]:
         if not self.outputs:
             return {}
         if self._session is None:
             from ..runtime.ort import make_session
             for t in self.model.gs.inputs:
                 t.dtype = cache[t.name].dtype
+            weights = shared.detach(self.model)
             # no arena: it would keep each session's peak activations for the session's life
-            self._session = make_session(self.model.to_proto(), memory_arena=False, config=SUFFIX_SESSION)
+            self._session = make_session(self.model.to_proto(), memory_arena=False, config=SUFFIX_SESSION,
+                                         initializers=weights)
             self.model = None
         return dict(zip(self.outputs, self._session.run(self.outputs, {n: cache[n] for n in self.inputs})))
 
@@ -540,8 +572,8 @@ class Suffix:
 
 
 SUFFIX_SESSION = {"session.disable_quant_qdq": "1", "session.intra_op.allow_spinning": "0"}
-# onnxruntime holds about twice a session's weights (its copy and a re-laid-out one for the convs):
-# the suffix sessions alive at once stay within this many bytes of weights (MobileNetV2: 3 groups)
+# the suffix sessions alive at once stay within this many bytes of weights (onnxruntime re-lays the
+# convolutions' weights out per session; the originals are shared: SharedWeights)
 SUFFIX_WEIGHT_BUDGET = 512 << 20
 
 
@@ -602,7 +634,7 @@ def _output_effects(graph, source, layers, act_quant, weight_quant, rows, max_sa
     whole, power = OutputError(len(outputs)), [0.0] * len(outputs)
     errors = [(OutputError(len(outputs)), OutputError(len(outputs))) for _ in layers]
     groups = _groups(pairs, SUFFIX_WEIGHT_BUDGET)
-    samples = 0
+    samples, shared = 0, SharedWeights()
     with progress_bar(progress, len(groups) * max_samples, "analyze: output effects", unit="sample") as bar:
         for number, group in enumerate(groups):
             wanted = (fetch(pairs[i][0] for i in group), fetch(pairs[i][1] for i in group))
@@ -616,7 +648,7 @@ def _output_effects(graph, source, layers, act_quant, weight_quant, rows, max_sa
                     samples += size
                 for i in group:
                     for suffix, cache, base, error in zip(pairs[i], caches, (ref, quant), errors[i]):
-                        got = suffix.run(cache)      # the outputs it does not reach are the base run's
+                        got = suffix.run(cache, shared)  # the outputs it does not reach: the base run's
                         error.add(ref, [got.get(n, b) for n, b in zip(outputs, base)])
                 bar.update(size)
                 del caches, ref, quant, feed

@@ -217,12 +217,13 @@ def _residual_two_output_model() -> onnx.ModelProto:
 def test_output_effects_by_suffix_equal_the_switch_model(session, monkeypatch, budget):
     """The suffix execution gives the figures the switch model gives (one run per configuration on
     the same samples), across batches (8, 8 and a cut 4), residual branches, several outputs and
-    (budget 1) one group of suffix sessions per layer."""
+    (budget 1) one group of suffix sessions per layer, every weight shared by reference."""
     from amct_pipeline.algorithms import sensitivity
     from amct_pipeline.algorithms.sensitivity import OutputMeter, quantized_config, subset_feeds
     from amct_pipeline.ir.graph import Graph
     if budget is not None:
         monkeypatch.setattr(sensitivity, "SUFFIX_WEIGHT_BUDGET", budget)
+        monkeypatch.setattr(sensitivity.SharedWeights, "MIN_SIZE", 1)
     x = np.random.default_rng(5).normal(size=(24, 3, 8, 8)).astype(np.float32)
     source = ArraySource("calib", {"x": x}, DatasetSpec(batch_size=8), "test")
     result = session.build("match_layers,calibrate,quantize_weights,analyze{max_samples=20}",
