@@ -3,6 +3,7 @@
     OPENBLAS_NUM_THREADS=1 python benchmarks/sensitivity.py                 # everything
     python benchmarks/sensitivity.py --skip-autocal --json sens.json
     python benchmarks/sensitivity.py --analysis out/mobilenetv2_fp32_sensitivity.json   # reuse an analysis
+    python benchmarks/sensitivity.py --only-analyze                         # point 1 alone
 
 First 100 ImageNet dev images calibrate (IFMR + ARQ, AMCT's PTQ), the other 150 evaluate.
 
@@ -54,7 +55,7 @@ def _float_run_seconds(model, x: np.ndarray, batch: int = 16) -> float:
     return time.perf_counter() - start
 
 
-def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: str):
+def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: str, mixed: bool = True):
     """PTQ artifacts, the analysis (timed) and the mixed-precision search."""
     from amct_pipeline.passes.base import Pass, PassResult
     calib, _ = imagenet(0, 100)
@@ -69,7 +70,9 @@ def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: st
             return PassResult(False)
     session.register_pass(GivenAnalysis)
     analyze = "given_analysis" if given else "analyze{max_samples=16}"
-    text = f"{ptq},{analyze},mixed_precision{{max_samples=16 max_evaluations={max_evaluations}}}"
+    text = f"{ptq},{analyze}"
+    if mixed:
+        text += f",mixed_precision{{max_samples=16 max_evaluations={max_evaluations}}}"
     from amct_pipeline.pipeline.instruments import Timing
     timing = Timing()
     result = session.build(text, datasets=["calib"]).run(str(MODEL), datasets={"calib": _batches(calib)},
@@ -231,6 +234,7 @@ def main() -> int:
     parser.add_argument("--max-evaluations", type=int, default=40)
     parser.add_argument("--skip-autocal", action="store_true")
     parser.add_argument("--only-autocal", action="store_true")
+    parser.add_argument("--only-analyze", action="store_true", help="time analyze against a float run, nothing else")
     parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form); default AMCT's IFMR + ARQ")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -245,7 +249,13 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
         return 0
-    result, timings = prepare(work, args.analysis, args.max_evaluations, args.ptq)
+    result, timings = prepare(work, args.analysis, args.max_evaluations, args.ptq, mixed=not args.only_analyze)
+    if args.only_analyze:
+        figures = {"ptq": args.ptq, "timings": timings, **_float_runs(result, timings)}
+        print(json.dumps(figures, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return 0
     layers = len(result.artifacts["sensitivity"]["layers"])
     figures = {"ptq": args.ptq, "timings": timings, "layers": layers, "ranking": ranking_check(result), "mixed": mixed_check(result)}
     if not args.skip_autocal:
@@ -254,6 +264,19 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
+
+
+def _float_runs(result, timings: dict) -> dict:
+    """analyze's time in float runs of the calibration data, against the bound L + 2."""
+    layers = len(result.artifacts["sensitivity"]["layers"])
+    runs = timings.get("analyze_s", 0) / max(timings["float_run_of_calibration_data_s"], 1e-9)
+    return {"layers": layers, "analyze_float_runs": round(runs, 1), "bound_float_runs": layers + 2,
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
+
+
+def _float_runs_text(f: dict) -> str:
+    t = f["timings"]
+    return f"{t.get('analyze_s', 0) / max(t['float_run_of_calibration_data_s'], 1e-9):.1f}"
 
 
 def report(f: dict) -> str:
@@ -266,9 +289,9 @@ def report(f: dict) -> str:
     for p in m["best"][:1]:
         lines.append(f"| best mixed point within {m['budget']}x INT8 bitops ({p['bitops_ratio']:.3f}x) | "
                      f"{p['sqnr_db_heldout']:.2f} dB, {100 * p['agreement_heldout']:.1f}% top-1 agreement |")
-    t = f["timings"]
+    t, runs = f["timings"], _float_runs_text(f)
     lines.append(f"| analyze time / float run of the calibration data | {t.get('analyze_s', 0)} s / "
-                 f"{t['float_run_of_calibration_data_s']} s (bound: L + 2 = {f['layers'] + 2} runs) |")
+                 f"{t['float_run_of_calibration_data_s']} s = {runs} float runs (bound: L + 2 = {f['layers'] + 2}) |")
     a = f.get("autocal")
     if a and "error" not in a:
         lines.append(f"| auto calibration (top-1 <= 0.5 below float {a['original_top1']:.2f}%) | all INT8 "

@@ -6,7 +6,8 @@ For every layer with activation factors, at the precision ``act_quant`` / ``weig
   weight), on the calibration data: mean over batches of ``0.5 + 0.5 cos`` and the MSE (one run of a
   model that computes every layer's fake-quant twin at once; ``algorithms.sensitivity``);
 * its effect on the model's output (``output_effects``): output SQNR when only this layer is
-  quantized and when all layers but it are, on the first ``max_samples`` samples;
+  quantized and when all layers but it are, on the first ``max_samples`` samples (by suffix
+  execution: the network from the layer on, fed from one float and one quantized run per batch);
 * FLOPs and bitops per sample (SPEC 8.2), per layer and in total.
 
 Artifact ``sensitivity`` (the JSON's content), file ``<model>_sensitivity.json`` with AMCT's
@@ -29,7 +30,8 @@ class AnalyzeOptions(Options):
     dataset: str = Field("calib", description="Calibration dataset the layers are measured on (streamed).")
     num_batches: Optional[PositiveInt] = Field(None, description="Measure on at most this many batches (default: all).")
     output_effects: bool = Field(True, description="Also measure each layer's effect on the model output "
-                                                   "(2 runs per layer on max_samples samples).")
+                                                   "(per layer, two runs of the network after it on "
+                                                   "max_samples samples).")
     max_samples: int = Field(16, ge=1, le=4096, description="Samples the output effects are measured on (the "
                                                             "first ones); time grows with layers x samples.")
     output: Optional[str] = Field("{model}_sensitivity.json", description="JSON file written in the output "

@@ -12,26 +12,39 @@ __all__ = ["make_session", "run_model", "expose_tensors", "tap_session_options",
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True, threads: int = 0,
-                 memory_pattern: bool = True, config: Mapping[str, str] | None = None):
+                 memory_pattern: bool = True, memory_arena: bool = True, config: Mapping[str, str] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None):
     """An InferenceSession on the CPU for an in-memory model or a model file (a file's external data
     is found beside it). ``optimize=False`` disables onnxruntime's graph optimisations;
-    ``memory_pattern=False`` its memory pattern (see ``runtime.collector``); ``threads`` > 0 sets the
+    ``memory_pattern=False`` its memory pattern (see ``runtime.collector``); ``memory_arena=False`` its
+    CPU arena, which otherwise keeps a run's peak allocation for the session's life (many sessions
+    alive at once: ``algorithms.sensitivity``); ``threads`` > 0 sets the
     intra-op and inter-op thread counts; ``config`` adds session configuration entries (e.g.
     ``{"session.disable_quant_qdq": "1"}``, or ``{"session.intra_op.allow_spinning": "0"}`` when many
-    small sessions are alive at once)."""
+    small sessions are alive at once); ``initializers`` gives the values of the model's initializers
+    stored as external data, by reference (contiguous arrays; the session keeps them alive): many
+    sessions then share one buffer and no proto carries the bytes."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if not memory_pattern:
         options.enable_mem_pattern = False
+    if not memory_arena:
+        options.enable_cpu_mem_arena = False
     options.log_severity_level = 3      # old models warn about initializers listed as inputs
     if threads:
         options.intra_op_num_threads = options.inter_op_num_threads = threads
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (initializers or {}).values()]
+    if values:
+        options.add_external_initializers(list(initializers), values)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if values:
+        session.amct_initializers = (dict(initializers), values)    # the buffers the session reads
+    return session
 
 
 def run_model(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray], *,

@@ -183,3 +183,74 @@ def test_analyze_command_writes_json_png_and_prints_the_table(tmp_path):
                           "--data", f"calib={tmp_path / 'missing.npy'}", "-o", str(tmp_path / "o2")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "missing.npy" in bad.stderr
+
+
+def _residual_two_output_model() -> onnx.ModelProto:
+    """x -> c0 -> "side" (an output the later layers never reach); x -> c1 -> relu -> c2 -> relu, added
+    to the relu of c1 (a residual branch the suffixes read from the cache) -> c3 -> "feat", and -> pool
+    -> Reshape (shape from a Constant node) -> Gemm (alpha 0.5, transB) -> "logits"."""
+    from amct_pipeline.testing.models import make_model
+    rng = np.random.default_rng(4)
+
+    def init(name, *shape):
+        return onnx.numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["side"], name="c0", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="c1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["y1"], ["r1"], name="r1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y2"], name="c2", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["y2"], ["r2"], name="r2"),
+             helper.make_node("Add", ["r1", "r2"], ["res"], name="add"),
+             helper.make_node("Conv", ["res", "w3", "b3"], ["feat"], name="c3", kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["res"], ["pool"], name="gap"),
+             helper.make_node("Constant", [], ["shape"], name="shape",
+                              value=onnx.numpy_helper.from_array(np.array([-1, 8], np.int64))),
+             helper.make_node("Reshape", ["pool", "shape"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", alpha=0.5, transB=1)]
+    inits = [init("w0", 2, 3, 1, 1), init("b0", 2), init("w1", 8, 3, 3, 3), init("b1", 8), init("w2", 8, 8, 3, 3),
+             init("b2", 8), init("w3", 4, 8, 1, 1), init("b3", 4), init("wf", 10, 8), init("bf", 10)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                      [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("logits", "feat", "side")],
+                      inits)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_output_effects_by_suffix_equal_the_switch_model(session, monkeypatch, budget):
+    """The suffix execution gives the figures the switch model gives (one run per configuration on
+    the same samples), across batches (8, 8 and a cut 4), residual branches, several outputs and
+    (budget 1) one group of suffix sessions per layer, every weight shared by reference."""
+    from amct_pipeline.algorithms import sensitivity
+    from amct_pipeline.algorithms.sensitivity import OutputMeter, quantized_config, subset_feeds
+    from amct_pipeline.ir.graph import Graph
+    if budget is not None:
+        monkeypatch.setattr(sensitivity, "SUFFIX_WEIGHT_BUDGET", budget)
+        monkeypatch.setattr(sensitivity.SharedWeights, "MIN_SIZE", 1)
+    x = np.random.default_rng(5).normal(size=(24, 3, 8, 8)).astype(np.float32)
+    source = ArraySource("calib", {"x": x}, DatasetSpec(batch_size=8), "test")
+    result = session.build("match_layers,calibrate,quantize_weights,analyze{max_samples=20}",
+                           datasets=["calib"]).run(_residual_two_output_model(), datasets={"calib": source})
+    report, art = result.artifacts["sensitivity"], result.artifacts
+    graph = Graph.from_proto(result.model)
+    layers = [layer for layer in art["layer_map"].layers() if layer.name in art["act_quant"]]
+    assert {layer.name for layer in layers} == {"c0", "c1", "c2", "c3", "fc"} and report["output_samples"] == 20
+    switch = SwitchModel(graph, layers, chosen_variants(graph, layers, art["act_quant"], art["weight_quant"]))
+    meter = OutputMeter(result.model, subset_feeds(graph, source, 20))
+    full = quantized_config(layers, art["act_quant"], art["weight_quant"])
+    whole = meter.measure(switch.session(), switch.feed(full))
+    assert report["all_quantized"]["sqnr_db"] == pytest.approx(whole["sqnr_db"], abs=1e-3)
+    assert report["all_quantized"]["agreement"] == whole["agreement"]
+    for row in report["layers"]:
+        name = row["name"]
+        only = meter.measure(switch.session(), switch.feed({name: full[name]}))
+        rest = meter.measure(switch.session(), switch.feed({k: v for k, v in full.items() if k != name}))
+        assert row["sqnr_only_db"] == pytest.approx(only["sqnr_db"], abs=1e-3), name
+        assert row["sqnr_all_but_db"] == pytest.approx(rest["sqnr_db"], abs=1e-3), name
+        assert row["agreement_all_but"] == rest["agreement"], name
+    # independently: quantizing only c0 changes only "side", so its figure is a third of that output's
+    # relative error (c0 by hand: fake-quant input, fake-quant weight, through onnxruntime)
+    node = next(n for n in result.model.graph.node if n.name == "c0")
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    wq = art["weight_quant"]["c0"].quantized.astype(np.float32) * art["weight_quant"]["c0"].scale.reshape(-1, 1, 1, 1)
+    ref = _conv(node, x[:20], weights["w0"], weights["b0"])
+    got = _conv(node, fake_quant(x[:20], art["act_quant"]["c0"]), wq, weights["b0"])
+    expected = -10 * math.log10(float(np.sum((got - ref) ** 2)) / float(np.sum(ref ** 2)) / 3)
+    assert next(r for r in report["layers"] if r["name"] == "c0")["sqnr_only_db"] == pytest.approx(expected, abs=0.01)
