@@ -14,7 +14,9 @@ channel_wise), which ``export_amct`` writes into AMCT's JSON quant config.
 quantized weights cause (with ``bias_correction_input: quantized`` also its quantized input, from
 ``act_quant``) and subtracts it from the layer's bias in the graph
 (``algorithms.weights.bias_correction``): one more run of the model, and the only case in which this
-pass changes the graph.
+pass changes the graph. ``bias_correction_input: sequential`` fits the shifts in topological order in
+the quantized model as ``lower`` writes it (``quant.emulate``; QDQ layout when ``tensor_quant``
+exists), one sweep of the numpy engine.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class QuantizeWeightsOptions(Options):
                              "'quantized' (also the input's quantization, from 'act_quant', each layer on its own: "
                              "hurt MobileNetV2, 20.4 -> 14.1 dB) or 'sequential' (the quantized model's own input, "
                              "every upstream layer already corrected: the activations' clipping shifts too; needs "
-                             "'act_quant', runs the quantized model once on max_samples in the numpy engine).")
+                             "'act_quant', runs the quantized model once on max_samples in the numpy engine; "
+                             "held-out output SQNR: MobileNetV2 23.2 -> 18.1 dB; ResNet-8 22.3 -> 22.6 dB on 96 samples).")
     dataset: Optional[str] = Field(None, description="Dataset for bias_correction (default 'calib').")
     batch_num: Optional[PositiveInt] = Field(None, description="Batches bias_correction measures on (default: all).")
     max_samples: Optional[PositiveInt] = Field(
