@@ -66,17 +66,20 @@ PRESET = "@ptq_int8"
 BLOCKS = "block_outputs=true"           # the layer / Add / pooling / Concat outputs the QDQ layout quantizes
 EQUALIZE = "equalize_channels{dataset=calib max_samples=16}"
 ARQ, BIAS = "quantize_weights{algorithm=arq}", "quantize_weights{algorithm=arq bias_correction=true max_samples=16}"
+SEQUENTIAL = "quantize_weights{algorithm=arq bias_correction=true bias_correction_input=sequential max_samples=16}"
 Q70 = f"calibrate{{algorithm=sample_quantile algorithm_options={{quantile=0.7}} {BLOCKS}}}"
 # One line per variant; the "step" rows build the default one step at a time (README table).
 OUR_VARIANTS = [
     Ours("ours ptq_int8 (default)", PRESET, quick=True),
     Ours("ours ptq_int8_amct (AMCT IFMR)", "@ptq_int8_amct", quick=True),
     Ours("ours ptq_int8_accurate", "@ptq_int8_accurate"),
+    Ours("ours ptq_int8_mse", "@ptq_int8_mse", quick=True),
     Ours("step: mean_minmax", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{ARQ}", quick=True),
     Ours("step: sample_quantile 0.7", f"{Q70},{ARQ}", quick=True),
     Ours("step: + equalize_channels", f"{Q70},{ARQ}", quick=True, before=EQUALIZE),
     Ours("step: mean_minmax + equalize + bias correction", f"calibrate{{algorithm=mean_minmax {BLOCKS}}},{BIAS}",
          before=EQUALIZE),
+    Ours("step: default + sequential bias correction", f"{Q70},{SEQUENTIAL}", quick=True, before=EQUALIZE),
     Ours("ours ifmr", f"calibrate{{algorithm=ifmr {BLOCKS}}},{ARQ}"),
     Ours("ours hfmg", f"calibrate{{algorithm=hfmg {BLOCKS}}},{ARQ}"),
     Ours("ours minmax", f"calibrate{{algorithm=minmax {BLOCKS}}},{ARQ}"),

@@ -30,28 +30,23 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 from pydantic import Field, PositiveInt, field_validator
 
 from ..errors import CalibrationError
-from ..ir.edit import Namer, add_node, copy_graph, ensure_opset, reroute
 from ..options import Options
-from ..quant.fakequant import QuantFactors, emit_antiquant, emit_fake_quant
+from ..quant.emulate import PREFIX, Unit as _Unit, build_eval_model, factor_feed
+from ..quant.emulate import layer_units as _units, qdq_units as _qdq_units
 from ..quant.params import ActQuantParams
-from ..quant.weights import dequantize_weight, weight_values
 from ..runtime.ort import make_session
 from .base import Pass, PassResult
 
 __all__ = ["RefineRangesPass", "RefineRangesOptions", "build_eval_model", "eval_session", "factor_feed"]
 
-PREFIX = "amct_refine"
-MIN_OPSET = 13       # Round and Clip-with-inputs need 11; 13 is what the converter targets reliably
 
 
 class RefineRangesOptions(Options):
@@ -95,36 +90,6 @@ class RefineRangesOptions(Options):
         return values
 
 
-@dataclass
-class _Unit:
-    """One fake-quant branch: the layers reading ``tensor`` with the same params object."""
-
-    tensor: str
-    layers: list[str]
-    params: ActQuantParams
-    index: int = 0
-    changed: bool = False
-    noise: float = 0.0
-    all_readers: bool = False     # every reader of the tensor reads the branch, not only ``layers``
-    output: str = ""              # the fake-quantized tensor, named when the evaluation model is built
-    candidates: tuple = ()        # other ranges to try (calibrate's range_candidates)
-    extra: tuple = ()             # more tensors quantized with these factors (QDQ data movement, Concat inputs)
-
-    @property
-    def qdq(self) -> bool:
-        """8-bit: a QuantizeLinear / DequantizeLinear pair; else the float chain of quant.fakequant."""
-        return self.params.num_bits == 8
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Graph inputs: scale and uint8 zero point (``qdq``), or 1/scale, offset, the code range
-        (low, high) and scale."""
-        base = f"{PREFIX}.{self.index}"
-        if self.qdq:
-            return f"{base}.scale", f"{base}.zero_point"
-        return f"{base}.inv_scale", f"{base}.offset", f"{base}.low", f"{base}.high", f"{base}.scale"
-
-
 class RefineRangesPass(Pass):
     name = "refine_ranges"
     summary = ("Output-aware range refinement: shrink activation ranges where that lowers the quantized "
@@ -161,29 +126,6 @@ class RefineRangesPass(Pass):
 
 
 # -- units and data ----------------------------------------------------------------------------
-def _units(layer_map, act_quant) -> list[_Unit]:
-    """The fake-quant layout's quantizers: one unit per (layer input, params object)."""
-    units: dict[tuple[str, int], _Unit] = {}
-    for layer in layer_map.layers():
-        params = act_quant.get(layer.name)
-        if params is None:
-            continue
-        key = (layer.input, id(params))
-        if key not in units:
-            units[key] = _Unit(layer.input, [], params, index=len(units))
-        units[key].layers.append(layer.name)
-    return list(units.values())
-
-
-def _qdq_units(graph, layer_map, act_quant, blocks: dict[str, ActQuantParams]) -> list[_Unit]:
-    """The quantizers of the QDQ model ``lower{targets=[qdq]}`` writes (``quant.facts.qdq_quantizers``):
-    data movement and Concat inputs share their class's factors, so one unit may quantize several tensors."""
-    from ..quant.facts import qdq_quantizers
-    layers = {layer.name: layer for layer in layer_map.layers() if act_quant.get(layer.name) is not None}
-    return [_Unit(q.key, list(q.layers), q.params, index=i, all_readers=not q.own, extra=q.tensors[1:])
-            for i, q in enumerate(qdq_quantizers(graph, layers, act_quant, blocks))]
-
-
 def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.ndarray]]:
     """The first batches, cut to ``max_samples`` where the batch dimension is free."""
     from ..runtime.collector import planned_batches
@@ -206,92 +148,6 @@ def _subset(graph, source, options: RefineRangesOptions) -> list[dict[str, np.nd
     if not feeds:
         raise CalibrationError(f"dataset '{source.name}' yields no batch")
     return feeds
-
-
-# -- the fake-quant evaluation model ------------------------------------------------------------
-def build_eval_model(graph, layer_map, weight_quant, units: Sequence[_Unit]) -> onnx.ModelProto:
-    """The float graph with fake-quantized weights and input-driven activation fake-quant branches.
-
-    Each unit's branch ends in ``unit.output``; its factors are graph inputs (``unit.names``), so the
-    search changes them without rebuilding the model. ``graph`` is never changed.
-    """
-    model = copy_graph(graph)
-    ensure_opset(model, MIN_OPSET, where="pass 'refine_ranges'", path="the model",
-                 hint="Round and Clip with inputs need opset 11; upgrade the model")
-    namer = Namer(model)
-    _fake_quant_weights(graph, model, layer_map, weight_quant)
-    for unit in units:
-        _insert_fake_quant(model, namer, unit)
-    model.finalize()
-    return model.to_proto()
-
-
-def _fake_quant_weights(graph, model, layer_map, weight_quant) -> None:
-    """Point each quantized layer's weight input at a new initializer holding ``q * scale_w`` (the
-    codes of the weight as the layer applies it, Gemm's alpha included)."""
-    for layer in layer_map.layers():
-        params = weight_quant.get(layer.name) if layer.weight is not None else None
-        if params is None:
-            continue
-        seen = weight_values(graph, layer)
-        try:
-            values = dequantize_weight(params.quantized, params.scale, layer)
-        except ValueError as exc:
-            raise CalibrationError(str(exc)) from None
-        if values.shape != seen.shape:
-            raise CalibrationError(f"layer '{layer.name}': weight_quant holds a {values.shape} weight, the layer "
-                                   f"reads {seen.shape}")
-        node = model.node(layer.name)
-        index = next(i for i, t in enumerate(node.inputs) if t.name == layer.weight)
-        node.inputs[index] = gs.Constant(f"{PREFIX}.{layer.name}.weight", values.astype(seen.dtype, copy=False))
-        if layer.op_type == "Gemm" and "alpha" in node.attrs:   # the codes quantize alpha * B (effective_weight)
-            node.attrs["alpha"] = 1.0
-
-
-def _insert_fake_quant(model, namer: Namer, unit: _Unit) -> None:
-    """The unit's fake quant, factors read from graph inputs, in front of the unit's layers (or of
-    every reader), and in front of every reader of its extra tensors."""
-    if unit.qdq:
-        inputs = [gs.Variable(unit.names[0], dtype=np.float32, shape=[]),
-                  gs.Variable(unit.names[1], dtype=np.uint8, shape=[])]
-    else:
-        inputs = [gs.Variable(name, dtype=np.float32, shape=[]) for name in unit.names]
-    model.gs.inputs.extend(inputs)
-    x = model.tensors()[unit.tensor]
-    readers = list(x.outputs)
-    base = f"{PREFIX}.{unit.index}"
-    out = _branch(model, namer, x, base, inputs)
-    unit.output = out.name
-    if unit.all_readers:
-        reroute(x, out, readers)
-    else:
-        for name in unit.layers:
-            model.node(name).inputs[0] = out
-    for index, name in enumerate(unit.extra):
-        extra = model.tensors()[name]
-        readers = list(extra.outputs)
-        reroute(extra, _branch(model, namer, extra, f"{base}.{index}", inputs), readers)
-
-
-def _branch(model, namer: Namer, x: gs.Tensor, base: str, inputs: list[gs.Variable]) -> gs.Tensor:
-    """QuantizeLinear -> DequantizeLinear (scale, uint8 zero point), or AMCT's float chain (SPEC 5.4)."""
-    if len(inputs) == 2:
-        codes = add_node(model, namer, "QuantizeLinear", f"{base}.quant", [x, *inputs]).outputs[0]
-        out = add_node(model, namer, "DequantizeLinear", f"{base}.dequant", [codes, *inputs]).outputs[0]
-        codes.dtype, out.dtype = np.uint8, np.float32
-        return out
-    inv, offset, low, high, scale = inputs
-    codes = emit_fake_quant(model, namer, x, base, QuantFactors(inv, offset, low, high))
-    return emit_antiquant(model, namer, codes, f"{base}.dequant", scale)
-
-
-def factor_feed(unit: _Unit, params: ActQuantParams) -> dict[str, np.ndarray]:
-    """The graph inputs of the unit's branch for ``params`` (0-d arrays: onnxruntime takes arrays only)."""
-    if unit.qdq:
-        scale, zero = unit.names
-        return {scale: np.array(params.scale, np.float32), zero: np.array(params.offset + 128, np.uint8)}
-    values = (1.0 / np.float32(params.scale), params.offset, params.qmin, params.qmax, params.scale)
-    return {name: np.array(value, dtype=np.float32) for name, value in zip(unit.names, values)}
 
 
 def eval_session(model: onnx.ModelProto):

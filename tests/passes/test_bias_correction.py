@@ -130,3 +130,41 @@ def test_linear_shifts_equal_the_measured_ones(session):
     for name in measured:
         np.testing.assert_allclose(linear[name], measured[name], rtol=1e-3, atol=1e-5 * np.abs(measured[name]).max())
         assert np.abs(measured[name]).max() > 0
+
+
+SEQUENTIAL_BASE = ("fuse_bn,match_layers,calibrate{algorithm=sample_quantile algorithm_options={quantile=0.5} "
+                   "block_outputs=true}")
+
+
+def _qdq_outputs(result, x):
+    from amct_pipeline.runtime.ort import make_session
+    lowered = result.artifacts["lowered"]["qdq"]
+    session = make_session(lowered)
+    return session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64)
+
+
+def test_sequential_bias_correction_matches_the_float_means_in_the_qdq_model(session):
+    """Ranges that clip (the median of the samples' maxima) shift the quantized model's means; the
+    sequential correction, fitted in the emulated quantized model, makes the QDQ model's logits (the
+    last layer, a graph output: its shift is the plain mean error) match the float model's per class
+    on the calibration data, and lowers their squared error."""
+    from amct_pipeline.runtime.ort import run_model
+    lower = ",lower{targets=[qdq]}"
+    plain = _run(session, SEQUENTIAL_BASE + ",quantize_weights{bias_correction=true}" + lower)
+    corrected = _run(session, SEQUENTIAL_BASE + ",quantize_weights{bias_correction=true "
+                     "bias_correction_input=sequential max_samples=48}" + lower)
+    stats = corrected.stats_for("quantize_weights")
+    assert stats["bias_corrected"] == 3 and "bias_not_corrected" not in stats
+    x = build_demo_data(48)
+    model = build_demo_model()
+    reference = run_model(model, {model.graph.input[0].name: x})[0].astype(np.float64)
+    before, after = _qdq_outputs(plain, x) - reference, _qdq_outputs(corrected, x) - reference
+    assert np.abs(before.mean(axis=0)).max() > 0.01 * np.abs(reference).mean()      # the clipping shifts them
+    assert np.abs(after.mean(axis=0)).max() < 0.2 * np.abs(before.mean(axis=0)).max()
+    assert np.mean(after ** 2) < np.mean(before ** 2)
+
+
+def test_sequential_bias_correction_needs_activation_ranges(session):
+    from amct_pipeline.errors import PassError
+    with pytest.raises(PassError, match="needs activation ranges"):
+        _run(session, "fuse_bn,match_layers,quantize_weights{bias_correction=true bias_correction_input=sequential}")

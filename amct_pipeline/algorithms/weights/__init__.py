@@ -6,7 +6,8 @@ The weight views they quantize (effective weights, grouped ConvTranspose channel
 from __future__ import annotations
 
 from .arq import ArqOptions, ArqQuantizer
+from .mse_clip import MseClipOptions, MseClipQuantizer
 
-__all__ = ["ArqQuantizer", "ArqOptions", "BUILTIN_WEIGHT_QUANTIZERS"]
+__all__ = ["ArqQuantizer", "ArqOptions", "MseClipQuantizer", "MseClipOptions", "BUILTIN_WEIGHT_QUANTIZERS"]
 
-BUILTIN_WEIGHT_QUANTIZERS = [ArqQuantizer]
+BUILTIN_WEIGHT_QUANTIZERS = [ArqQuantizer, MseClipQuantizer]
