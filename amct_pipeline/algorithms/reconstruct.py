@@ -9,6 +9,9 @@ the pieces between the float program's cut points (``Program.blocks``). For each
   retrained), so each block also learns to undo the error that reaches it (BRECQ);
 * with ``qdrop`` > 0 each activation element of a training forward stays float with that probability
   (QDrop, Wei et al. 2022: a flatter objective that transfers better to held-out inputs);
+  ``block_input``: a block trains on the quantized model's inputs (default), on the float model's
+  (``float``: each block learns its own error only), or on their element-wise QDrop mixture
+  (``mixed``: the float input with probability ``qdrop``);
 * Adam minimises ``mean((out - target)^2) / mean(target^2)`` (plus AdaRound's rounding regulariser,
   annealed from beta 20 to 2 after a warm-up) over mini-batches drawn with a seeded generator;
 * after training, AdaRound rounds hard; if hard rounding ends worse than round-to-nearest with the
@@ -49,6 +52,7 @@ class ReconstructSettings:
     lr_bias: float = 1e-3             # biases, relative to the weights' quantization step times sqrt(fan-in)
     reg_weight: float = 0.1           # AdaRound regulariser, relative to the block's initial loss
     qdrop: float = 0.0                # QDrop: probability that a training forward keeps an activation float
+    block_input: str = "quantized"    # what a block trains on: "quantized" model's, "float", or "mixed" (QDrop)
     warmup: float = 0.2               # fraction of steps without the regulariser
     check_every: int = 25             # steps between early-stop checks
     patience: int = 4                 # checks without a 1% improvement before stopping
@@ -172,8 +176,10 @@ def reconstruct(float_program: Program, quant_program: Program, blocks: Sequence
         names = [k for k in learned if k in sub.constants]
         exe = Executor(sub, params={k: learned[k] for k in names})
         ops = {k: rounding[k] for k in names if k in rounding}
-        report = _train_block(index, exe, ops, {k: lrs[k] for k in names}, clip_of, quant_in, target, settings,
-                              micro, progress)
+        train_in = float_in if settings.block_input == "float" else quant_in
+        mix = float_in if settings.block_input == "mixed" and quant_in is not float_in else None
+        report = _train_block(index, exe, ops, {k: lrs[k] for k in names}, clip_of, train_in, target, settings,
+                              micro, progress, mix)
         for k in names:
             learned[k] = exe.params[k]
         report.layers = sum(1 for n in sub.nodes if n.op_type in layer_types)
@@ -191,10 +197,12 @@ def reconstruct(float_program: Program, quant_program: Program, blocks: Sequence
 
 def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Mapping[str, float],
                  clip_of: Mapping[str, ClipParam], inputs: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray],
-                 settings: ReconstructSettings, micro: int, progress) -> BlockReport:
+                 settings: ReconstructSettings, micro: int, progress,
+                 mix: Mapping[str, np.ndarray] | None = None) -> BlockReport:
     n = len(next(iter(inputs.values())))
     power = _power(target)
     rng = np.random.default_rng([settings.seed, index])
+    mix_rng = np.random.default_rng([settings.seed, index, 2])
     batch = min(settings.batch_size, n)
     steps = settings.steps if exe.params else 0
     eval_index = np.arange(min(n, max(batch, 32)))
@@ -231,7 +239,11 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
         value = 0.0
         for a in range(0, len(rows), micro):
             part = rows[a:a + micro]
-            out = exe.forward(_rows(inputs, part), outputs=list(target))
+            feed = _rows(inputs, part)
+            if mix is not None:     # QDrop's block input: each element the float model's with probability qdrop
+                for k, v in _rows(mix, part).items():
+                    np.copyto(feed[k], v, where=mix_rng.random(v.shape, dtype=np.float32) < settings.qdrop)
+            out = exe.forward(feed, outputs=list(target))
             loss, g_out = _loss(out, _rows(target, part), power)
             weight = len(part) / len(rows)
             value += loss * weight

@@ -114,6 +114,10 @@ class RetrainOptions(Options):
                                                         "forward keeps an activation element float instead of "
                                                         "fake-quantized (0: off; the paper's 0.5). Less overfitting "
                                                         "of few samples; evaluation always quantizes.")
+    block_input: Literal["quantized", "float", "mixed"] = Field(
+        "quantized", description="What a block trains on: the quantized model's inputs (learns to undo the error "
+                                 "reaching it), the float model's (its own error only), or mixed (QDrop: each "
+                                 "element the float one with probability qdrop).")
     augment: Optional[Augment] = Field(None, description="Train on the samples plus augmented copies "
                                                          "({copies, flip, crop}; NCHW image inputs; seeded).")
     patience: int = Field(4, ge=1, le=100, description="Early stop after this many checks (every 25 steps) "
@@ -138,6 +142,12 @@ class RetrainOptions(Options):
         if problems:
             raise ValueError("; ".join(problems))
         return value
+
+    @model_validator(mode="after")
+    def _mixed_needs_qdrop(self) -> "RetrainOptions":
+        if self.block_input == "mixed" and self.qdrop <= 0:
+            raise ValueError("block_input 'mixed' takes the float input with probability qdrop: give qdrop > 0")
+        return self
 
     @model_validator(mode="after")
     def _config_values(self) -> "RetrainOptions":
@@ -302,7 +312,8 @@ class RetrainPass(Pass):
                                          else None) as spill:
             settings = ReconstructSettings(
                 steps=o.steps, batch_size=o.batch_size, micro_batch=micro, lr_clip=o.lr_clip, lr_round=o.lr_round,
-                lr_weight=o.lr_weight, lr_scale=o.lr_scale, lr_bias=o.lr_bias, reg_weight=o.reg_weight, qdrop=o.qdrop, patience=o.patience,
+                lr_weight=o.lr_weight, lr_scale=o.lr_scale, lr_bias=o.lr_bias, reg_weight=o.reg_weight, qdrop=o.qdrop, block_input=o.block_input,
+                patience=o.patience,
                 seed=int(seed), spill_bytes=o.spill_mb << 20, spill_dir=spill)
             blocks = model.float_program.blocks(o.block_layers)
             start = time.perf_counter()

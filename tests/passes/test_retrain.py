@@ -240,8 +240,18 @@ def test_qdrop_and_augment_are_deterministic_and_change_the_training(session):
     assert len(models) == 3
 
 
+def test_block_input_float_and_mixed_train_other_models_deterministically(session):
+    base = "retrain{steps=15 seed=2 block_layers=1"
+    models = {}
+    for extra in ("", " block_input=float", " block_input=mixed qdrop=0.5", " block_input=mixed qdrop=0.5"):
+        result = _run(session, base + extra + "}", count=16)
+        models.setdefault(extra, set()).add(result.artifacts["lowered"]["qdq"].SerializeToString())
+    assert all(len(v) == 1 for v in models.values())            # the same seed: the same model
+    assert len({next(iter(v)) for v in models.values()}) == 3     # each input choice trains another model
+
+
 @pytest.mark.parametrize("option", ["qdrop=1.0", "qdrop=-0.1", "augment={copies=100}", "augment={crop=0}",
-                                    "augment={flop=true}"])
+                                    "augment={flop=true}", "block_input=mixed", "block_input=both"])
 def test_qdrop_and_augment_options_are_checked(session, option):
     with pytest.raises(ConfigError):
         session.build(BASE + f"retrain{{{option}}}" + LOWER, datasets=["calib"])
