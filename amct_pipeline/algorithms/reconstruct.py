@@ -7,6 +7,11 @@ the pieces between the float program's cut points (``Program.blocks``). For each
 * the float block runs on the float inputs: its output is the target;
 * the quantized block runs on the *quantized* model's inputs (the output of the blocks already
   retrained), so each block also learns to undo the error that reaches it (BRECQ);
+* with ``qdrop`` > 0 each activation element of a training forward stays float with that probability
+  (QDrop, Wei et al. 2022: a flatter objective that transfers better to held-out inputs);
+  ``block_input``: a block trains on the quantized model's inputs (default), on the float model's
+  (``float``: each block learns its own error only), or on their element-wise QDrop mixture
+  (``mixed``: the float input with probability ``qdrop``);
 * Adam minimises ``mean((out - target)^2) / mean(target^2)`` (plus AdaRound's rounding regulariser,
   annealed from beta 20 to 2 after a warm-up) over mini-batches drawn with a seeded generator;
 * after training, AdaRound rounds hard; if hard rounding ends worse than round-to-nearest with the
@@ -15,7 +20,8 @@ the pieces between the float program's cut points (``Program.blocks``). For each
 
 Memory: the float inputs, the quantized inputs and the targets of one block are held at a time
 (``Store``: in memory, or memory-mapped files in a scratch folder when larger than ``spill_bytes``).
-Deterministic: the batch order comes from ``numpy.random.default_rng(seed + block)``.
+Deterministic: the batch order comes from ``numpy.random.default_rng([seed, block])``, the QDrop
+masks from ``default_rng([seed, block, 1])``.
 """
 from __future__ import annotations
 
@@ -28,9 +34,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..autodiff import AdaRound, Adam, Executor, Program, ulq_guard
+from ..autodiff import ULQ, AdaRound, Adam, Executor, FakeQuant, Program, QDrop, ulq_guard
 
-__all__ = ["ReconstructSettings", "ClipParam", "Store", "reconstruct", "BlockReport"]
+__all__ = ["ReconstructSettings", "ClipParam", "Store", "reconstruct", "BlockReport", "augment_images",
+           "resized_crop"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class ReconstructSettings:
     lr_scale: float = 1e-3            # ulq_retrain scales, relative to their initial value
     lr_bias: float = 1e-3             # biases, relative to the weights' quantization step times sqrt(fan-in)
     reg_weight: float = 0.1           # AdaRound regulariser, relative to the block's initial loss
+    qdrop: float = 0.0                # QDrop: probability that a training forward keeps an activation float
+    block_input: str = "quantized"    # what a block trains on: "quantized" model's, "float", or "mixed" (QDrop)
     warmup: float = 0.2               # fraction of steps without the regulariser
     check_every: int = 25             # steps between early-stop checks
     patience: int = 4                 # checks without a 1% improvement before stopping
@@ -167,8 +176,10 @@ def reconstruct(float_program: Program, quant_program: Program, blocks: Sequence
         names = [k for k in learned if k in sub.constants]
         exe = Executor(sub, params={k: learned[k] for k in names})
         ops = {k: rounding[k] for k in names if k in rounding}
-        report = _train_block(index, exe, ops, {k: lrs[k] for k in names}, clip_of, quant_in, target, settings,
-                              micro, progress)
+        train_in = float_in if settings.block_input == "float" else quant_in
+        mix = float_in if settings.block_input == "mixed" and quant_in is not float_in else None
+        report = _train_block(index, exe, ops, {k: lrs[k] for k in names}, clip_of, train_in, target, settings,
+                              micro, progress, mix)
         for k in names:
             learned[k] = exe.params[k]
         report.layers = sum(1 for n in sub.nodes if n.op_type in layer_types)
@@ -186,10 +197,12 @@ def reconstruct(float_program: Program, quant_program: Program, blocks: Sequence
 
 def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Mapping[str, float],
                  clip_of: Mapping[str, ClipParam], inputs: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray],
-                 settings: ReconstructSettings, micro: int, progress) -> BlockReport:
+                 settings: ReconstructSettings, micro: int, progress,
+                 mix: Mapping[str, np.ndarray] | None = None) -> BlockReport:
     n = len(next(iter(inputs.values())))
     power = _power(target)
     rng = np.random.default_rng([settings.seed, index])
+    mix_rng = np.random.default_rng([settings.seed, index, 2])
     batch = min(settings.batch_size, n)
     steps = settings.steps if exe.params else 0
     eval_index = np.arange(min(n, max(batch, 32)))
@@ -208,6 +221,8 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
     loss_start = evaluate()           # hard rounding from the initial alphas = round-to-nearest
     for op in ops.values():
         op.hard = False
+    _set_drop(exe, QDrop(settings.qdrop, np.random.default_rng([settings.seed, index, 1]))
+              if settings.qdrop > 0 else None)
     optimizer = Adam(exe.params, lr=dict(lrs))
     warm = int(settings.warmup * steps)
     reg_scale = settings.reg_weight * max(loss_start, 1e-12)
@@ -224,7 +239,11 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
         value = 0.0
         for a in range(0, len(rows), micro):
             part = rows[a:a + micro]
-            out = exe.forward(_rows(inputs, part), outputs=list(target))
+            feed = _rows(inputs, part)
+            if mix is not None:     # QDrop's block input: each element the float model's with probability qdrop
+                for k, v in _rows(mix, part).items():
+                    np.copyto(feed[k], v, where=mix_rng.random(v.shape, dtype=np.float32) < settings.qdrop)
+            out = exe.forward(feed, outputs=list(target))
             loss, g_out = _loss(out, _rows(target, part), power)
             weight = len(part) / len(rows)
             value += loss * weight
@@ -253,6 +272,7 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
             # early stop only once rounding has been annealed for a while (or there is none)
             if since >= settings.patience and (not ops or step >= warm + (steps - warm) // 2):
                 break
+    _set_drop(exe, None)
     for op in ops.values():
         op.hard = True
     loss_end, rounding = evaluate(), ("ada" if ops else "-")
@@ -273,6 +293,13 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
     return BlockReport(index, [], [], 0, done, 0.0, loss_start, loss_end, rounding)
 
 
+def _set_drop(exe: Executor, drop: QDrop | None) -> None:
+    """Give every activation quantizer of the block ``drop`` (None: quantize every element)."""
+    for node in exe.nodes:
+        if isinstance(node.op, (ULQ, FakeQuant)):
+            node.op.drop = drop
+
+
 def _guard_clips(params: dict[str, np.ndarray], clip_of: Mapping[str, ClipParam], previous) -> None:
     """SPEC 4.9's safeguards after each update (a collapsed or sign-flipped range reverts)."""
     for name, (old_max, old_min) in previous.items():
@@ -285,6 +312,65 @@ def _guard_clips(params: dict[str, np.ndarray], clip_of: Mapping[str, ClipParam]
         params[name][...] = kept_max
         if clip.min_name:
             params[clip.min_name][...] = kept_min
+
+
+# -- training data augmentation ------------------------------------------------------------------
+def augment_images(x: np.ndarray, copies: int, flip: bool, crop: float, rng: np.random.Generator) -> np.ndarray:
+    """``x`` ([N, C, H, W]) followed by ``copies`` augmented copies of every sample: each mirrored
+    left-right with probability 1/2 (``flip``) and, when ``crop`` < 1, a random crop of
+    ``[crop, 1]`` of the area (aspect ratio 3/4 .. 4/3) resized back to H x W (bilinear). More
+    distinct inputs for the reconstruction of a model trained on such images (ImageNet's own
+    augmentations), so learned values fit the few samples less."""
+    n, _, height, width = x.shape
+    out = np.empty((n * (1 + copies), *x.shape[1:]), dtype=x.dtype)
+    out[:n] = x
+    for k in range(copies):
+        for i in range(n):
+            image = x[i]
+            if crop < 1.0:
+                image = _random_resized_crop(image, crop, rng)
+            if flip and rng.random() < 0.5:
+                image = image[:, :, ::-1]
+            out[n * (k + 1) + i] = image
+    return out
+
+
+def _random_resized_crop(image: np.ndarray, crop: float, rng: np.random.Generator) -> np.ndarray:
+    _, height, width = image.shape
+    area = rng.uniform(crop, 1.0) * height * width
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    h = min(height, max(1, int(round(math.sqrt(area / ratio)))))
+    w = min(width, max(1, int(round(math.sqrt(area * ratio)))))
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    return resized_crop(image, top, left, h, w)
+
+
+def resized_crop(image: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """The box ``[top, top + h) x [left, left + w)`` of ``image`` ([C, H, W]) resized to H x W,
+    bilinear with half-pixel centres (ONNX Resize ``linear`` / ``half_pixel``)."""
+    _, height, width = image.shape
+    rows = _linear_taps(top, h, height)
+    cols = _linear_taps(left, w, width)
+    return _resample(_resample(image, rows, axis=1), cols, axis=2)
+
+
+def _linear_taps(start: int, size: int, out: int):
+    """(lower index, upper index, upper weight) sampling ``size`` pixels from ``start`` at ``out`` points
+    (pixel centres, half-pixel rule)."""
+    pos = start + (np.arange(out) + 0.5) * (size / out) - 0.5
+    pos = np.clip(pos, start, start + size - 1)
+    low = np.floor(pos).astype(np.int64)
+    high = np.minimum(low + 1, start + size - 1)
+    return low, high, (pos - low).astype(np.float32)
+
+
+def _resample(image: np.ndarray, taps, axis: int) -> np.ndarray:
+    low, high, weight = taps
+    shape = [1] * image.ndim
+    shape[axis] = -1
+    weight = weight.reshape(shape).astype(image.dtype)
+    return np.take(image, low, axis=axis) * (1 - weight) + np.take(image, high, axis=axis) * weight
 
 
 def bar(enabled: bool, total_steps: int, blocks: int):

@@ -15,7 +15,7 @@ from .executor import Executor
 from .op import Op, supported_ops
 from .optim import Adam, mse
 from .program import Node, Program
-from .quantops import ULQ, AdaRound, ARQRetrain, FakeQuant, LSQWeight, ulq_factors, ulq_guard
+from .quantops import ULQ, AdaRound, ARQRetrain, FakeQuant, LSQWeight, QDrop, ulq_factors, ulq_guard
 
 __all__ = [
     "AutodiffError",
@@ -25,6 +25,7 @@ __all__ = [
     "Op",
     "supported_ops",
     "FakeQuant",
+    "QDrop",
     "ULQ",
     "ARQRetrain",
     "LSQWeight",

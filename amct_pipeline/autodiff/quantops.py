@@ -11,6 +11,11 @@ Weights (SPEC 4.3, 4.8, 4.10), laid out by output channel (``channel_axis``; ``N
     :class:`AdaRound`   ADA: learnable rounding ``alpha`` (input 0) of a fixed weight and scale,
                         rectified sigmoid ``h = clip(sigmoid(alpha) (zeta - gamma) + gamma, 0, 1)``.
 
+QDrop (Wei et al. 2022): an activation quantizer given ``drop = QDrop(probability, rng)`` keeps each
+element float with that probability in a *recording* forward (``need`` not None; evaluation never
+drops): the output is ``where(kept, x, fq(x))``, the gradient of a kept element is the identity's and
+it adds nothing to the clips' gradients. Training then sees a flatter, less sample-specific loss.
+
 Forward arithmetic is the lowering's: activations ``clip(rint(x * float32(1/scale)) + offset)``,
 weights ``clip(rint(w / scale))`` (ARQ's), in the input's float precision.
 """
@@ -27,7 +32,7 @@ from ..quant.weights import deconv_channel_view, deconv_from_channel_view
 from ._util import masked
 from .op import Op
 
-__all__ = ["FakeQuant", "ULQ", "ARQRetrain", "LSQWeight", "AdaRound", "ulq_factors", "ulq_guard"]
+__all__ = ["QDrop", "FakeQuant", "ULQ", "ARQRetrain", "LSQWeight", "AdaRound", "ulq_factors", "ulq_guard"]
 
 
 def _qrange(num_bits: int) -> tuple[int, int]:
@@ -102,18 +107,51 @@ def _ulq_backward(x: np.ndarray, g: np.ndarray, p: ActQuantParams, want_clips: b
     return gx.reshape(g.shape), ge / ((1 << p.num_bits) - 1), g_upper, g_lower
 
 
+class QDrop:
+    """Which activation elements stay float in a training forward: each with ``probability``, drawn
+    from ``rng`` (a seeded ``numpy.random.Generator``: the same seed and node order give the same masks)."""
+
+    def __init__(self, probability: float, rng: np.random.Generator) -> None:
+        if not 0.0 <= probability < 1.0:
+            raise ValueError(f"QDrop probability must be in [0, 1), got {probability}")
+        self.probability, self.rng = float(probability), rng
+
+    def mask(self, shape) -> np.ndarray | None:
+        """Boolean array (True: keep float), or None when nothing is dropped."""
+        if self.probability <= 0.0:
+            return None
+        return self.rng.random(shape, dtype=np.float32) < np.float32(self.probability)
+
+
+def _dropped(op, x: np.ndarray, y: np.ndarray, need) -> tuple[np.ndarray, np.ndarray | None]:
+    """(output, kept-float mask or None): QDrop applied in a recording forward only."""
+    drop = getattr(op, "drop", None)
+    if need is None or drop is None:
+        return y, None
+    keep = drop.mask(x.shape)
+    if keep is None:
+        return y, None
+    np.copyto(y, x, where=keep)
+    return y, keep
+
+
 class FakeQuant(Op):
-    """Quantize-dequantize with fixed :class:`ActQuantParams`; STE gradient where the code is not clipped."""
+    """Quantize-dequantize with fixed :class:`ActQuantParams`; STE gradient where the code is not clipped
+    (``drop``: optional :class:`QDrop`)."""
 
     op_type = "FakeQuant"
 
     def __init__(self, params: ActQuantParams, name: str = "") -> None:
         self.params = params
+        self.drop: QDrop | None = None
         super().__init__({}, 17, 1, 1, name)
 
     def forward(self, xs, need):
         p = self.params
         y, inside = _act_fake_quant(xs[0], p.scale, p.offset, p.qmin, p.qmax, mask=need is not None)
+        y, keep = _dropped(self, xs[0], y, need)
+        if keep is not None:
+            inside |= keep
         return [y], inside
 
     def backward(self, saved, gys, need):
@@ -149,6 +187,7 @@ class ULQ(Op):
     def __init__(self, num_bits: int = 8, fixed_min: bool = False, name: str = "") -> None:
         self.num_bits = int(num_bits)
         self.fixed_min = bool(fixed_min)
+        self.drop: QDrop | None = None          # QDrop: elements kept float while training
         super().__init__({}, 17, 2 if fixed_min else 3, 1, name)
 
     def factors(self, xs) -> ActQuantParams:
@@ -158,16 +197,20 @@ class ULQ(Op):
     def forward(self, xs, need):
         p = self.factors(xs)
         y, _ = _act_fake_quant(xs[0], p.scale, p.offset, p.qmin, p.qmax)
+        y, keep = _dropped(self, xs[0], y, need)
         saved = None
         if need is not None:
-            saved = (xs[0], p, np.shape(xs[1]), np.shape(xs[2]) if not self.fixed_min else None)
+            saved = (xs[0], p, np.shape(xs[1]), np.shape(xs[2]) if not self.fixed_min else None, keep)
         return [y], saved
 
     def backward(self, saved, gys, need):
-        x, p, shape_max, shape_min = saved
+        x, p, shape_max, shape_min, keep = saved
         g = gys[0]
         want_clips = bool(need[1] or (not self.fixed_min and need[2]))
-        gx, ge, g_upper, g_lower = _ulq_backward(x, g, p, want_clips)
+        quantized = g if keep is None else np.where(keep, 0, g).astype(g.dtype, copy=False)
+        gx, ge, g_upper, g_lower = _ulq_backward(x, quantized, p, want_clips)
+        if keep is not None:        # kept-float elements: the identity's gradient
+            np.copyto(gx, g, where=keep)
         out = [gx if need[0] else None]
         out.append(np.asarray(ge + g_upper, dtype=g.dtype).reshape(shape_max) if need[1] else None)
         if not self.fixed_min:

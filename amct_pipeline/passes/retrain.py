@@ -61,6 +61,17 @@ WTS_KEYS = ("algo", "dst_type", "channel_wise")
 LAYER_KEYS = ("retrain_enable", "act", "wts")
 MAX_STEPS = 20000
 MAX_SAMPLES = 4096
+MAX_COPIES = 16
+
+
+class Augment(Options):
+    """Augmented copies of the training samples (4-D NCHW image inputs)."""
+
+    copies: int = Field(1, ge=1, le=MAX_COPIES, description="Augmented copies per sample (time of the "
+                                                              "per-block passes and memory grow with it).")
+    flip: bool = Field(True, description="Mirror left-right with probability 1/2.")
+    crop: float = Field(1.0, gt=0.05, le=1.0, description="Random crops of [crop, 1] of the image area resized "
+                                                          "back (1: no crop).")
 
 
 class RetrainOptions(Options):
@@ -99,6 +110,16 @@ class RetrainOptions(Options):
                                                          "weight step times sqrt(fan-in).")
     reg_weight: float = Field(0.1, ge=0, le=100, description="AdaRound rounding regulariser, relative to the "
                                                              "block's initial error.")
+    qdrop: float = Field(0.0, ge=0, le=0.9, description="QDrop (Wei et al. 2022): probability that a training "
+                                                        "forward keeps an activation element float instead of "
+                                                        "fake-quantized (0: off; the paper's 0.5). Less overfitting "
+                                                        "of few samples; evaluation always quantizes.")
+    block_input: Literal["quantized", "float", "mixed"] = Field(
+        "quantized", description="What a block trains on: the quantized model's inputs (learns to undo the error "
+                                 "reaching it), the float model's (its own error only), or mixed (QDrop: each "
+                                 "element the float one with probability qdrop).")
+    augment: Optional[Augment] = Field(None, description="Train on the samples plus augmented copies "
+                                                         "({copies, flip, crop}; NCHW image inputs; seeded).")
     patience: int = Field(4, ge=1, le=100, description="Early stop after this many checks (every 25 steps) "
                                                        "without a 1% lower error.")
     seed: Optional[int] = Field(None, description="Seed of the batch order (default: the run's seed).")
@@ -121,6 +142,12 @@ class RetrainOptions(Options):
         if problems:
             raise ValueError("; ".join(problems))
         return value
+
+    @model_validator(mode="after")
+    def _mixed_needs_qdrop(self) -> "RetrainOptions":
+        if self.block_input == "mixed" and self.qdrop <= 0:
+            raise ValueError("block_input 'mixed' takes the float input with probability qdrop: give qdrop > 0")
+        return self
 
     @model_validator(mode="after")
     def _config_values(self) -> "RetrainOptions":
@@ -221,6 +248,8 @@ class RetrainPass(Pass):
         fixed = {u.key: _unit_fixed_min(graph, u, settings) for u in units}
         model = build(graph, layer_map, units, weights, settings, self.options, fixed)
         data, micro = _samples(graph, ctx.dataset(self.options.dataset), self.options)
+        if self.options.augment is not None:
+            data = _augmented(data, self.options.augment, self._seed(ctx))
         learned, reports, seconds = self._optimise(ctx, model, data, micro)
         act_quant, tensor_quant = model.act_results(learned, act_quant, tensor_quant)
         weight_quant, changed = model.weight_results(graph, learned)
@@ -277,17 +306,21 @@ class RetrainPass(Pass):
         return out
 
     # -- optimisation ----------------------------------------------------------------------------
+    def _seed(self, ctx) -> int:
+        return int(self.options.seed if self.options.seed is not None else ctx.seed)
+
     def _optimise(self, ctx, model, data, micro):
         from ..algorithms.reconstruct import ReconstructSettings, bar, reconstruct
         o = self.options
-        seed = o.seed if o.seed is not None else ctx.seed
+        seed = self._seed(ctx)
         directory = getattr(ctx.outputs, "directory", None)
         with tempfile.TemporaryDirectory(prefix=".amct-retrain-spill-",
                                          dir=str(directory) if directory is not None and Path(directory).is_dir()
                                          else None) as spill:
             settings = ReconstructSettings(
                 steps=o.steps, batch_size=o.batch_size, micro_batch=micro, lr_clip=o.lr_clip, lr_round=o.lr_round,
-                lr_weight=o.lr_weight, lr_scale=o.lr_scale, lr_bias=o.lr_bias, reg_weight=o.reg_weight, patience=o.patience,
+                lr_weight=o.lr_weight, lr_scale=o.lr_scale, lr_bias=o.lr_bias, reg_weight=o.reg_weight, qdrop=o.qdrop, block_input=o.block_input,
+                patience=o.patience,
                 seed=int(seed), spill_bytes=o.spill_mb << 20, spill_dir=spill)
             blocks = model.float_program.blocks(o.block_layers)
             start = time.perf_counter()
@@ -464,6 +497,20 @@ def _samples(graph, source, options: RetrainOptions) -> tuple[dict[str, np.ndarr
     data = {k: np.concatenate(v) for k, v in parts.items()}
     micro = (plan.inputs[0].fixed_batch or 1) if fixed else options.batch_size
     return data, micro
+
+
+def _augmented(data: dict[str, np.ndarray], augment: Augment, seed: int) -> dict[str, np.ndarray]:
+    """The samples and their augmented copies (``augment_images``); every input draws from the same
+    seeded sequence, so image inputs of one size get the same flips and crops."""
+    from ..algorithms.reconstruct import augment_images
+    out = {}
+    for name, x in data.items():
+        if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
+            raise ConfigError([Problem(WHERE, "augment", f"input '{name}' is {x.dtype} {list(x.shape)}, not a float "
+                                       "NCHW image batch", "drop the augment option for this model")])
+        out[name] = augment_images(x, augment.copies, augment.flip, augment.crop,
+                                   np.random.default_rng([seed, 2]))
+    return out
 
 
 # -- report ------------------------------------------------------------------------------------

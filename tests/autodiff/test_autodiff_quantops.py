@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from amct_pipeline.autodiff import ULQ, AdaRound, ARQRetrain, FakeQuant, LSQWeight, quantops, ulq_factors, ulq_guard
+from amct_pipeline.autodiff import (ULQ, AdaRound, ARQRetrain, FakeQuant, LSQWeight, QDrop, quantops, ulq_factors,
+                                    ulq_guard)
 from amct_pipeline.ir.edit import Namer
 from amct_pipeline.ir.graph import load_graph
 from amct_pipeline.quant.fakequant import constant_factors, emit_antiquant, emit_fake_quant
@@ -116,6 +117,80 @@ def test_ulq_fixed_min_has_no_min_input():
     gx, gmax = op.backward(saved, [np.ones_like(x)], (True, True))
     ex, emax, _ = spec_ulq_grads(x, np.ones_like(x), 3.0, 0.0)
     np.testing.assert_allclose(gmax, emax, rtol=1e-10)
+
+
+def _drop_mask(seed: int, shape, probability: float) -> np.ndarray:
+    return QDrop(probability, np.random.default_rng(seed)).mask(shape)
+
+
+@pytest.mark.parametrize("fixed_min", [False, True])
+def test_qdrop_keeps_elements_float_and_passes_their_gradient_through(fixed_min):
+    """QDrop: kept elements are the input and get the identity's gradient; the clip gradients are the
+    SPEC 4.9 ones of the quantized elements only; an evaluation forward never drops."""
+    x = RNG.standard_normal((2, 3, 7, 7)) * 2
+    if fixed_min:
+        x = np.abs(x)
+    g = RNG.standard_normal(x.shape)
+    clips = [np.array(2.5)] + ([] if fixed_min else [np.array(-1.7)])
+    op = ULQ(fixed_min=fixed_min)
+    (plain,), _ = op.forward([x, *clips], None)
+    op.drop = QDrop(0.5, np.random.default_rng(3))
+    need = (True,) * (2 if fixed_min else 3)
+    (y,), saved = op.forward([x, *clips], need)
+    keep = _drop_mask(3, x.shape, 0.5)
+    assert 0.4 < keep.mean() < 0.6
+    np.testing.assert_array_equal(y, np.where(keep, x, plain))
+    (evaluated,), _ = op.forward([x, *clips], None)          # no recording: every element quantized
+    np.testing.assert_array_equal(evaluated, plain)
+    grads = op.backward(saved, [g], need)
+    ex, emax, emin = spec_ulq_grads(x, np.where(keep, 0.0, g), 2.5, 0.0 if fixed_min else -1.7)
+    np.testing.assert_allclose(grads[0], np.where(keep, g, ex), atol=1e-12)
+    np.testing.assert_allclose(grads[1], emax, rtol=1e-10)
+    if not fixed_min:
+        np.testing.assert_allclose(grads[2], emin, rtol=1e-10)
+
+
+def test_qdrop_input_gradient_matches_finite_differences():
+    """With the mask drawn again from the same seed, the kept elements' derivative is 1 (central
+    differences of sum(g y)); quantized elements away from a rounding step: 0 inside the grid's slope."""
+    x = RNG.standard_normal((4, 50)) * 2
+    g = RNG.standard_normal(x.shape)
+    op = ULQ()
+    clips = [np.array(2.0), np.array(-2.0)]
+
+    def forward(values, need=None):
+        op.drop = QDrop(0.5, np.random.default_rng(11))
+        return op.forward([values, *clips], need or (True, False, False))
+
+    (_,), saved = forward(x)
+    gx = op.backward(saved, [g], (True, False, False))[0]
+    keep = _drop_mask(11, x.shape, 0.5)
+    h = 1e-7
+    fd = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        fd[i] = (np.sum(g * forward(up)[0][0]) - np.sum(g * forward(down)[0][0])) / (2 * h)
+    np.testing.assert_allclose(fd[keep], gx[keep], rtol=1e-6)
+    np.testing.assert_allclose(fd[~keep], 0.0, atol=1e-6)     # the rounded elements: flat almost everywhere
+
+
+def test_fake_quant_qdrop_and_bad_probability():
+    act = ActQuantParams(0.05, 0, 8)
+    x = RNG.standard_normal((3, 40)) * 10         # many clipped elements
+    op = FakeQuant(act)
+    op.drop = QDrop(0.5, np.random.default_rng(5))
+    (y,), saved = op.forward([x], (True,))
+    keep = _drop_mask(5, x.shape, 0.5)
+    (plain,), _ = FakeQuant(act).forward([x], None)
+    np.testing.assert_array_equal(y, np.where(keep, x, plain))
+    (gx,) = op.backward(saved, [np.ones_like(x)], (True,))
+    inside = np.abs(x) <= act.scale * 127
+    np.testing.assert_array_equal(gx, (keep | inside).astype(x.dtype))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="QDrop probability"):
+            QDrop(bad, np.random.default_rng(0))
 
 
 def test_ulq_guard_reverts_per_spec():

@@ -207,3 +207,63 @@ class _PassesRun(PassInstrument):
 
     def before_pass(self, index, pass_, graph) -> None:
         self.names.append(pass_.name)
+
+
+@pytest.mark.parametrize("box", [(3, 5, 20, 17), (0, 0, 32, 32), (10, 2, 7, 30)])
+def test_resized_crop_is_onnx_resize_of_the_box(box):
+    """The augmentation's crop-and-resize equals onnxruntime's Resize (linear, half_pixel) of the box."""
+    from onnx import TensorProto, helper, numpy_helper
+    from amct_pipeline.algorithms.reconstruct import resized_crop
+    top, left, h, w = box
+    image = np.random.default_rng(0).standard_normal((3, 32, 32)).astype(np.float32)
+    sizes = numpy_helper.from_array(np.array([1, 3, 32, 32], np.int64), "sizes")
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
+                            coordinate_transformation_mode="half_pixel")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, h, w])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [sizes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    expected = make_session(model).run(None, {"x": image[None, :, top:top + h, left:left + w]})[0][0]
+    np.testing.assert_allclose(resized_crop(image, top, left, h, w), expected, rtol=0, atol=1e-5)
+
+
+def test_augment_images_flips_and_crops_deterministically():
+    from amct_pipeline.algorithms.reconstruct import augment_images
+    x = build_demo_data(6)
+    flipped = augment_images(x, 2, True, 1.0, np.random.default_rng(3))
+    assert flipped.shape == (18, 3, 32, 32)
+    np.testing.assert_array_equal(flipped[:6], x)
+    for i, copy in enumerate(flipped[6:]):
+        assert np.array_equal(copy, x[i % 6]) or np.array_equal(copy, x[i % 6][:, :, ::-1])
+    assert any(not np.array_equal(c, x[i % 6]) for i, c in enumerate(flipped[6:]))
+    cropped = augment_images(x, 1, False, 0.3, np.random.default_rng(3))
+    assert not np.allclose(cropped[6:], x)
+    assert cropped[6:].min() >= x.min() - 1e-5 and cropped[6:].max() <= x.max() + 1e-5     # convex combinations
+    np.testing.assert_array_equal(cropped, augment_images(x, 1, False, 0.3, np.random.default_rng(3)))
+
+
+def test_qdrop_and_augment_are_deterministic_and_change_the_training(session):
+    text = "retrain{steps=20 seed=3 block_layers=1 qdrop=0.5 augment={copies=2 crop=0.5}}"
+    a, b = _run(session, text, count=16), _run(session, text, count=16)
+    assert a.artifacts["lowered"]["qdq"].SerializeToString() == b.artifacts["lowered"]["qdq"].SerializeToString()
+    assert a.stats_for("retrain")["samples"] == 48            # 16 samples and two augmented copies each
+    plain = _run(session, "retrain{steps=20 seed=3 block_layers=1}", count=16)
+    no_drop = _run(session, "retrain{steps=20 seed=3 block_layers=1 augment={copies=2 crop=0.5}}", count=16)
+    models = {r.artifacts["lowered"]["qdq"].SerializeToString() for r in (a, plain, no_drop)}
+    assert len(models) == 3
+
+
+def test_block_input_float_and_mixed_train_other_models_deterministically(session):
+    base = "retrain{steps=15 seed=2 block_layers=1"
+    models = {}
+    for extra in ("", " block_input=float", " block_input=mixed qdrop=0.5", " block_input=mixed qdrop=0.5"):
+        result = _run(session, base + extra + "}", count=16)
+        models.setdefault(extra, set()).add(result.artifacts["lowered"]["qdq"].SerializeToString())
+    assert all(len(v) == 1 for v in models.values())            # the same seed: the same model
+    assert len({next(iter(v)) for v in models.values()}) == 3     # each input choice trains another model
+
+
+@pytest.mark.parametrize("option", ["qdrop=1.0", "qdrop=-0.1", "augment={copies=100}", "augment={crop=0}",
+                                    "augment={flop=true}", "block_input=mixed", "block_input=both"])
+def test_qdrop_and_augment_options_are_checked(session, option):
+    with pytest.raises(ConfigError):
+        session.build(BASE + f"retrain{{{option}}}" + LOWER, datasets=["calib"])
