@@ -54,7 +54,7 @@ def _float_run_seconds(model, x: np.ndarray, batch: int = 16) -> float:
     return time.perf_counter() - start
 
 
-def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: str):
+def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: str, int4: bool = True):
     """PTQ artifacts, the analysis (timed) and the mixed-precision search."""
     from amct_pipeline.passes.base import Pass, PassResult
     calib, _ = imagenet(0, 100)
@@ -70,6 +70,8 @@ def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: st
     session.register_pass(GivenAnalysis)
     analyze = "given_analysis" if given else "analyze{max_samples=16}"
     text = f"{ptq},{analyze},mixed_precision{{max_samples=16 max_evaluations={max_evaluations}}}"
+    if ptq == "ptq_int8":
+        text = _search_spec(analyze, max_evaluations, int4)
     from amct_pipeline.pipeline.instruments import Timing
     timing = Timing()
     result = session.build(text, datasets=["calib"]).run(str(MODEL), datasets={"calib": _batches(calib)},
@@ -79,8 +81,63 @@ def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: st
     return result, timings
 
 
+def _float_model():
+    """The reference: the float model as given (bias correction shifts the pipeline's graph on purpose)."""
+    import onnx
+    return onnx.load(str(MODEL))
+
+
 def _batches(x: np.ndarray, batch: int = 16):
     return [{"input": x[i:i + batch]} for i in range(0, len(x), batch)]
+
+
+def _ptq_int8_passes(bias_correction: bool) -> list[dict]:
+    """The default INT8 pipeline's passes before lowering (``pipelines/ptq_int8.yaml``)."""
+    import yaml
+    spec = yaml.safe_load((ROOT / "amct_pipeline" / "pipelines" / "ptq_int8.yaml").read_text())
+    passes = [p for p in spec["passes"] if p["pass"] not in ("lower", "export_amct")]
+    for p in passes:
+        if p["pass"] == "quantize_weights" and not bias_correction:
+            p["options"] = {k: v for k, v in p["options"].items() if k not in ("bias_correction", "max_samples")}
+    return passes
+
+
+def _search_spec(analyze: str, max_evaluations: int, int4: bool) -> dict:
+    """ptq_int8 without its bias correction (the search measures against the graph, which must stay the
+    float function), the analysis without output effects, and the search."""
+    passes = _ptq_int8_passes(bias_correction=False)
+    passes.append({"pass": analyze} if analyze == "given_analysis" else
+                  {"pass": "analyze", "options": {"max_samples": 16, "output_effects": False}})
+    passes.append({"pass": "mixed_precision", "options": {"max_samples": 16, "max_evaluations": max_evaluations,
+                                                               "allow_int4": int4}})
+    return {"schema_version": 1, "name": "mixed-search", "datasets": {"calib": {"reader": "npy"}}, "passes": passes}
+
+
+def realize(work: Path, match_layers: dict) -> dict:
+    """The chosen point built by the full ptq_int8 pipeline (bias correction included) with the point's
+    match_layers options, lowered to every target; fake-quant and QDQ models measured on the 150 images."""
+    from amct_pipeline.runtime.ort import make_session
+    passes = _ptq_int8_passes(bias_correction=True)
+    for p in passes:
+        if p["pass"] == "match_layers":
+            p["options"] = dict(match_layers)
+    passes.append({"pass": "lower", "options": {"targets": ["fakequant", "qdq", "ascend"]}})
+    spec = {"schema_version": 1, "name": "mixed-point", "datasets": {"calib": {"reader": "npy"}}, "passes": passes}
+    calib, _ = imagenet(0, 100)
+    result = _session().build(spec, datasets=["calib"]).run(str(MODEL), datasets={"calib": _batches(calib)},
+                                                           output_dir=str(work / "point"))
+    x, _ = imagenet(100, 250)
+    ref_session = make_session(_float_model())
+    refs = np.concatenate([ref_session.run(None, {"input": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
+    out = {}
+    for target in ("fakequant", "qdq"):
+        got_session = make_session(result.artifacts["lowered"][target], config={"session.disable_quant_qdq": "1"})
+        got = np.concatenate([got_session.run(None, {"input": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
+        error = float(np.sum((got - refs) ** 2, dtype=np.float64) / np.sum(refs ** 2, dtype=np.float64))
+        out[target] = {"sqnr_db": round(-10 * np.log10(error), 3),
+                       "agreement": float(np.mean(got.argmax(1) == refs.argmax(1)))}
+    out["ascend"] = sorted(p.name for p in (work / "point").glob("*deploy*.onnx"))
+    return out
 
 
 def measure(result, configs: dict[str, dict]) -> dict[str, dict]:
@@ -97,7 +154,7 @@ def measure(result, configs: dict[str, dict]) -> dict[str, dict]:
     model = SwitchModel(graph, layers, variants)
     session = model.session()
     x, _ = imagenet(100, 250)
-    meter = OutputMeter(result.model, _batches(x, 25))
+    meter = OutputMeter(_float_model(), _batches(x, 25))
     return {label: meter.measure(session, model.feed(config)) for label, config in configs.items()}
 
 
@@ -231,7 +288,12 @@ def main() -> int:
     parser.add_argument("--max-evaluations", type=int, default=40)
     parser.add_argument("--skip-autocal", action="store_true")
     parser.add_argument("--only-autocal", action="store_true")
-    parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form); default AMCT's IFMR + ARQ")
+    parser.add_argument("--no-int4", action="store_true", help="mixed_precision{allow_int4=false} (with --ptq ptq_int8)")
+    parser.add_argument("--only-mixed", action="store_true",
+                        help="only the mixed-precision search, its best point re-measured and built through every target")
+    parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form; 'ptq_int8': the default "
+                                                   "INT8 pipeline's passes, searched without bias correction); "
+                                                   "default AMCT's IFMR + ARQ")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if not MODEL.exists():
@@ -245,7 +307,17 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
         return 0
-    result, timings = prepare(work, args.analysis, args.max_evaluations, args.ptq)
+    result, timings = prepare(work, args.analysis, args.max_evaluations, args.ptq, not args.no_int4)
+    if args.only_mixed:
+        found = result.artifacts["mixed_precision"]
+        figures = {"ptq": args.ptq, "timings": timings, "mixed": mixed_check(result)}
+        if found.get("best_match_layers"):
+            figures["mixed"]["built"] = realize(work, found["best_match_layers"])
+            figures["mixed"]["match_layers"] = found["best_match_layers"]
+        print(json.dumps(figures["mixed"]["best"][:1] + [figures["mixed"].get("built")], indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return 0
     layers = len(result.artifacts["sensitivity"]["layers"])
     figures = {"ptq": args.ptq, "timings": timings, "layers": layers, "ranking": ranking_check(result), "mixed": mixed_check(result)}
     if not args.skip_autocal:

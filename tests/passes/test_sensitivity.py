@@ -183,3 +183,30 @@ def test_analyze_command_writes_json_png_and_prints_the_table(tmp_path):
                           "--data", f"calib={tmp_path / 'missing.npy'}", "-o", str(tmp_path / "o2")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "missing.npy" in bad.stderr
+
+
+def test_mixed_precision_point_within_budget_builds_through_every_target(session, tmp_path):
+    """The knapsack's best point within the budget beats the point as asked, and its match_layers options
+    rebuild it exactly: the fake-quant model of the rebuilt pipeline gives the SQNR the search measured."""
+    text = PTQ + ",analyze{max_samples=16 output_effects=false},mixed_precision{max_samples=16 budget=1.5 refine=4}"
+    result = _run(session, text, tmp_path)
+    found = result.artifacts["mixed_precision"]
+    best, base = found["best_within_budget"], found["points"][0]
+    assert base["precision"] == {} and best["bitops"] <= 1.5 * found["reference_bitops"]
+    assert best["sqnr_db"] > base["sqnr_db"] and best["precision"]
+    assert {m["layer"] for m in found["moves"]} == {r["name"] for r in result.artifacts["sensitivity"]["layers"]}
+    options = found["best_match_layers"]
+    assert set(options["precision"]) == set(best["precision"])
+    spec = {"schema_version": 1, "name": "point", "datasets": {"calib": {"reader": "npy"}},
+            "passes": [{"pass": "fuse_bn"}, {"pass": "match_layers", "options": options}, {"pass": "calibrate"},
+                       {"pass": "quantize_weights"},
+                       {"pass": "lower", "options": {"targets": ["fakequant", "qdq", "ascend"]}}]}
+    built = session.build(spec, datasets=["calib"]).run(build_demo_model(), datasets={"calib": _source()},
+                                                        output_dir=tmp_path / "point")
+    x = build_demo_data(48, seed=1)[:16]
+    name = build_demo_model().graph.input[0].name
+    ref = run_model(build_demo_model(), {name: x})
+    got = run_model(built.artifacts["lowered"]["fakequant"], {name: x})
+    error = np.mean([np.sum((g - r) ** 2) / np.sum(r ** 2) for g, r in zip(got, ref)])
+    assert -10 * math.log10(error) == pytest.approx(best["sqnr_db"], abs=0.05)
+    assert list((tmp_path / "point").glob("*deploy*.onnx")) and built.artifacts["lowered"]["qdq"] is not None
