@@ -103,13 +103,13 @@ def _ptq_int8_passes(bias_correction: bool) -> list[dict]:
 
 
 def _search_spec(analyze: str, max_evaluations: int, int4: bool) -> dict:
-    """ptq_int8 without its bias correction (the search measures against the graph, which must stay the
-    float function), the analysis without output effects, and the search."""
-    passes = _ptq_int8_passes(bias_correction=False)
+    """ptq_int8's passes (bias correction included: the search measures against the float model given
+    as ``reference``), the analysis without output effects, and the search."""
+    passes = _ptq_int8_passes(bias_correction=True)
     passes.append({"pass": analyze} if analyze == "given_analysis" else
                   {"pass": "analyze", "options": {"max_samples": 16, "output_effects": False}})
     passes.append({"pass": "mixed_precision", "options": {"max_samples": 16, "max_evaluations": max_evaluations,
-                                                               "allow_int4": int4}})
+                                                               "allow_int4": int4, "reference": str(MODEL)}})
     return {"schema_version": 1, "name": "mixed-search", "datasets": {"calib": {"reader": "npy"}}, "passes": passes}
 
 

@@ -6,19 +6,21 @@ not add up across layers exactly, so the gains are measured where the search wor
 as asked, each layer's each alternative is one run (the noise it removes or adds, ``moves``); a
 multiple-choice knapsack (Lagrangian: per layer the alternative with the most noise removed minus
 ``lambda`` x bitops added, ``lambda`` bisected to the bitops limit, then a greedy fill by noise per
-bitop) gives a point per bitops level; at ``budget`` the point is refined by swaps (drop the weakest
+bitop) gives a point per bitops level; at ``budget`` the moves are measured again around that point
+(``relinearize``), the knapsack solved with those gains, and the point refined by swaps (drop the weakest
 pick, fill again), each measured. Every point is one run of one onnxruntime session whose per-layer
 precision is set by its inputs (``algorithms.sensitivity.SwitchModel``), at most
 ``max_evaluations`` of them, on the first ``max_samples`` samples.
 
-The graph's outputs are the reference: put the pass before anything that changes the function on
-purpose (``quantize_weights{bias_correction}`` shifts biases; search after a plain
-``quantize_weights`` and build the chosen point with the full pipeline). INT16 activations are
+The graph's outputs are the reference unless ``reference`` names the float model: after anything
+that changes the function on purpose (``quantize_weights{bias_correction}`` shifts biases) give it,
+else the search measures against the shifted graph. INT16 activations are
 measured on the calibration data's full range (``analyze``'s ``input_range``); the chosen point's
 ``best_match_layers`` gives ``match_layers`` options with ``calibrate{algorithm: minmax}`` for them.
 
-Bitops follow SPEC 8.2 (``FLOPs x act_bits x wts_bits``) with a float side counted as 32 bits (an
-FP32 operand, as AMCT counts an unquantized layer), a weightless layer's weight side as 1 bit.
+Bitops follow SPEC 8.2 (``FLOPs x act_bits x wts_bits``, ``quant.cost``). SPEC names no width for a
+float layer: a float side counts 32 bits, the FP32 operand it is (not the 16 of an FP16 deployment,
+which would make float layers look cheaper than INT16 ones); a weightless layer's weight side 1 bit.
 
 Writes ``<model>_mixed_precision.json`` (every point, the Pareto front, each point's per-layer
 precisions, the measured moves) and, with ``plot``, the front as a PNG. Artifact
@@ -49,7 +51,12 @@ class MixedPrecisionOptions(Options):
                                                                   "many times the all-INT8 bitops.")
     levels: list[float] = Field(default_factory=lambda: [1.05, 1.1, 1.15, 1.3, 1.5, 2.0], max_length=32,
                                 description="Other bitops limits (x all-INT8) a knapsack point is measured at.")
+    relinearize: int = Field(1, ge=0, le=4, description="Rounds that measure every move again at the budget's "
+                                                          "point and solve the knapsack with those gains.")
     refine: int = Field(24, ge=0, le=500, description="Evaluations spent on swaps at the budget.")
+    reference: Optional[str] = Field(None, description="Float ONNX model whose outputs the points are measured "
+                                                       "against (default: the graph as it reaches the pass); give "
+                                                       "the original model when bias correction ran before.")
     output: Optional[str] = Field("{model}_mixed_precision.json", description="JSON written in the output directory.")
     plot: Optional[str] = Field("{model}_mixed_precision.png", description="Pareto PNG (needs matplotlib; null: none).")
 
@@ -113,6 +120,24 @@ def _noise(point: dict) -> float:
     return 0.0 if db is None or db == float("inf") else 10 ** (-db / 10)
 
 
+def _reference(graph, path: Optional[str]):
+    """The model whose outputs are the truth: ``reference`` (same inputs and outputs) or the graph."""
+    if path is None:
+        return graph.to_proto()
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..ir.io import read_model
+    model = read_model(Path(path))
+    have, want = [o.name for o in model.graph.output], [o.name for o in graph.gs.outputs]
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    if have != want or not inputs <= {i.name for i in graph.gs.inputs}:
+        raise ConfigError(f"mixed_precision.reference '{path}': its inputs {sorted(inputs)} / outputs {have} are not "
+                          f"the model's ({sorted(i.name for i in graph.gs.inputs)} / {want}); give the float model "
+                          "the pipeline started from")
+    return model
+
+
 def _key(config: dict) -> tuple:
     return tuple(sorted((n, p.text()) for n, p in config.items()))
 
@@ -163,16 +188,21 @@ class _Space:
         return {"label": f"raise {raised}, int4 {lowered}", "raised": raised, "lowered": lowered,
                 "bitops": self.cost(_active(config)), **measured, "precision": changes}
 
-    def marginal_moves(self, base: dict, evaluate) -> list[tuple]:
-        """(layer, precision, noise removed, bitops added) of every single change from the point as
-        asked, each measured (what is left when the evaluations run out is not offered)."""
+    def marginal_moves(self, base: dict, evaluate, around: Optional[dict] = None) -> list[tuple]:
+        """(layer, precision, noise removed, bitops added) of every single change, each measured: from
+        the point as asked, or with ``around`` (a configuration, ``base`` its measurement) as the point
+        the gains are taken at (a move ``around`` holds: the noise its removal adds back). Moves left
+        when the evaluations run out are not offered."""
+        center = around or self.asked
         moves = []
         for name in self.asked:
             for choice in self.alternatives(name):
-                trial = evaluate(dict(self.asked, **{name: choice}))
+                held = center[name] == choice
+                trial = evaluate(dict(center, **{name: self.asked[name] if held else choice}))
                 if trial is None:
                     return moves
-                moves.append((name, choice, _noise(base) - _noise(trial),
+                gain = _noise(trial) - _noise(base) if held else _noise(base) - _noise(trial)
+                moves.append((name, choice, gain,
                               self.cost(_active({name: choice})) - self.cost(_active({name: self.asked[name]}))))
         return moves
 
@@ -275,7 +305,7 @@ def search(graph, ctx, opts: MixedPrecisionOptions) -> dict[str, Any]:
     space = _Space(graph, layers, rows, act_quant, weight_quant, opts)
     model = SwitchModel(graph, layers, space.variants)
     session = model.session()
-    meter = OutputMeter(graph.to_proto(), subset_feeds(graph, source, opts.max_samples))
+    meter = OutputMeter(_reference(graph, opts.reference), subset_feeds(graph, source, opts.max_samples))
     points: dict[tuple, dict] = {}
     bar = progress_bar(ctx.progress, opts.max_evaluations, "mixed_precision")
 
@@ -297,6 +327,12 @@ def search(graph, ctx, opts: MixedPrecisionOptions) -> dict[str, Any]:
         for level in limits:
             evaluate(space.choose(moves, level))
         if opts.budget is not None:
+            for _ in range(opts.relinearize):      # noise does not add up: gains where the point is
+                center = space.choose(moves, opts.budget)
+                again = space.marginal_moves(evaluate(center), evaluate, around=center)
+                if len(again) < len(moves) or evaluate(space.choose(again, opts.budget)) is None:
+                    break
+                moves = again
             _refine(space, moves, opts.budget, opts.refine, evaluate, points)
     found = list(points.values())
     front = pareto_front(found)

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from amct_pipeline.algorithms.sensitivity import Precision, SwitchModel, Variants, chosen_variants
 from amct_pipeline.demo import build_demo_data, build_demo_model
-from amct_pipeline.errors import ConfigError
+from amct_pipeline.errors import ConfigError, PassError
 from amct_pipeline.pipeline.spec import DatasetSpec
 from amct_pipeline.quant.cost import bitops, layer_flops
 from amct_pipeline.quant.layers import QuantLayer
@@ -210,3 +210,16 @@ def test_mixed_precision_point_within_budget_builds_through_every_target(session
     error = np.mean([np.sum((g - r) ** 2) / np.sum(r ** 2) for g, r in zip(got, ref)])
     assert -10 * math.log10(error) == pytest.approx(best["sqnr_db"], abs=0.05)
     assert list((tmp_path / "point").glob("*deploy*.onnx")) and built.artifacts["lowered"]["qdq"] is not None
+
+
+def test_mixed_precision_reference_model(session, tmp_path):
+    """``reference`` names the float model the points are measured against: the model itself gives the
+    same points as the graph; a model with other inputs / outputs is a one-line error naming the option."""
+    onnx.save(build_demo_model(), str(tmp_path / "float.onnx"))
+    text = PTQ + ",analyze{max_samples=16 output_effects=false},mixed_precision{max_samples=8 max_evaluations=6 %s}"
+    plain = _run(session, text % "").artifacts["mixed_precision"]["points"]
+    given = _run(session, text % f"reference={tmp_path / 'float.onnx'}").artifacts["mixed_precision"]["points"]
+    assert [p["sqnr_db"] for p in given] == [p["sqnr_db"] for p in plain]
+    onnx.save(quant_layers_model(), str(tmp_path / "other.onnx"))
+    with pytest.raises(PassError, match="mixed_precision.reference .*other.onnx"):
+        _run(session, text % f"reference={tmp_path / 'other.onnx'}")
