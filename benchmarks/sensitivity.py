@@ -3,6 +3,7 @@
     OPENBLAS_NUM_THREADS=1 python benchmarks/sensitivity.py                 # everything
     python benchmarks/sensitivity.py --skip-autocal --json sens.json
     python benchmarks/sensitivity.py --analysis out/mobilenetv2_fp32_sensitivity.json   # reuse an analysis
+    OMP_NUM_THREADS=1 python benchmarks/sensitivity.py --only-mixed --ptq ptq_int8 --no-int4 --max-evaluations 160
 
 First 100 ImageNet dev images calibrate (IFMR + ARQ, AMCT's PTQ), the other 150 evaluate.
 
@@ -11,6 +12,10 @@ First 100 ImageNet dev images calibrate (IFMR + ARQ, AMCT's PTQ), the other 150 
    against 3 random layers (mean of 10 draws, seed 0), by AMCT's cosine ranking and by output effect.
 3. ``mixed_precision`` (Pareto front on 16 calibration images): the best point within 1.2x the
    all-INT8 bitops, re-measured on the 150 images (SQNR, top-1 agreement); JSON and PNG written.
+   ``--only-mixed`` does only this, and builds the best point (its ``best_match_layers``) with the
+   full PTQ, lowered to fakequant / qdq / ascend, measuring the fake-quant and QDQ models. With
+   ``--ptq ptq_int8`` the PTQ is ``pipelines/ptq_int8.yaml``'s (bias correction included) and the
+   search measures against the float model (``mixed_precision{reference}``).
 4. ``auto_calibrate`` (BinarySearch, budget: top-1 at most 0.5 points below float on the 150 images,
    ``imagenet_evaluator.Top1Evaluator``) through the CLI; then the same command killed (SIGKILL) after
    its first evaluation and restarted: the final config must be byte-identical.
