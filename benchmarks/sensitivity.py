@@ -4,6 +4,7 @@
     python benchmarks/sensitivity.py --skip-autocal --json sens.json
     python benchmarks/sensitivity.py --analysis out/mobilenetv2_fp32_sensitivity.json   # reuse an analysis
     python benchmarks/sensitivity.py --only-analyze                         # point 1 alone
+    OMP_NUM_THREADS=1 python benchmarks/sensitivity.py --only-mixed --ptq ptq_int8 --no-int4 --max-evaluations 160
 
 First 100 ImageNet dev images calibrate (IFMR + ARQ, AMCT's PTQ), the other 150 evaluate.
 
@@ -12,6 +13,10 @@ First 100 ImageNet dev images calibrate (IFMR + ARQ, AMCT's PTQ), the other 150 
    against 3 random layers (mean of 10 draws, seed 0), by AMCT's cosine ranking and by output effect.
 3. ``mixed_precision`` (Pareto front on 16 calibration images): the best point within 1.2x the
    all-INT8 bitops, re-measured on the 150 images (SQNR, top-1 agreement); JSON and PNG written.
+   ``--only-mixed`` does only this, and builds the best point (its ``best_match_layers``) with the
+   full PTQ, lowered to fakequant / qdq / ascend, measuring the fake-quant and QDQ models. With
+   ``--ptq ptq_int8`` the PTQ is ``pipelines/ptq_int8.yaml``'s (bias correction included) and the
+   search measures against the float model (``mixed_precision{reference}``).
 4. ``auto_calibrate`` (BinarySearch, budget: top-1 at most 0.5 points below float on the 150 images,
    ``imagenet_evaluator.Top1Evaluator``) through the CLI; then the same command killed (SIGKILL) after
    its first evaluation and restarted: the final config must be byte-identical.
@@ -55,7 +60,8 @@ def _float_run_seconds(model, x: np.ndarray, batch: int = 16) -> float:
     return time.perf_counter() - start
 
 
-def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: str, mixed: bool = True):
+def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: str, mixed: bool = True,
+            int4: bool = True):
     """PTQ artifacts, the analysis (timed) and the mixed-precision search."""
     from amct_pipeline.passes.base import Pass, PassResult
     calib, _ = imagenet(0, 100)
@@ -73,6 +79,8 @@ def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: st
     text = f"{ptq},{analyze}"
     if mixed:
         text += f",mixed_precision{{max_samples=16 max_evaluations={max_evaluations}}}"
+        if ptq == "ptq_int8":
+            text = _search_spec(analyze, max_evaluations, int4)
     from amct_pipeline.pipeline.instruments import Timing
     timing = Timing()
     result = session.build(text, datasets=["calib"]).run(str(MODEL), datasets={"calib": _batches(calib)},
@@ -82,8 +90,63 @@ def prepare(work: Path, analysis_file: str | None, max_evaluations: int, ptq: st
     return result, timings
 
 
+def _float_model():
+    """The reference: the float model as given (bias correction shifts the pipeline's graph on purpose)."""
+    import onnx
+    return onnx.load(str(MODEL))
+
+
 def _batches(x: np.ndarray, batch: int = 16):
     return [{"input": x[i:i + batch]} for i in range(0, len(x), batch)]
+
+
+def _ptq_int8_passes(bias_correction: bool) -> list[dict]:
+    """The default INT8 pipeline's passes before lowering (``pipelines/ptq_int8.yaml``)."""
+    import yaml
+    spec = yaml.safe_load((ROOT / "amct_pipeline" / "pipelines" / "ptq_int8.yaml").read_text())
+    passes = [p for p in spec["passes"] if p["pass"] not in ("lower", "export_amct")]
+    for p in passes:
+        if p["pass"] == "quantize_weights" and not bias_correction:
+            p["options"] = {k: v for k, v in p["options"].items() if k not in ("bias_correction", "max_samples")}
+    return passes
+
+
+def _search_spec(analyze: str, max_evaluations: int, int4: bool) -> dict:
+    """ptq_int8's passes (bias correction included: the search measures against the float model given
+    as ``reference``), the analysis without output effects, and the search."""
+    passes = _ptq_int8_passes(bias_correction=True)
+    passes.append({"pass": analyze} if analyze == "given_analysis" else
+                  {"pass": "analyze", "options": {"max_samples": 16, "output_effects": False}})
+    passes.append({"pass": "mixed_precision", "options": {"max_samples": 16, "max_evaluations": max_evaluations,
+                                                               "allow_int4": int4, "reference": str(MODEL)}})
+    return {"schema_version": 1, "name": "mixed-search", "datasets": {"calib": {"reader": "npy"}}, "passes": passes}
+
+
+def realize(work: Path, match_layers: dict) -> dict:
+    """The chosen point built by the full ptq_int8 pipeline (bias correction included) with the point's
+    match_layers options, lowered to every target; fake-quant and QDQ models measured on the 150 images."""
+    from amct_pipeline.runtime.ort import make_session
+    passes = _ptq_int8_passes(bias_correction=True)
+    for p in passes:
+        if p["pass"] == "match_layers":
+            p["options"] = dict(match_layers)
+    passes.append({"pass": "lower", "options": {"targets": ["fakequant", "qdq", "ascend"]}})
+    spec = {"schema_version": 1, "name": "mixed-point", "datasets": {"calib": {"reader": "npy"}}, "passes": passes}
+    calib, _ = imagenet(0, 100)
+    result = _session().build(spec, datasets=["calib"]).run(str(MODEL), datasets={"calib": _batches(calib)},
+                                                           output_dir=str(work / "point"))
+    x, _ = imagenet(100, 250)
+    ref_session = make_session(_float_model())
+    refs = np.concatenate([ref_session.run(None, {"input": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
+    out = {}
+    for target in ("fakequant", "qdq"):
+        got_session = make_session(result.artifacts["lowered"][target], config={"session.disable_quant_qdq": "1"})
+        got = np.concatenate([got_session.run(None, {"input": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
+        error = float(np.sum((got - refs) ** 2, dtype=np.float64) / np.sum(refs ** 2, dtype=np.float64))
+        out[target] = {"sqnr_db": round(-10 * np.log10(error), 3),
+                       "agreement": float(np.mean(got.argmax(1) == refs.argmax(1)))}
+    out["ascend"] = sorted(p.name for p in (work / "point").glob("*deploy*.onnx"))
+    return out
 
 
 def measure(result, configs: dict[str, dict]) -> dict[str, dict]:
@@ -100,7 +163,7 @@ def measure(result, configs: dict[str, dict]) -> dict[str, dict]:
     model = SwitchModel(graph, layers, variants)
     session = model.session()
     x, _ = imagenet(100, 250)
-    meter = OutputMeter(result.model, _batches(x, 25))
+    meter = OutputMeter(_float_model(), _batches(x, 25))
     return {label: meter.measure(session, model.feed(config)) for label, config in configs.items()}
 
 
@@ -236,6 +299,12 @@ def main() -> int:
     parser.add_argument("--only-autocal", action="store_true")
     parser.add_argument("--only-analyze", action="store_true", help="time analyze against a float run, nothing else")
     parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form); default AMCT's IFMR + ARQ")
+    parser.add_argument("--no-int4", action="store_true", help="mixed_precision{allow_int4=false} (with --ptq ptq_int8)")
+    parser.add_argument("--only-mixed", action="store_true",
+                        help="only the mixed-precision search, its best point re-measured and built through every target")
+    parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form; 'ptq_int8': the default "
+                                                   "INT8 pipeline's passes, searched without bias correction); "
+                                                   "default AMCT's IFMR + ARQ")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if not MODEL.exists():
@@ -249,10 +318,21 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
         return 0
-    result, timings = prepare(work, args.analysis, args.max_evaluations, args.ptq, mixed=not args.only_analyze)
+    result, timings = prepare(work, args.analysis, args.max_evaluations, args.ptq, mixed=not args.only_analyze,
+                               int4=not args.no_int4)
     if args.only_analyze:
         figures = {"ptq": args.ptq, "timings": timings, **_float_runs(result, timings)}
         print(json.dumps(figures, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return 0
+    if args.only_mixed:
+        found = result.artifacts["mixed_precision"]
+        figures = {"ptq": args.ptq, "timings": timings, "mixed": mixed_check(result)}
+        if found.get("best_match_layers"):
+            figures["mixed"]["built"] = realize(work, found["best_match_layers"])
+            figures["mixed"]["match_layers"] = found["best_match_layers"]
+        print(json.dumps(figures["mixed"]["best"][:1] + [figures["mixed"].get("built")], indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
         return 0

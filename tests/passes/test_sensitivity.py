@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from amct_pipeline.algorithms.sensitivity import Precision, SwitchModel, Variants, chosen_variants
 from amct_pipeline.demo import build_demo_data, build_demo_model
-from amct_pipeline.errors import ConfigError
+from amct_pipeline.errors import ConfigError, PassError
 from amct_pipeline.pipeline.spec import DatasetSpec
 from amct_pipeline.quant.cost import bitops, layer_flops
 from amct_pipeline.quant.layers import QuantLayer
@@ -254,3 +254,43 @@ def test_output_effects_by_suffix_equal_the_switch_model(session, monkeypatch, b
     got = _conv(node, fake_quant(x[:20], art["act_quant"]["c0"]), wq, weights["b0"])
     expected = -10 * math.log10(float(np.sum((got - ref) ** 2)) / float(np.sum(ref ** 2)) / 3)
     assert next(r for r in report["layers"] if r["name"] == "c0")["sqnr_only_db"] == pytest.approx(expected, abs=0.01)
+
+
+def test_mixed_precision_point_within_budget_builds_through_every_target(session, tmp_path):
+    """The knapsack's best point within the budget beats the point as asked, and its match_layers options
+    rebuild it exactly: the fake-quant model of the rebuilt pipeline gives the SQNR the search measured."""
+    text = PTQ + ",analyze{max_samples=16 output_effects=false},mixed_precision{max_samples=16 budget=1.5 refine=4}"
+    result = _run(session, text, tmp_path)
+    found = result.artifacts["mixed_precision"]
+    best, base = found["best_within_budget"], found["points"][0]
+    assert base["precision"] == {} and best["bitops"] <= 1.5 * found["reference_bitops"]
+    assert best["sqnr_db"] > base["sqnr_db"] and best["precision"]
+    assert {m["layer"] for m in found["moves"]} == {r["name"] for r in result.artifacts["sensitivity"]["layers"]}
+    options = found["best_match_layers"]
+    assert set(options["precision"]) == set(best["precision"])
+    spec = {"schema_version": 1, "name": "point", "datasets": {"calib": {"reader": "npy"}},
+            "passes": [{"pass": "fuse_bn"}, {"pass": "match_layers", "options": options}, {"pass": "calibrate"},
+                       {"pass": "quantize_weights"},
+                       {"pass": "lower", "options": {"targets": ["fakequant", "qdq", "ascend"]}}]}
+    built = session.build(spec, datasets=["calib"]).run(build_demo_model(), datasets={"calib": _source()},
+                                                        output_dir=tmp_path / "point")
+    x = build_demo_data(48, seed=1)[:16]
+    name = build_demo_model().graph.input[0].name
+    ref = run_model(build_demo_model(), {name: x})
+    got = run_model(built.artifacts["lowered"]["fakequant"], {name: x})
+    error = np.mean([np.sum((g - r) ** 2) / np.sum(r ** 2) for g, r in zip(got, ref)])
+    assert -10 * math.log10(error) == pytest.approx(best["sqnr_db"], abs=0.05)
+    assert list((tmp_path / "point").glob("*deploy*.onnx")) and built.artifacts["lowered"]["qdq"] is not None
+
+
+def test_mixed_precision_reference_model(session, tmp_path):
+    """``reference`` names the float model the points are measured against: the model itself gives the
+    same points as the graph; a model with other inputs / outputs is a one-line error naming the option."""
+    onnx.save(build_demo_model(), str(tmp_path / "float.onnx"))
+    text = PTQ + ",analyze{max_samples=16 output_effects=false},mixed_precision{max_samples=8 max_evaluations=6 %s}"
+    plain = _run(session, text % "").artifacts["mixed_precision"]["points"]
+    given = _run(session, text % f"reference={tmp_path / 'float.onnx'}").artifacts["mixed_precision"]["points"]
+    assert [p["sqnr_db"] for p in given] == [p["sqnr_db"] for p in plain]
+    onnx.save(quant_layers_model(), str(tmp_path / "other.onnx"))
+    with pytest.raises(PassError, match="mixed_precision.reference .*other.onnx"):
+        _run(session, text % f"reference={tmp_path / 'other.onnx'}")
