@@ -52,6 +52,7 @@ from ...quant.params import ActQuantParams
 from ...quant.plan import (LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, output_node,
                            with_input_factors)
 from .base import PRECISION_OPSET, PlanTarget, check_activation_bits, dequantized_constant, qdq_pair
+from .shuffle import gather_channel_shuffles
 
 __all__ = ["QdqTarget", "QdqOptions"]
 
@@ -62,6 +63,9 @@ class QdqOptions(Options):
                                                   "data movement when factors exist for them (artifact 'tensor_quant' "
                                                   "from calibrate{block_outputs: true}), so onnxruntime fuses whole "
                                                   "blocks and moves data in integers.")
+    gather_shuffles: bool = Field(True, description="Write each channel shuffle (Reshape -> Transpose -> Reshape) "
+                                                    "and the channel Split reading it as Gathers: the same values in "
+                                                    "one copy instead of two or three.")
 
 
 class QdqTarget(PlanTarget):
@@ -77,6 +81,8 @@ class QdqTarget(PlanTarget):
 
     def rewrite(self, graph, plan: LoweringPlan, ctx) -> None:
         self.check_plan(plan)
+        if self.options.gather_shuffles:
+            gather_channel_shuffles(graph, keep=frozenset(entry.node for entry in plan.tensors.values()))
         layout = self.layout(graph, plan, ctx)
         for name, layer_plan in plan.layers.items():      # a 16-bit layer reads its own 16-bit pair
             if layer_plan.act.num_bits != 8 and layout.factors.get(layer_plan.layer.input) != layer_plan.act:

@@ -1,0 +1,123 @@
+"""Channel shuffles rewritten as Gathers (algorithms/targets/shuffle.py): the rewritten model computes
+exactly what the float model computes (onnxruntime, bit-equal), Splits after a shuffle fold into the
+Gathers, and anything that is not a channel shuffle is left alone."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from amct_pipeline.algorithms.targets.shuffle import gather_channel_shuffles, shuffle_permutation
+from amct_pipeline.ir.graph import load_graph
+from amct_pipeline.testing import models
+
+SIZE = 6
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def shuffle_model(channels: int = 12, groups: int = 2, split: list[int] | None = None, *, spatial=(SIZE, SIZE),
+                  typed_input: bool = True, split_attr: bool = False) -> onnx.ModelProto:
+    """x -> conv (any channel order matters) -> shuffle -> [Split] -> convs -> outputs. ``spatial``: the
+    H, W the first Reshape writes (a different pair is not a channel shuffle)."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def const(name, values, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(values, dtype), name))
+        return name
+
+    nodes.append(helper.make_node("Conv", ["x", const("w", rng.normal(size=(channels, 3, 1, 1)))], ["y"]))
+    h, w = spatial
+    nodes.append(helper.make_node("Reshape", ["y", const("s1", [0, groups, channels // groups, h, w], np.int64)],
+                                  ["r1"]))
+    nodes.append(helper.make_node("Transpose", ["r1"], ["t"], perm=[0, 2, 1, 3, 4]))
+    nodes.append(helper.make_node("Reshape", ["t", const("s2", [0, channels, SIZE, SIZE], np.int64)], ["shuffled"]))
+    outputs = ["shuffled"]
+    if split is not None:
+        outputs = [f"part{i}" for i in range(len(split))]
+        if split_attr:
+            nodes.append(helper.make_node("Split", ["shuffled"], outputs, axis=1, split=split))
+        else:
+            nodes.append(helper.make_node("Split", ["shuffled", const("sizes", split, np.int64)], outputs, axis=1))
+    shape = ["N", 3, SIZE, SIZE] if typed_input else ["N", 3, "H", "W"]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    return models.make_model(nodes, [x], outs, inits, opset=11 if split_attr else 13)
+
+
+def rewritten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    graph = load_graph(model)
+    count = gather_channel_shuffles(graph)
+    graph.finalize()
+    return graph.to_proto(), count
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_permutation_is_the_reshape_transpose_reshape():
+    x = np.arange(2 * 12 * 2 * 2).reshape(2, 12, 2, 2)
+    shuffled = x.reshape(2, 3, 4, 2, 2).transpose(0, 2, 1, 3, 4).reshape(2, 12, 2, 2)
+    np.testing.assert_array_equal(x[:, shuffle_permutation(12, 3)], shuffled)
+
+
+@pytest.mark.parametrize("groups, split, split_attr", [(2, None, False), (2, [6, 6], False), (3, [4, 5, 3], False),
+                                                       (2, [6, 6], True), (4, None, False)])
+def test_rewrite_computes_exactly_the_shuffle(groups, split, split_attr):
+    model = shuffle_model(12, groups, split, split_attr=split_attr)
+    new, count = rewritten(model)
+    assert count == 1
+    ops = _ops(new)
+    assert "Transpose" not in ops and "Reshape" not in ops and "Split" not in ops
+    assert ops["Gather"] == (len(split) if split else 1)
+    x = np.random.default_rng(1).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    for want, got in zip(_run(model, x), _run(new, x)):
+        np.testing.assert_array_equal(want, got)
+
+
+def test_unknown_spatial_size_is_left_alone():
+    """H, W not known from the graph: the Reshapes' written sizes cannot be checked against them."""
+    model = shuffle_model(8, 2, [4, 4], typed_input=False)
+    new, count = rewritten(model)
+    assert count == 0 and _ops(new) == _ops(model)
+
+
+def test_a_reshape_that_moves_spatial_values_is_not_a_shuffle():
+    model = shuffle_model(12, 2, spatial=(SIZE * 2, SIZE // 2))
+    new, count = rewritten(model)
+    assert count == 0 and _ops(new) == _ops(model)
+
+
+def test_qdq_target_writes_gathers_and_keeps_the_numbers(session):
+    """Through ptq and the qdq target: the same quantized outputs with and without the rewrite."""
+    from amct_pipeline.testing.detector import DETECTOR_INPUT, shufflenet_detector
+    model = shufflenet_detector(size=64, channels=(8, 16, 32, 64), repeats=(1, 2, 1), neck=16, classes=3)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (8, 3, 64, 64)).astype(np.float32)
+    feeds = [{DETECTOR_INPUT: x}]
+    lowered = {}
+    for flag in ("true", "false"):
+        text = ("fuse_bn,match_layers,calibrate{algorithm=minmax dataset=calib block_outputs=true},quantize_weights,"
+                f"lower{{targets=[qdq] target_options={{qdq={{gather_shuffles={flag}}}}}}}")
+        lowered[flag] = session.build(text, datasets=["calib"]).run(model, datasets={"calib": feeds}).artifacts[
+            "lowered"]["qdq"]
+    assert _ops(lowered["true"]).get("Gather", 0) > 0 and "Gather" not in _ops(lowered["false"])
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    runs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {DETECTOR_INPUT: x})[0] for m in (lowered["true"], lowered["false"])]
+    np.testing.assert_array_equal(*runs)
