@@ -121,3 +121,77 @@ def test_qdq_target_writes_gathers_and_keeps_the_numbers(session):
     runs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
         None, {DETECTOR_INPUT: x})[0] for m in (lowered["true"], lowered["false"])]
     np.testing.assert_array_equal(*runs)
+
+
+# -- channel padding of depthwise blocks (algorithms/targets/channels.py) ----------------------------
+def depthwise_block_model(channels: int = 10, *, shared: bool = False) -> onnx.ModelProto:
+    """x -> conv 3x3 -> shuffle + Split -> (half) 1x1 conv -> Relu -> depthwise 3x3 -> 1x1 conv -> Flatten.
+    ``shared``: the depthwise output is also a model output (the block cannot be widened)."""
+    rng = np.random.default_rng(3)
+    inits, nodes = [], []
+
+    def const(name, values, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(values, dtype), name))
+        return name
+
+    half = channels // 2
+    nodes.append(helper.make_node("Conv", ["x", const("w0", rng.normal(0, 0.5, (2 * channels, 3, 3, 3))),
+                                           const("b0", rng.normal(0, 0.1, 2 * channels))], ["c0"], pads=[1] * 4))
+    nodes.append(helper.make_node("Relu", ["c0"], ["r0"]))
+    nodes.append(helper.make_node("Reshape", ["r0", const("s1", [0, 2, channels, SIZE, SIZE], np.int64)], ["t1"]))
+    nodes.append(helper.make_node("Transpose", ["t1"], ["t2"], perm=[0, 2, 1, 3, 4]))
+    nodes.append(helper.make_node("Reshape", ["t2", const("s2", [0, 2 * channels, SIZE, SIZE], np.int64)], ["sh"]))
+    nodes.append(helper.make_node("Split", ["sh", const("sz", [channels, channels], np.int64)], ["left", "right"],
+                                  axis=1))
+    nodes.append(helper.make_node("Conv", ["right", const("w1", rng.normal(0, 0.3, (half, channels, 1, 1))),
+                                           const("b1", rng.normal(0, 0.1, half))], ["c1"]))
+    nodes.append(helper.make_node("Relu", ["c1"], ["r1"]))
+    nodes.append(helper.make_node("Conv", ["r1", const("w2", rng.normal(0, 0.3, (half, 1, 3, 3))),
+                                           const("b2", rng.normal(0, 0.1, half))], ["dw"], group=half, pads=[1] * 4))
+    nodes.append(helper.make_node("Conv", ["dw", const("w3", rng.normal(0, 0.3, (4, half, 1, 1))),
+                                           const("b3", rng.normal(0, 0.1, 4))], ["c3"]))
+    nodes.append(helper.make_node("Concat", ["c3", "left"], ["cat"], axis=1))
+    nodes.append(helper.make_node("Flatten", ["cat"], ["y"]))
+    outputs = ["y"] + (["dw"] if shared else [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    return models.make_model(nodes, [x], outs, inits)
+
+
+def _lowered(session, model, x, **qdq_options):
+    options = " ".join(f"{k}={v}" for k, v in qdq_options.items())
+    text = ("fuse_bn,match_layers,calibrate{algorithm=minmax dataset=calib block_outputs=true},quantize_weights,"
+            f"lower{{targets=[qdq] target_options={{qdq={{{options}}}}}}}")
+    return session.build(text, datasets=["calib"]).run(model, datasets={"calib": [{"x": x}]}).artifacts[
+        "lowered"]["qdq"]
+
+
+def _depthwise_groups(model: onnx.ModelProto) -> list[int]:
+    return [a.i for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group" and a.i > 1]
+
+
+def test_padded_depthwise_block_gives_the_same_integers(session):
+    """Widened to 16 channels (and the Gather feeding it): onnxruntime's optimized (integer) run and its
+    unoptimized run of the QDQ graph give exactly the unwidened model's outputs."""
+    import onnxruntime as ort
+    model = depthwise_block_model(10)
+    x = np.random.default_rng(4).uniform(0, 1, (4, 3, SIZE, SIZE)).astype(np.float32)
+    plain, padded = _lowered(session, model, x, pad_channels=0), _lowered(session, model, x, pad_channels=16)
+    assert _depthwise_groups(plain) == [5] and _depthwise_groups(padded) == [16]
+    gathers = [n for n in padded.graph.node if n.op_type == "Gather"]
+    sizes = {tuple(numpy_helper.to_array(i).shape) for i in padded.graph.initializer
+             if i.name in {n.input[1] for n in gathers}}
+    assert (16,) in sizes                     # the Gather feeding the first 1x1 conv repeats an index
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = level
+        want, got = (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+            None, {"x": x})[0] for m in (plain, padded))
+        np.testing.assert_array_equal(want, got)
+
+
+def test_a_depthwise_output_read_elsewhere_is_not_padded(session):
+    model = depthwise_block_model(10, shared=True)
+    x = np.random.default_rng(5).uniform(0, 1, (4, 3, SIZE, SIZE)).astype(np.float32)
+    assert _depthwise_groups(_lowered(session, model, x, pad_channels=16)) == [5]

@@ -1,0 +1,182 @@
+"""Channel padding of depthwise blocks, for the QDQ target.
+
+onnxruntime's integer depthwise and 1x1 kernels (NHWC) are 2-2.5x faster when the channel count is a
+multiple of 16 than at ShuffleNetV2's 58 / 116 / 232 (measured: a 3x3 depthwise QLinearConv on
+[8, 58, 40, 40] takes 1.2 ms, on 64 channels 0.5 ms; benchmarks/README.md). A depthwise conv between
+two ordinary convs (``A -> depthwise -> C``, e.g. a ShuffleNet / MobileNet block) can be widened at
+no cost in exactness: A gets zero weight rows and zero biases for the extra channels, so they hold
+exact zeros (code = zero point) through the Q/DQ pairs and Relu/Clip between; the depthwise conv
+gets zero filters; C gets zero weight columns, so its outputs are unchanged. When A's input comes
+from a channel Gather (a shuffle, see ``shuffle.py``), the Gather repeats its first index up to the
+multiple and A ignores the copies through zero weight columns. Every real output is bit-identical.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ...ir.constants import constant_values
+from ...ir.edit import Namer, constant
+
+__all__ = ["pad_depthwise_blocks"]
+
+ELEMENTWISE = ("QuantizeLinear", "DequantizeLinear", "Relu", "Clip")     # per-tensor: channel count free
+
+
+def pad_depthwise_blocks(graph, multiple: int) -> int:
+    """Widen every ``conv -> depthwise -> conv`` block of ``graph`` to a multiple of ``multiple``
+    channels (see the module doc). Returns how many blocks were widened."""
+    graph.gs.cleanup(remove_unused_graph_inputs=False)       # dead readers (folded Relus) would block the walk
+    namer, count = Namer(graph), 0
+    for node in list(graph.nodes):
+        block = _block(graph, node, multiple)
+        if block is None:
+            continue
+        first, depthwise, last, inner = block
+        channels = _weight_shape(depthwise)[0]
+        size = -(-channels // multiple) * multiple
+        for conv, axis in ((first, 0), (depthwise, 0), (last, 1)):
+            _pad_parameter(conv, 1, axis, size, namer)
+            if axis == 0 and len(conv.inputs) > 2 and conv.inputs[2].name:
+                _pad_parameter(conv, 2, 0, size, namer)
+        depthwise.attrs["group"] = size
+        for tensor in inner:
+            tensor.shape = None                 # the written shapes had the old channel count
+        _pad_gather_input(graph, first, multiple, namer)
+        count += 1
+    return count
+
+
+def _block(graph, depthwise: gs.Node, multiple: int):
+    """(first conv, depthwise conv, last conv, tensors between them) or None."""
+    if depthwise.op != "Conv" or _weight_shape(depthwise) is None:
+        return None
+    channels = _weight_shape(depthwise)[0]
+    if int(depthwise.attrs.get("group", 1)) != channels or _weight_shape(depthwise)[1] != 1 or channels % multiple == 0:
+        return None
+    up = _walk_up(graph, depthwise.inputs[0])
+    down = _walk_down(graph, depthwise.outputs[0])
+    if up is None or down is None:
+        return None
+    (first, above), (last, below) = up, down
+    if not (_plain_conv(first) and _weight_shape(first)[0] == channels and first.outputs[0] in above):
+        return None
+    if not (_plain_conv(last) and last.inputs[0] is below[-1] and _weight_shape(last)[1] == channels):
+        return None
+    if not all(_paddable(conv, index) for conv in (first, depthwise, last) for index in (1, 2)
+               if index < len(conv.inputs) and conv.inputs[index].name):
+        return None
+    return first, depthwise, last, above + below
+
+
+def _plain_conv(node: gs.Node | None) -> bool:
+    return node is not None and node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and \
+        _weight_shape(node) is not None
+
+
+def _walk_up(graph, tensor: gs.Tensor):
+    """From a conv's input back through single-reader per-tensor ops: (producer, tensors passed)."""
+    passed = []
+    while True:
+        if len(tensor.outputs) != 1 or graph.is_graph_output(tensor):
+            return None
+        passed.append(tensor)
+        node = graph.producer(tensor)
+        if node is None or node.op not in ELEMENTWISE:
+            return node, passed
+        if not _per_tensor(node):
+            return None
+        tensor = node.inputs[0]
+
+
+def _walk_down(graph, tensor: gs.Tensor):
+    """From a conv's output forward through single-reader per-tensor ops: (reader, tensors passed)."""
+    passed = []
+    while True:
+        if len(tensor.outputs) != 1 or graph.is_graph_output(tensor):
+            return None
+        passed.append(tensor)
+        node = tensor.outputs[0]
+        if node.op not in ELEMENTWISE:
+            return node, passed
+        if not _per_tensor(node) or node.inputs[0] is not tensor:
+            return None
+        tensor = node.outputs[0]
+
+
+def _per_tensor(node: gs.Node) -> bool:
+    """Scalar factors / bounds: the op treats every channel alike."""
+    values = [constant_values(t) for t in node.inputs[1:] if t.name]
+    return all(v is not None and np.size(v) == 1 for v in values)
+
+
+def _parameter(tensor: gs.Tensor):
+    """(constant holding the values along the padded axes, DequantizeLinear node or None)."""
+    if isinstance(tensor, gs.Constant):
+        return tensor, None
+    node = tensor.inputs[0] if tensor.inputs else None
+    if (node is not None and node.op == "DequantizeLinear" and len(tensor.outputs) == 1
+            and all(isinstance(t, gs.Constant) for t in node.inputs if t.name)):
+        return node.inputs[0], node
+    return None, None
+
+
+def _paddable(conv: gs.Node, index: int) -> bool:
+    values, _ = _parameter(conv.inputs[index])
+    if values is None:
+        return False
+    packed = getattr(getattr(values, "_values", None), "tensor", None)       # INT4 (LazyValues): left alone
+    return (packed is None or packed.data_type != onnx.TensorProto.INT4) and constant_values(values) is not None
+
+
+def _weight_shape(conv: gs.Node):
+    if len(conv.inputs) < 2:
+        return None
+    values, _ = _parameter(conv.inputs[1])
+    return None if values is None else tuple(values.shape)
+
+
+def _padded(values: np.ndarray, axis: int, size: int, mode: str = "zeros") -> np.ndarray:
+    values = np.asarray(values)
+    widths = [(0, 0)] * values.ndim
+    widths[axis] = (0, size - values.shape[axis])
+    return np.pad(values, widths, mode="edge" if mode == "edge" else "constant")
+
+
+def _pad_parameter(conv: gs.Node, index: int, axis: int, size: int, namer: Namer) -> None:
+    """Zero rows (axis 0) or columns (axis 1) up to ``size``; a per-channel DequantizeLinear along the
+    padded axis repeats its first scale (any positive value; the codes are zero) and zero point 0."""
+    values, dequantize = _parameter(conv.inputs[index])
+    padded = constant(namer, f"{values.name}_padded", _padded(constant_values(values), axis, size))
+    if dequantize is None:
+        conv.inputs[index] = padded
+        return
+    dequantize.inputs[0] = padded
+    scale = constant_values(dequantize.inputs[1])
+    if np.size(scale) > 1 and int(dequantize.attrs.get("axis", 1)) == axis:
+        dequantize.inputs[1] = constant(namer, f"{dequantize.inputs[1].name}_padded", _padded(scale, 0, size, "edge"))
+        if len(dequantize.inputs) > 2 and dequantize.inputs[2].name:
+            zero = constant_values(dequantize.inputs[2])
+            dequantize.inputs[2] = constant(namer, f"{dequantize.inputs[2].name}_padded", _padded(zero, 0, size))
+
+
+def _pad_gather_input(graph, conv: gs.Node, multiple: int, namer: Namer) -> None:
+    """``conv`` reading a channel Gather (through per-tensor ops): the Gather repeats its first index up
+    to ``multiple`` and ``conv`` gets zero weight columns for the copies."""
+    up = _walk_up(graph, conv.inputs[0])
+    if up is None or up[0] is None or up[0].op != "Gather" or not _paddable(conv, 1):
+        return
+    gather, passed = up
+    indices = constant_values(gather.inputs[1]) if len(gather.inputs) > 1 else None
+    if indices is None or np.ndim(indices) != 1 or int(gather.attrs.get("axis", 0)) != 1 or gather.outputs[0] not in passed:
+        return
+    count = len(indices)
+    if count % multiple == 0 or _weight_shape(conv)[1] != count:
+        return
+    size = -(-count // multiple) * multiple
+    repeated = np.concatenate([indices, np.full(size - count, indices[0], dtype=np.asarray(indices).dtype)])
+    gather.inputs[1] = constant(namer, f"{gather.inputs[1].name}_padded", repeated)
+    _pad_parameter(conv, 1, 1, size, namer)
+    for tensor in passed:
+        tensor.shape = None
