@@ -182,6 +182,8 @@ def test_padded_depthwise_block_gives_the_same_integers(session):
     sizes = {tuple(numpy_helper.to_array(i).shape) for i in padded.graph.initializer
              if i.name in {n.input[1] for n in gathers}}
     assert (16,) in sizes                     # the Gather feeding the first 1x1 conv repeats an index
+    assert [n.op_type for n in padded.graph.node].count("Pad") == 1      # the 3-channel stem reads 4 channels
+    assert "Pad" not in [n.op_type for n in plain.graph.node]
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -9,6 +9,10 @@ exact zeros (code = zero point) through the Q/DQ pairs and Relu/Clip between; th
 gets zero filters; C gets zero weight columns, so its outputs are unchanged. When A's input comes
 from a channel Gather (a shuffle, see ``shuffle.py``), the Gather repeats its first index up to the
 multiple and A ignores the copies through zero weight columns. Every real output is bit-identical.
+
+Likewise a conv reading 3 channels (an RGB stem) runs 1.7-2.5x faster on 4: its codes get a fourth
+channel of zero points (a uint8 Pad before the DequantizeLinear, so no Q/DQ is added) and its weights a
+zero column. (1 channel, e.g. super-resolution's luma input, was measured slower padded: left alone.)
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import onnx_graphsurgeon as gs
 from ...ir.constants import constant_values
 from ...ir.edit import Namer, constant
 
-__all__ = ["pad_depthwise_blocks"]
+__all__ = ["pad_depthwise_blocks", "pad_rgb_inputs"]
 
 ELEMENTWISE = ("QuantizeLinear", "DequantizeLinear", "Relu", "Clip")     # per-tensor: channel count free
 
@@ -180,3 +184,28 @@ def _pad_gather_input(graph, conv: gs.Node, multiple: int, namer: Namer) -> None
     _pad_parameter(conv, 1, 1, size, namer)
     for tensor in passed:
         tensor.shape = None
+
+
+def pad_rgb_inputs(graph) -> int:
+    """Give every conv reading dequantized 3-channel codes a fourth, zero channel (module doc)."""
+    graph.gs.cleanup(remove_unused_graph_inputs=False)
+    namer, count = Namer(graph), 0
+    for conv in list(graph.nodes):
+        if not _plain_conv(conv) or _weight_shape(conv)[1] != 3 or len(_weight_shape(conv)) != 4 \
+                or not _paddable(conv, 1):
+            continue
+        source = conv.inputs[0]
+        dequantize = graph.producer(source)
+        if (dequantize is None or dequantize.op != "DequantizeLinear" or len(source.outputs) != 1
+                or not _per_tensor(dequantize) or len(dequantize.inputs) < 3 or not dequantize.inputs[2].name):
+            continue
+        codes = dequantize.inputs[0]
+        pads = constant(namer, f"{conv.name}.channel_pads", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))
+        padded = gs.Variable(namer(f"{codes.name}_padded"), dtype=codes.dtype)
+        graph.nodes.append(gs.Node("Pad", namer(f"{conv.name}.channel_pad"), inputs=[codes, pads, dequantize.inputs[2]],
+                                   outputs=[padded]))
+        dequantize.inputs[0] = padded
+        source.shape = None
+        _pad_parameter(conv, 1, 1, 4, namer)
+        count += 1
+    return count
