@@ -162,8 +162,22 @@ def _lowered(session, model, x, **qdq_options):
     options = " ".join(f"{k}={v}" for k, v in qdq_options.items())
     text = ("fuse_bn,match_layers,calibrate{algorithm=minmax dataset=calib block_outputs=true},quantize_weights,"
             f"lower{{targets=[qdq] target_options={{qdq={{{options}}}}}}}")
-    return session.build(text, datasets=["calib"]).run(model, datasets={"calib": [{"x": x}]}).artifacts[
+    feed = {model.graph.input[0].name: x}
+    return session.build(text, datasets=["calib"]).run(model, datasets={"calib": [feed]}).artifacts[
         "lowered"]["qdq"]
+
+
+def _same_outputs(plain: onnx.ModelProto, padded: onnx.ModelProto, x: np.ndarray) -> None:
+    """Bit-equal through onnxruntime's integer kernels and through its plain execution of the graph."""
+    import onnxruntime as ort
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = level
+        runs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+            None, {m.graph.input[0].name: x}) for m in (plain, padded)]
+        for want, got in zip(*runs):
+            np.testing.assert_array_equal(want, got)
 
 
 def _depthwise_groups(model: onnx.ModelProto) -> list[int]:
@@ -173,7 +187,6 @@ def _depthwise_groups(model: onnx.ModelProto) -> list[int]:
 def test_padded_depthwise_block_gives_the_same_integers(session):
     """Widened to 16 channels (and the Gather feeding it): onnxruntime's optimized (integer) run and its
     unoptimized run of the QDQ graph give exactly the unwidened model's outputs."""
-    import onnxruntime as ort
     model = depthwise_block_model(10)
     x = np.random.default_rng(4).uniform(0, 1, (4, 3, SIZE, SIZE)).astype(np.float32)
     plain, padded = _lowered(session, model, x, pad_channels=0), _lowered(session, model, x, pad_channels=16)
@@ -184,13 +197,43 @@ def test_padded_depthwise_block_gives_the_same_integers(session):
     assert (16,) in sizes                     # the Gather feeding the first 1x1 conv repeats an index
     assert [n.op_type for n in padded.graph.node].count("Pad") == 1      # the 3-channel stem reads 4 channels
     assert "Pad" not in [n.op_type for n in plain.graph.node]
-    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = level
-        want, got = (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-            None, {"x": x})[0] for m in (plain, padded))
-        np.testing.assert_array_equal(want, got)
+    _same_outputs(plain, padded, x)
+
+
+def downsampling_unit_model(channels: int = 10) -> onnx.ModelProto:
+    """x -> conv -> shuffle (no Split) -> [depthwise 3x3/2 -> 1x1 conv] and [1x1 conv], concatenated:
+    ShuffleNet's stride-2 unit, whose input (a Gather after the rewrite) is read by two convs."""
+    rng = np.random.default_rng(7)
+    inits, nodes = [], []
+
+    def const(name, values, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(values, dtype), name))
+        return name
+
+    nodes.append(helper.make_node("Conv", ["x", const("w0", rng.normal(0, 0.5, (channels, 3, 3, 3))),
+                                           const("b0", rng.normal(0, 0.1, channels))], ["c0"], pads=[1] * 4))
+    nodes.append(helper.make_node("Relu", ["c0"], ["r0"]))
+    nodes.append(helper.make_node("Reshape", ["r0", const("s1", [0, 2, channels // 2, SIZE, SIZE], np.int64)], ["t1"]))
+    nodes.append(helper.make_node("Transpose", ["t1"], ["t2"], perm=[0, 2, 1, 3, 4]))
+    nodes.append(helper.make_node("Reshape", ["t2", const("s2", [0, channels, SIZE, SIZE], np.int64)], ["sh"]))
+    nodes.append(helper.make_node("Conv", ["sh", const("w1", rng.normal(0, 0.3, (channels, 1, 3, 3))),
+                                           const("b1", rng.normal(0, 0.1, channels))], ["dw"], group=channels,
+                                  pads=[1] * 4, strides=[2, 2]))
+    nodes.append(helper.make_node("Conv", ["dw", const("w2", rng.normal(0, 0.3, (4, channels, 1, 1)))], ["c2"]))
+    nodes.append(helper.make_node("Conv", ["sh", const("w3", rng.normal(0, 0.3, (4, channels, 1, 1)))], ["c3"],
+                                  strides=[2, 2]))
+    nodes.append(helper.make_node("Concat", ["c2", "c3"], ["cat"], axis=1))
+    nodes.append(helper.make_node("Flatten", ["cat"], ["y"]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])
+    return models.make_model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def test_padded_gather_read_by_two_convs_gives_the_same_integers(session):
+    model = downsampling_unit_model(10)
+    x = np.random.default_rng(6).uniform(0, 1, (4, 3, SIZE, SIZE)).astype(np.float32)
+    plain, padded = _lowered(session, model, x, pad_channels=0), _lowered(session, model, x, pad_channels=16)
+    assert _depthwise_groups(plain) == [10] and _depthwise_groups(padded) == [16]
+    _same_outputs(plain, padded, x)
 
 
 def test_a_depthwise_output_read_elsewhere_is_not_padded(session):
