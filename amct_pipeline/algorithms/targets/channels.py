@@ -13,7 +13,8 @@ convs ignore the copies through zero weight columns, a depthwise conv gets zero 
 
 Likewise a conv reading 3 channels (an RGB stem) runs 1.7-2.5x faster on 4: its codes get a fourth
 channel of zero points (a uint8 Pad before the DequantizeLinear, so no Q/DQ is added) and its weights a
-zero column. (1 channel, e.g. super-resolution's luma input, was measured slower padded: left alone.)
+zero column. (1 channel, e.g. super-resolution's luma input, is no faster padded: left alone.)
+Kernel times: ``python benchmarks/qdq_channels.py``.
 """
 from __future__ import annotations
 
