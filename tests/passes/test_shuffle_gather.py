@@ -240,3 +240,28 @@ def test_a_depthwise_output_read_elsewhere_is_not_padded(session):
     model = depthwise_block_model(10, shared=True)
     x = np.random.default_rng(5).uniform(0, 1, (4, 3, SIZE, SIZE)).astype(np.float32)
     assert _depthwise_groups(_lowered(session, model, x, pad_channels=16)) == [5]
+
+
+def subpixel_model() -> onnx.ModelProto:
+    """x (1 channel) -> conv 5x5 -> Relu -> conv 3x3 to 9 channels -> DepthToSpace: super-resolution's end."""
+    rng = np.random.default_rng(8)
+    w0, b0 = rng.normal(0, 0.3, (16, 1, 5, 5)), rng.normal(0, 0.1, 16)
+    w1, b1 = rng.normal(0, 0.2, (9, 16, 3, 3)), rng.normal(0, 0.1, 9)
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), name)
+             for name, v in (("w0", w0), ("b0", b0), ("w1", w1), ("b1", b1))]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[2] * 4),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1] * 4),
+             helper.make_node("DepthToSpace", ["c1"], ["y"], blocksize=3)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, SIZE, SIZE])
+    return models.make_model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def test_narrow_conv_output_is_widened_and_sliced(session):
+    """The 9-channel conv computes 16 (7 zero filters); a uint8 Slice gives DepthToSpace its 9 back."""
+    model = subpixel_model()
+    x = np.random.default_rng(9).uniform(0, 1, (4, 1, SIZE, SIZE)).astype(np.float32)
+    plain, padded = _lowered(session, model, x, pad_channels=0), _lowered(session, model, x, pad_channels=16)
+    ops = _ops(padded)
+    assert ops.get("Slice") == 1 and "Slice" not in _ops(plain) and "Pad" not in ops     # 1 input channel: no Pad
+    _same_outputs(plain, padded, x)

@@ -52,7 +52,7 @@ from ...quant.params import ActQuantParams
 from ...quant.plan import (LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, output_node,
                            with_input_factors)
 from .base import PRECISION_OPSET, PlanTarget, check_activation_bits, dequantized_constant, qdq_pair
-from .channels import pad_depthwise_blocks, pad_rgb_inputs
+from .channels import pad_depthwise_blocks, pad_narrow_outputs, pad_rgb_inputs
 from .shuffle import gather_channel_shuffles
 
 __all__ = ["QdqTarget", "QdqOptions"]
@@ -68,7 +68,8 @@ class QdqOptions(Options):
                                                     "and the channel Split reading it as Gathers: the same values in "
                                                     "one copy instead of two or three.")
     pad_channels: int = Field(16, ge=0, le=64, description="Widen conv -> depthwise -> conv blocks to a multiple "
-                                                           "of this many channels, and 3-channel conv inputs to 4, "
+                                                           "of this many channels, narrower conv outputs to it and "
+                                                           "3-channel conv inputs to 4, "
                                                            "with zero weights (exact; onnxruntime's integer kernels "
                                                            "run them 2-2.5x faster). 0: off.")
 
@@ -101,6 +102,7 @@ class QdqTarget(PlanTarget):
         if self.options.pad_channels:
             pad_depthwise_blocks(graph, self.options.pad_channels)
             pad_rgb_inputs(graph)
+            pad_narrow_outputs(graph, self.options.pad_channels)
 
     def layout(self, graph, plan: LoweringPlan, ctx) -> QdqLayout:
         """Which tensors get which factors (``quant.facts``); layer inputs only without ``extra_tensors``."""
