@@ -301,3 +301,79 @@ def _codes_after(graph, tensor: gs.Tensor):
         quantized = quantized or node.op == "QuantizeLinear"
         tensor = node.outputs[0]
     return passed, None
+
+
+def undo_code_padding(graph) -> int:
+    """Reverse :func:`pad_rgb_inputs` and :func:`pad_narrow_outputs` on a QDQ graph (``convert_qat``
+    reads our own QDQ output): a channel Pad or Slice on the codes between a QuantizeLinear and its
+    DequantizeLinear goes, and the conv it served gets its weights back at the real width. Widened
+    depthwise blocks and Gathers are left as they are (exact, only wider). Returns how many were undone."""
+    count = 0
+    for node in list(graph.nodes):
+        source = node.inputs[0] if node.inputs else None
+        producer = graph.producer(source) if source is not None else None
+        if node.op not in ("Pad", "Slice") or producer is None or producer.op != "QuantizeLinear":
+            continue
+        readers = list(node.outputs[0].outputs)
+        if not readers or any(r.op != "DequantizeLinear" for r in readers) or graph.is_graph_output(node.outputs[0]):
+            continue
+        fix = _unpad_input(graph, node, readers) if node.op == "Pad" else _unslice_output(graph, node, producer)
+        if not fix:
+            continue
+        for reader in readers:
+            reader.inputs[0] = source
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes.remove(node)
+        count += 1
+    return count
+
+
+def _unpad_input(graph, pad: gs.Node, dequantizers: list[gs.Node]) -> bool:
+    """A zero-point channel Pad at the end of axis 1 whose convs read it: cut their extra columns."""
+    pads = constant_values(pad.inputs[1]) if len(pad.inputs) > 1 else None
+    if pads is None or np.size(pads) != 8 or np.any(np.delete(np.asarray(pads).reshape(-1), 5)):
+        return False
+    added = int(np.asarray(pads).reshape(-1)[5])
+    convs = [c for dq in dequantizers for c in dq.outputs[0].outputs]
+    if not convs or any(not _plain_conv(c) or c.inputs[0] not in [d.outputs[0] for d in dequantizers] for c in convs):
+        return False
+    for conv in convs:
+        _cut_parameter(conv, 1, 1, _weight_shape(conv)[1] - added)
+    return True
+
+
+def _unslice_output(graph, slice_node: gs.Node, quantize: gs.Node) -> bool:
+    """A channel Slice [0, n) after a widened conv's QuantizeLinear: cut the conv back to n filters."""
+    bounds = [constant_values(t) if t.name else None for t in slice_node.inputs[1:4]]
+    if len(bounds) != 3 or any(b is None for b in bounds) or [int(np.asarray(b).reshape(-1)[0]) for b in
+                                                              (bounds[0], bounds[2])] != [0, 1]:
+        return False
+    channels = int(np.asarray(bounds[1]).reshape(-1)[0])
+    up = _walk_up(graph, quantize.inputs[0]) if len(quantize.inputs[0].outputs) == 1 else (graph.producer(
+        quantize.inputs[0]), [])
+    conv = up[0] if up else None
+    if not _plain_conv(conv) or _weight_shape(conv)[0] <= channels:
+        return False
+    _cut_parameter(conv, 1, 0, channels)
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        _cut_parameter(conv, 2, 0, channels)
+    return True
+
+
+def _cut_parameter(conv: gs.Node, index: int, axis: int, size: int) -> None:
+    """Keep the first ``size`` entries of a weight / bias along ``axis`` (per-channel factors too)."""
+    values, dequantize = _parameter(conv.inputs[index])
+    cut = np.take(constant_values(values), np.arange(size), axis=axis)
+    replacement = gs.Constant(f"{values.name}_cut", np.ascontiguousarray(cut))
+    if dequantize is None:
+        conv.inputs[index] = replacement
+        return
+    dequantize.inputs[0] = replacement
+    if int(dequantize.attrs.get("axis", 1)) == axis:
+        for slot in (1, 2):
+            if len(dequantize.inputs) > slot and dequantize.inputs[slot].name:
+                factors = constant_values(dequantize.inputs[slot])
+                if np.size(factors) > 1:
+                    dequantize.inputs[slot] = gs.Constant(f"{dequantize.inputs[slot].name}_cut",
+                                                          np.ascontiguousarray(np.asarray(factors)[:size]))
