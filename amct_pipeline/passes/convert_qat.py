@@ -70,6 +70,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from pydantic import Field, PositiveFloat
 
+from ..algorithms.targets.channels import undo_code_padding
 from ..errors import ConfigError, Problem
 from ..ir.constants import apply_view, constant_chain
 from ..ir.edit import Namer, add_node, constant, ensure_opset
@@ -136,6 +137,7 @@ class ConvertQatPass(Pass):
         if graph.opset < 13:     # Round, Clip with inputs, per-axis Q/DQ
             ensure_opset(graph, 13, where=WHERE, path="the model",
                          hint="upgrade the model to opset 13 or later before converting")
+        undo_code_padding(graph)          # our qdq target's channel Pad / Slice on codes (algorithms/targets/channels.py)
         problems: list[Problem] = []
         pairs, constants, trailing = analyse(graph, problems)
         _raise(problems)

@@ -1,0 +1,379 @@
+"""Channel padding of depthwise blocks, for the QDQ target.
+
+onnxruntime's integer depthwise and 1x1 kernels (NHWC) are 2-2.5x faster when the channel count is a
+multiple of 16 than at ShuffleNetV2's 58 / 116 / 232 (measured: a 3x3 depthwise QLinearConv on
+[8, 58, 40, 40] takes 1.2 ms, on 64 channels 0.5 ms; benchmarks/README.md). A depthwise conv between
+two ordinary convs (``A -> depthwise -> C``, e.g. a ShuffleNet / MobileNet block) can be widened at
+no cost in exactness: A gets zero weight rows and zero biases for the extra channels, so they hold
+exact zeros (code = zero point) through the Q/DQ pairs and Relu/Clip between; the depthwise conv
+gets zero filters; C gets zero weight columns, so its outputs are unchanged. A channel Gather (a
+shuffle, see ``shuffle.py``) read only by convs repeats its first index up to the multiple; plain
+convs ignore the copies through zero weight columns, a depthwise conv gets zero filters for them
+(and the conv after it zero columns). Every real output is bit-identical.
+
+Likewise a conv reading 3 channels (an RGB stem) runs 1.7-2.5x faster on 4: its codes get a fourth
+channel of zero points (a uint8 Pad before the DequantizeLinear, so no Q/DQ is added) and its weights a
+zero column. (1 channel, e.g. super-resolution's luma input, is no faster padded: left alone.)
+A conv with fewer than 16 output channels (super-resolution's last conv: 9) runs about twice as fast
+widened to 16 with zero filters; a uint8 Slice on its codes (between its QuantizeLinear and
+DequantizeLinear) gives the readers the real channels back. Kernel times: ``python benchmarks/qdq_channels.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ...ir.constants import constant_values
+from ...ir.edit import Namer, constant
+
+__all__ = ["pad_depthwise_blocks", "pad_rgb_inputs", "pad_narrow_outputs"]
+
+ELEMENTWISE = ("QuantizeLinear", "DequantizeLinear", "Relu", "Clip")     # per-tensor: channel count free
+
+
+def pad_depthwise_blocks(graph, multiple: int) -> int:
+    """Widen every ``conv -> depthwise -> conv`` block of ``graph``, and every channel Gather read
+    only by convs, to a multiple of ``multiple`` channels (see the module doc). Returns how many
+    blocks and Gathers were widened."""
+    graph.gs.cleanup(remove_unused_graph_inputs=False)       # dead readers (folded Relus) would block the walk
+    namer, count = Namer(graph), 0
+    for node in list(graph.nodes):
+        block = _block(graph, node, multiple)
+        if block is None:
+            continue
+        first, depthwise, last, inner = block
+        channels = _weight_shape(depthwise)[0]
+        size = -(-channels // multiple) * multiple
+        _widen(first, 0, size, namer)
+        _widen(depthwise, 0, size, namer)
+        _pad_parameter(last, 1, 1, size, namer)
+        depthwise.attrs["group"] = size
+        for tensor in inner:
+            tensor.shape = None                 # the written shapes had the old channel count
+        count += 1
+    for node in list(graph.nodes):            # then the channel Gathers feeding (widened) convs
+        count += _pad_gather(graph, node, multiple, namer)
+    return count
+
+
+def _block(graph, depthwise: gs.Node, multiple: int):
+    """(first conv, depthwise conv, last conv, tensors between them) or None."""
+    if depthwise.op != "Conv" or _weight_shape(depthwise) is None:
+        return None
+    channels = _weight_shape(depthwise)[0]
+    if int(depthwise.attrs.get("group", 1)) != channels or _weight_shape(depthwise)[1] != 1 or channels % multiple == 0:
+        return None
+    up = _walk_up(graph, depthwise.inputs[0])
+    down = _walk_down(graph, depthwise.outputs[0])
+    if up is None or down is None:
+        return None
+    (first, above), (last, below) = up, down
+    if not (_plain_conv(first) and _weight_shape(first)[0] == channels and first.outputs[0] in above):
+        return None
+    if not (_plain_conv(last) and last.inputs[0] is below[-1] and _weight_shape(last)[1] == channels):
+        return None
+    if not all(_paddable(conv, index) for conv in (first, depthwise, last) for index in (1, 2)
+               if index < len(conv.inputs) and conv.inputs[index].name):
+        return None
+    return first, depthwise, last, above + below
+
+
+def _plain_conv(node: gs.Node | None) -> bool:
+    return node is not None and node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and \
+        _weight_shape(node) is not None
+
+
+def _walk_up(graph, tensor: gs.Tensor):
+    """From a conv's input back through single-reader per-tensor ops: (producer, tensors passed)."""
+    passed = []
+    while True:
+        if len(tensor.outputs) != 1 or graph.is_graph_output(tensor):
+            return None
+        passed.append(tensor)
+        node = graph.producer(tensor)
+        if node is None or node.op not in ELEMENTWISE:
+            return node, passed
+        if not _per_tensor(node):
+            return None
+        tensor = node.inputs[0]
+
+
+def _walk_down(graph, tensor: gs.Tensor):
+    """From a conv's output forward through single-reader per-tensor ops: (reader, tensors passed)."""
+    passed = []
+    while True:
+        if len(tensor.outputs) != 1 or graph.is_graph_output(tensor):
+            return None
+        passed.append(tensor)
+        node = tensor.outputs[0]
+        if node.op not in ELEMENTWISE:
+            return node, passed
+        if not _per_tensor(node) or node.inputs[0] is not tensor:
+            return None
+        tensor = node.outputs[0]
+
+
+def _per_tensor(node: gs.Node) -> bool:
+    """Scalar factors / bounds: the op treats every channel alike."""
+    values = [constant_values(t) for t in node.inputs[1:] if t.name]
+    return all(v is not None and np.size(v) == 1 for v in values)
+
+
+def _parameter(tensor: gs.Tensor):
+    """(constant holding the values along the padded axes, DequantizeLinear node or None)."""
+    if isinstance(tensor, gs.Constant):
+        return tensor, None
+    node = tensor.inputs[0] if tensor.inputs else None
+    if (node is not None and node.op == "DequantizeLinear" and len(tensor.outputs) == 1
+            and all(isinstance(t, gs.Constant) for t in node.inputs if t.name)):
+        return node.inputs[0], node
+    return None, None
+
+
+def _paddable(conv: gs.Node, index: int) -> bool:
+    values, _ = _parameter(conv.inputs[index])
+    if values is None:
+        return False
+    packed = getattr(getattr(values, "_values", None), "tensor", None)       # INT4 (LazyValues): left alone
+    return (packed is None or packed.data_type != onnx.TensorProto.INT4) and constant_values(values) is not None
+
+
+def _weight_shape(conv: gs.Node):
+    if len(conv.inputs) < 2:
+        return None
+    values, _ = _parameter(conv.inputs[1])
+    return None if values is None else tuple(values.shape)
+
+
+def _padded(values: np.ndarray, axis: int, size: int, mode: str = "zeros") -> np.ndarray:
+    values = np.asarray(values)
+    widths = [(0, 0)] * values.ndim
+    widths[axis] = (0, size - values.shape[axis])
+    return np.pad(values, widths, mode="edge" if mode == "edge" else "constant")
+
+
+def _pad_parameter(conv: gs.Node, index: int, axis: int, size: int, namer: Namer) -> None:
+    """Zero rows (axis 0) or columns (axis 1) up to ``size``; a per-channel DequantizeLinear along the
+    padded axis repeats its first scale (any positive value; the codes are zero) and zero point 0."""
+    values, dequantize = _parameter(conv.inputs[index])
+    padded = constant(namer, f"{values.name}_padded", _padded(constant_values(values), axis, size))
+    if dequantize is None:
+        conv.inputs[index] = padded
+        return
+    dequantize.inputs[0] = padded
+    scale = constant_values(dequantize.inputs[1])
+    if np.size(scale) > 1 and int(dequantize.attrs.get("axis", 1)) == axis:
+        dequantize.inputs[1] = constant(namer, f"{dequantize.inputs[1].name}_padded", _padded(scale, 0, size, "edge"))
+        if len(dequantize.inputs) > 2 and dequantize.inputs[2].name:
+            zero = constant_values(dequantize.inputs[2])
+            dequantize.inputs[2] = constant(namer, f"{dequantize.inputs[2].name}_padded", _padded(zero, 0, size))
+
+
+def _pad_gather(graph, gather: gs.Node, multiple: int, namer: Namer) -> bool:
+    """A channel Gather whose readers (through per-tensor ops) are all convs that can take extra
+    channels: it repeats its first index up to ``multiple``; a plain conv gets zero weight columns for
+    the copies, a depthwise conv zero filters and the plain conv after it zero columns."""
+    indices = constant_values(gather.inputs[1]) if gather.op == "Gather" and len(gather.inputs) > 1 else None
+    if indices is None or np.ndim(indices) != 1 or int(gather.attrs.get("axis", 0)) != 1 or len(indices) % multiple == 0:
+        return False
+    count, tensor, passed = len(indices), gather.outputs[0], []
+    while not graph.is_graph_output(tensor):
+        passed.append(tensor)
+        node = tensor.outputs[0] if len(tensor.outputs) == 1 else None
+        if node is None or node.op not in ELEMENTWISE or node.inputs[0] is not tensor or not _per_tensor(node):
+            break
+        tensor = node.outputs[0]
+    else:
+        return False
+    plans = [_reader_plan(graph, reader, tensor, count) for reader in tensor.outputs]
+    if not plans or any(plan is None for plan in plans):
+        return False
+    size = -(-count // multiple) * multiple
+    repeated = np.concatenate([indices, np.full(size - count, indices[0], dtype=np.asarray(indices).dtype)])
+    gather.inputs[1] = constant(namer, f"{gather.inputs[1].name}_padded", repeated)
+    for reader, after in plans:
+        if after is None:
+            _pad_parameter(reader, 1, 1, size, namer)
+            continue
+        last, below = after
+        _widen(reader, 0, size, namer)
+        reader.attrs["group"] = size
+        _pad_parameter(last, 1, 1, size, namer)
+        passed.extend(below)
+    for tensor in passed:
+        tensor.shape = None
+    return True
+
+
+def _reader_plan(graph, reader: gs.Node, tensor: gs.Tensor, count: int):
+    """(reader, None) for a plain conv reading ``count`` channels, (reader, (next conv, tensors between))
+    for a depthwise conv followed by a plain conv; None when the reader cannot take extra channels."""
+    if reader.op != "Conv" or reader.inputs[0] is not tensor or any(t is tensor for t in reader.inputs[1:]):
+        return None
+    shape = _weight_shape(reader)
+    if shape is None or not all(_paddable(reader, i) for i in (1, 2) if i < len(reader.inputs) and reader.inputs[i].name):
+        return None
+    if _plain_conv(reader):
+        return (reader, None) if shape[1] == count else None
+    if int(reader.attrs.get("group", 1)) != count or shape[:2] != (count, 1):
+        return None
+    down = _walk_down(graph, reader.outputs[0])
+    if down is None:
+        return None
+    last, below = down
+    if not (_plain_conv(last) and last.inputs[0] is below[-1] and _weight_shape(last)[1] == count
+            and _paddable(last, 1)):
+        return None
+    return reader, (last, below)
+
+
+def _widen(conv: gs.Node, axis: int, size: int, namer: Namer) -> None:
+    """Zero output channels (weights and bias) up to ``size``."""
+    _pad_parameter(conv, 1, axis, size, namer)
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        _pad_parameter(conv, 2, 0, size, namer)
+
+
+def pad_rgb_inputs(graph) -> int:
+    """Give every conv reading dequantized 3-channel codes a fourth, zero channel (module doc)."""
+    graph.gs.cleanup(remove_unused_graph_inputs=False)
+    namer, count = Namer(graph), 0
+    for conv in list(graph.nodes):
+        if not _plain_conv(conv) or _weight_shape(conv)[1] != 3 or len(_weight_shape(conv)) != 4 \
+                or not _paddable(conv, 1):
+            continue
+        source = conv.inputs[0]
+        dequantize = graph.producer(source)
+        if (dequantize is None or dequantize.op != "DequantizeLinear" or len(source.outputs) != 1
+                or not _per_tensor(dequantize) or len(dequantize.inputs) < 3 or not dequantize.inputs[2].name):
+            continue
+        codes = dequantize.inputs[0]
+        pads = constant(namer, f"{conv.name}.channel_pads", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))
+        padded = gs.Variable(namer(f"{codes.name}_padded"), dtype=codes.dtype)
+        graph.nodes.append(gs.Node("Pad", namer(f"{conv.name}.channel_pad"), inputs=[codes, pads, dequantize.inputs[2]],
+                                   outputs=[padded]))
+        dequantize.inputs[0] = padded
+        source.shape = None
+        _pad_parameter(conv, 1, 1, 4, namer)
+        count += 1
+    return count
+
+
+def pad_narrow_outputs(graph, multiple: int) -> int:
+    """Widen every plain conv with fewer than ``multiple`` output channels whose output is quantized
+    (through per-tensor ops) to ``multiple``, slicing the codes back before the DequantizeLinear."""
+    graph.gs.cleanup(remove_unused_graph_inputs=False)
+    namer, count = Namer(graph), 0
+    for conv in list(graph.nodes):
+        if not _plain_conv(conv) or _weight_shape(conv)[0] >= multiple or not all(
+                _paddable(conv, i) for i in (1, 2) if i < len(conv.inputs) and conv.inputs[i].name):
+            continue
+        passed, codes = _codes_after(graph, conv.outputs[0])
+        if codes is None:
+            continue
+        channels = _weight_shape(conv)[0]
+        _widen(conv, 0, multiple, namer)
+        readers = list(codes.outputs)
+        sliced = gs.Variable(namer(f"{codes.name}_sliced"), dtype=codes.dtype)
+        bounds = [constant(namer, f"{conv.name}.slice_{key}", np.array([value], np.int64))
+                  for key, value in (("starts", 0), ("ends", channels), ("axes", 1))]
+        graph.nodes.append(gs.Node("Slice", namer(f"{conv.name}.slice"), inputs=[codes, *bounds], outputs=[sliced]))
+        for reader in readers:
+            reader.inputs[0] = sliced
+        for tensor in passed:
+            tensor.shape = None
+        count += 1
+    return count
+
+
+def _codes_after(graph, tensor: gs.Tensor):
+    """(tensors passed, the codes a DequantizeLinear reads) walking from a conv output through
+    single-reader per-tensor ops that include a QuantizeLinear; (passed, None) when there are none."""
+    passed, quantized = [], False
+    while len(tensor.outputs) == 1 and not graph.is_graph_output(tensor):
+        node = tensor.outputs[0]
+        if node.op not in ELEMENTWISE or node.inputs[0] is not tensor or not _per_tensor(node):
+            break
+        if node.op == "DequantizeLinear":
+            return passed, tensor if quantized else None
+        passed.append(tensor)
+        quantized = quantized or node.op == "QuantizeLinear"
+        tensor = node.outputs[0]
+    return passed, None
+
+
+def undo_code_padding(graph) -> int:
+    """Reverse :func:`pad_rgb_inputs` and :func:`pad_narrow_outputs` on a QDQ graph (``convert_qat``
+    reads our own QDQ output): a channel Pad or Slice on the codes between a QuantizeLinear and its
+    DequantizeLinear goes, and the conv it served gets its weights back at the real width. Widened
+    depthwise blocks and Gathers are left as they are (exact, only wider). Returns how many were undone."""
+    count = 0
+    for node in list(graph.nodes):
+        source = node.inputs[0] if node.inputs else None
+        producer = graph.producer(source) if source is not None else None
+        if node.op not in ("Pad", "Slice") or producer is None or producer.op != "QuantizeLinear":
+            continue
+        readers = list(node.outputs[0].outputs)
+        if not readers or any(r.op != "DequantizeLinear" for r in readers) or graph.is_graph_output(node.outputs[0]):
+            continue
+        fix = _unpad_input(graph, node, readers) if node.op == "Pad" else _unslice_output(graph, node, producer)
+        if not fix:
+            continue
+        for reader in readers:
+            reader.inputs[0] = source
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes.remove(node)
+        count += 1
+    return count
+
+
+def _unpad_input(graph, pad: gs.Node, dequantizers: list[gs.Node]) -> bool:
+    """A zero-point channel Pad at the end of axis 1 whose convs read it: cut their extra columns."""
+    pads = constant_values(pad.inputs[1]) if len(pad.inputs) > 1 else None
+    if pads is None or np.size(pads) != 8 or np.any(np.delete(np.asarray(pads).reshape(-1), 5)):
+        return False
+    added = int(np.asarray(pads).reshape(-1)[5])
+    convs = [c for dq in dequantizers for c in dq.outputs[0].outputs]
+    if not convs or any(not _plain_conv(c) or c.inputs[0] not in [d.outputs[0] for d in dequantizers] for c in convs):
+        return False
+    for conv in convs:
+        _cut_parameter(conv, 1, 1, _weight_shape(conv)[1] - added)
+    return True
+
+
+def _unslice_output(graph, slice_node: gs.Node, quantize: gs.Node) -> bool:
+    """A channel Slice [0, n) after a widened conv's QuantizeLinear: cut the conv back to n filters."""
+    bounds = [constant_values(t) if t.name else None for t in slice_node.inputs[1:4]]
+    if len(bounds) != 3 or any(b is None for b in bounds) or [int(np.asarray(b).reshape(-1)[0]) for b in
+                                                              (bounds[0], bounds[2])] != [0, 1]:
+        return False
+    channels = int(np.asarray(bounds[1]).reshape(-1)[0])
+    up = _walk_up(graph, quantize.inputs[0]) if len(quantize.inputs[0].outputs) == 1 else (graph.producer(
+        quantize.inputs[0]), [])
+    conv = up[0] if up else None
+    if not _plain_conv(conv) or _weight_shape(conv)[0] <= channels:
+        return False
+    _cut_parameter(conv, 1, 0, channels)
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        _cut_parameter(conv, 2, 0, channels)
+    return True
+
+
+def _cut_parameter(conv: gs.Node, index: int, axis: int, size: int) -> None:
+    """Keep the first ``size`` entries of a weight / bias along ``axis`` (per-channel factors too)."""
+    values, dequantize = _parameter(conv.inputs[index])
+    cut = np.take(constant_values(values), np.arange(size), axis=axis)
+    replacement = gs.Constant(f"{values.name}_cut", np.ascontiguousarray(cut))
+    if dequantize is None:
+        conv.inputs[index] = replacement
+        return
+    dequantize.inputs[0] = replacement
+    if int(dequantize.attrs.get("axis", 1)) == axis:
+        for slot in (1, 2):
+            if len(dequantize.inputs) > slot and dequantize.inputs[slot].name:
+                factors = constant_values(dequantize.inputs[slot])
+                if np.size(factors) > 1:
+                    dequantize.inputs[slot] = gs.Constant(f"{dequantize.inputs[slot].name}_cut",
+                                                          np.ascontiguousarray(np.asarray(factors)[:size]))
