@@ -261,13 +261,14 @@ def test_narrow_conv_output_is_widened_and_sliced(session):
     """The 9-channel conv computes 16 (7 zero filters); a uint8 Slice gives DepthToSpace its 9 back."""
     model = subpixel_model()
     x = np.random.default_rng(9).uniform(0, 1, (4, 1, SIZE, SIZE)).astype(np.float32)
-    plain, padded = _lowered(session, model, x, pad_channels=0), _lowered(session, model, x, pad_channels=16)
+    plain = _lowered(session, model, x, pad_channels=0, shift_inputs="false")
+    padded = _lowered(session, model, x, pad_channels=16, shift_inputs="false")     # test_qdq_shifts: the stem
     ops = _ops(padded)
     assert ops.get("Slice") == 1 and "Slice" not in _ops(plain) and "Pad" not in ops     # 1 input channel: no Pad
     _same_outputs(plain, padded, x)
 
 
-@pytest.mark.parametrize("build, undone", [(subpixel_model, 1), (lambda: depthwise_block_model(10), 2)])
+@pytest.mark.parametrize("build, undone", [(subpixel_model, 2), (lambda: depthwise_block_model(10), 2)])
 def test_convert_qat_reads_padded_codes_back(session, build, undone):
     """undo_code_padding (run by convert_qat) removes the channel Pad / Slice on codes and restores the
     convs' widths: the same outputs, and the narrow conv / RGB stem have their original weight shapes."""
@@ -277,7 +278,8 @@ def test_convert_qat_reads_padded_codes_back(session, build, undone):
     x = np.random.default_rng(10).uniform(0, 1, (4, channels, SIZE, SIZE)).astype(np.float32)
     plain, padded = _lowered(session, model, x, pad_channels=0), _lowered(session, model, x, pad_channels=16)
     graph = load_graph(padded)
-    assert undo_code_padding(graph) == undone      # subpixel: the 9-channel Slice; block: RGB Pad + 4-channel Slice
+    assert undo_code_padding(graph) == undone      # subpixel: the luma shifts + the 9-channel Slice; block: RGB Pad
+    #                                                + 4-channel Slice
     graph.finalize()
     restored = graph.to_proto()
     assert not {"Slice", "Pad"} & set(_ops(restored))

@@ -13,7 +13,15 @@ convs ignore the copies through zero weight columns, a depthwise conv gets zero 
 
 Likewise a conv reading 3 channels (an RGB stem) runs 1.7-2.5x faster on 4: its codes get a fourth
 channel of zero points (a uint8 Pad before the DequantizeLinear, so no Q/DQ is added) and its weights a
-zero column. (1 channel, e.g. super-resolution's luma input, is no faster padded: left alone.)
+zero column. (1 channel, e.g. super-resolution's luma input, is no faster padded to 4 zero channels.)
+A conv reading 1 channel (a luma / grayscale stem) is the slowest integer conv onnxruntime runs: with
+fewer than 4 input channels it leaves the fast symmetric kernel for im2col + GEMM (super-resolution's
+5x5, 1 -> 64 at 224 x 224: 4x slower than the float conv). Its codes become 4 channels holding the
+input shifted by 0-3 columns (uint8 Pad, four Slices, one Concat: no Q/DQ added) and the kernel
+``kh x kw`` becomes ``kh x ceil(kw / 4)`` over those 4 channels with 4x the column dilation (tap
+``b`` of the row is channel ``b % 4``, column ``b // 4``; the missing taps are zero weights): the same
+products summed in integers, so the outputs are bit-identical, on the fast kernel (2.2x faster
+there).
 A conv with fewer than 16 output channels (super-resolution's last conv: 9) runs about twice as fast
 widened to 16 with zero filters; a uint8 Slice on its codes (between its QuantizeLinear and
 DequantizeLinear) gives the readers the real channels back. Kernel times: ``python benchmarks/qdq_channels.py``.
@@ -27,7 +35,7 @@ import onnx_graphsurgeon as gs
 from ...ir.constants import constant_values
 from ...ir.edit import Namer, constant
 
-__all__ = ["pad_depthwise_blocks", "pad_rgb_inputs", "pad_narrow_outputs"]
+__all__ = ["pad_depthwise_blocks", "pad_rgb_inputs", "pad_narrow_outputs", "shift_single_channel_inputs"]
 
 ELEMENTWISE = ("QuantizeLinear", "DequantizeLinear", "Relu", "Clip")     # per-tensor: channel count free
 
@@ -287,6 +295,77 @@ def pad_narrow_outputs(graph, multiple: int) -> int:
     return count
 
 
+SHIFTS = 4               # onnxruntime's symmetric conv kernels need a multiple of 4 input channels
+MIN_SHIFTED_OUTPUTS = 16  # and at least 16 output channels (else it runs im2col + GEMM anyway)
+SHIFTED_CHANNELS = (1,)  # 3 (RGB stems): the stem ran 17% faster, the copies cost more than that
+
+
+def shift_single_channel_inputs(graph) -> int:
+    """Rewrite every plain 2-D conv reading dequantized 1-channel codes with 16+ filters (a multiple of
+    4) and a kernel at least 2 wide onto 4 column-shifted copies of its codes (module doc)."""
+    graph.gs.cleanup(remove_unused_graph_inputs=False)
+    namer, count = Namer(graph), 0
+    for conv in list(graph.nodes):
+        dequantize = _shiftable(graph, conv)
+        if dequantize is None:
+            continue
+        out_channels, channels, kh, kw = _weight_shape(conv)
+        taps = -(-kw // SHIFTS)
+        pads = [int(p) for p in conv.attrs.get("pads", [0, 0, 0, 0])]
+        dh, dw = [int(d) for d in conv.attrs.get("dilations", [1, 1])]
+        codes = dequantize.inputs[0]
+        widths = np.array([0, 0, 0, pads[1], 0, 0, 0, pads[3] + (SHIFTS * taps - kw) * dw], np.int64)
+        padded = gs.Variable(namer(f"{codes.name}_column_padded"), dtype=codes.dtype)
+        graph.nodes.append(gs.Node("Pad", namer(f"{conv.name}.column_pad"), outputs=[padded], inputs=[
+            codes, constant(namer, f"{conv.name}.column_pads", widths), dequantize.inputs[2]]))
+        shifted = [_column_slice(graph, namer, conv.name, padded, j * dw, (SHIFTS - 1 - j) * dw)
+                   for j in range(SHIFTS)]
+        stacked = gs.Variable(namer(f"{codes.name}_shifted"), dtype=codes.dtype)
+        graph.nodes.append(gs.Node("Concat", namer(f"{conv.name}.column_shifts"), attrs={"axis": 1},
+                                   inputs=shifted, outputs=[stacked]))
+        dequantize.inputs[0] = stacked
+        conv.inputs[0].shape = None
+        values, weight_dequantize = _parameter(conv.inputs[1])
+        row = np.zeros((out_channels, channels, kh, taps * SHIFTS), constant_values(values).dtype)
+        row[..., :kw] = constant_values(values)
+        # tap b = SHIFTS * t + j of channel c: channel j * channels + c, column t (missing taps stay zero)
+        weights = row.reshape(out_channels, channels, kh, taps, SHIFTS).transpose(0, 4, 1, 2, 3).reshape(
+            out_channels, SHIFTS * channels, kh, taps)
+        new = constant(namer, f"{values.name}_shifted", weights)
+        if weight_dequantize is None:
+            conv.inputs[1] = new
+        else:
+            weight_dequantize.inputs[0] = new
+        conv.attrs.update(pads=[pads[0], 0, pads[2], 0], dilations=[dh, SHIFTS * dw], kernel_shape=[kh, taps])
+        count += 1
+    return count
+
+
+def _shiftable(graph, conv: gs.Node):
+    """The per-tensor DequantizeLinear feeding ``conv`` when the rewrite applies, else None."""
+    shape = _weight_shape(conv) if conv.op == "Conv" else None
+    if (not _plain_conv(conv) or len(shape) != 4 or shape[1] not in SHIFTED_CHANNELS or shape[3] < 2 or shape[0] < MIN_SHIFTED_OUTPUTS
+            or shape[0] % SHIFTS or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")
+            or not _paddable(conv, 1)):
+        return None
+    source = conv.inputs[0]
+    dequantize = graph.producer(source)
+    if (dequantize is None or dequantize.op != "DequantizeLinear" or len(source.outputs) != 1
+            or not _per_tensor(dequantize) or len(dequantize.inputs) < 3 or not dequantize.inputs[2].name):
+        return None
+    return dequantize
+
+
+def _column_slice(graph, namer: Namer, name: str, tensor: gs.Variable, start: int, cut: int) -> gs.Variable:
+    """``tensor[..., start : width - cut]``."""
+    end = -cut if cut else np.iinfo(np.int64).max
+    bounds = [constant(namer, f"{name}.shift_{key}", np.array([value], np.int64))
+              for key, value in (("starts", start), ("ends", end), ("axes", 3))]
+    out = gs.Variable(namer(f"{tensor.name}_from{start}"), dtype=tensor.dtype)
+    graph.nodes.append(gs.Node("Slice", namer(f"{name}.shift"), inputs=[tensor, *bounds], outputs=[out]))
+    return out
+
+
 def _codes_after(graph, tensor: gs.Tensor):
     """(tensors passed, the codes a DequantizeLinear reads) walking from a conv output through
     single-reader per-tensor ops that include a QuantizeLinear; (passed, None) when there are none."""
@@ -304,11 +383,12 @@ def _codes_after(graph, tensor: gs.Tensor):
 
 
 def undo_code_padding(graph) -> int:
-    """Reverse :func:`pad_rgb_inputs` and :func:`pad_narrow_outputs` on a QDQ graph (``convert_qat``
-    reads our own QDQ output): a channel Pad or Slice on the codes between a QuantizeLinear and its
-    DequantizeLinear goes, and the conv it served gets its weights back at the real width. Widened
-    depthwise blocks and Gathers are left as they are (exact, only wider). Returns how many were undone."""
-    count = 0
+    """Reverse :func:`pad_rgb_inputs`, :func:`pad_narrow_outputs` and :func:`shift_single_channel_inputs`
+    on a QDQ graph (``convert_qat`` reads our own QDQ output): a channel Pad or Slice on the codes between
+    a QuantizeLinear and its DequantizeLinear goes, and the conv it served gets its weights back at the
+    real width. Widened depthwise blocks and Gathers are left as they are (exact, only wider). Returns
+    how many were undone."""
+    count = sum(_unshift_input(graph, node) for node in list(graph.nodes) if node.op == "Concat")
     for node in list(graph.nodes):
         source = node.inputs[0] if node.inputs else None
         producer = graph.producer(source) if source is not None else None
@@ -327,6 +407,48 @@ def undo_code_padding(graph) -> int:
         graph.nodes.remove(node)
         count += 1
     return count
+
+
+def _unshift_input(graph, concat: gs.Node) -> bool:
+    """The column shifts of :func:`shift_single_channel_inputs` (Pad -> 4 Slices -> Concat on codes, read
+    by DequantizeLinears feeding convs): the convs get their 1-channel kernel and padding back."""
+    slices = [graph.producer(t) for t in concat.inputs]
+    if len(slices) != SHIFTS or any(s is None or s.op != "Slice" for s in slices) or int(concat.attrs.get("axis", 0)) != 1:
+        return False
+    pad = graph.producer(slices[0].inputs[0])
+    if pad is None or pad.op != "Pad" or any(s.inputs[0] is not pad.outputs[0] for s in slices):
+        return False
+    readers = list(concat.outputs[0].outputs)
+    convs = [c for dq in readers if dq.op == "DequantizeLinear" for c in dq.outputs[0].outputs]
+    if (not readers or any(r.op != "DequantizeLinear" for r in readers) or not convs
+            or any(not _plain_conv(c) or _weight_shape(c)[1] % SHIFTS for c in convs)):
+        return False
+    widths = np.asarray(constant_values(pad.inputs[1])).reshape(-1)
+    for conv in convs:
+        values, dequantize = _parameter(conv.inputs[1])
+        weights = np.asarray(constant_values(values))
+        out_channels, shifted, kh, taps = weights.shape
+        row = weights.reshape(out_channels, SHIFTS, shifted // SHIFTS, kh, taps).transpose(0, 2, 3, 4, 1).reshape(
+            out_channels, shifted // SHIFTS, kh, taps * SHIFTS)
+        used = np.flatnonzero(np.any(row != 0, axis=(0, 1, 2)))
+        kw = int(used[-1]) + 1 if used.size else 1
+        dh, dw = [int(d) for d in conv.attrs.get("dilations", [1, SHIFTS])]
+        dw //= SHIFTS
+        pads = [int(p) for p in conv.attrs.get("pads", [0, 0, 0, 0])]
+        conv.attrs.update(pads=[pads[0], int(widths[3]), pads[2], int(widths[7]) - (taps * SHIFTS - kw) * dw],
+                          dilations=[dh, dw], kernel_shape=[kh, kw])
+        original = gs.Constant(f"{values.name}_unshifted", np.ascontiguousarray(row[..., :kw]))
+        if dequantize is None:
+            conv.inputs[1] = original
+        else:
+            dequantize.inputs[0] = original
+    for reader in readers:
+        reader.inputs[0] = pad.inputs[0]
+    for node in [concat, *slices, pad]:
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes.remove(node)
+    return True
 
 
 def _unpad_input(graph, pad: gs.Node, dequantizers: list[gs.Node]) -> bool:

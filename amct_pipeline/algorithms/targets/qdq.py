@@ -52,7 +52,7 @@ from ...quant.params import ActQuantParams
 from ...quant.plan import (LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, output_node,
                            with_input_factors)
 from .base import PRECISION_OPSET, PlanTarget, check_activation_bits, dequantized_constant, qdq_pair
-from .channels import pad_depthwise_blocks, pad_narrow_outputs, pad_rgb_inputs
+from .channels import pad_depthwise_blocks, pad_narrow_outputs, pad_rgb_inputs, shift_single_channel_inputs
 from .shuffle import gather_channel_shuffles
 
 __all__ = ["QdqTarget", "QdqOptions"]
@@ -72,6 +72,9 @@ class QdqOptions(Options):
                                                            "3-channel conv inputs to 4, "
                                                            "with zero weights (exact; onnxruntime's integer kernels "
                                                            "run them 2-2.5x faster). 0: off.")
+    shift_inputs: bool = Field(True, description="Run convs reading 1 channel (luma / grayscale stems) on 4 "
+                                                 "column-shifted copies of their codes with a 4x narrower kernel: "
+                                                 "the same integer sums on onnxruntime's fast kernel (exact).")
 
 
 class QdqTarget(PlanTarget):
@@ -103,6 +106,8 @@ class QdqTarget(PlanTarget):
             pad_depthwise_blocks(graph, self.options.pad_channels)
             pad_rgb_inputs(graph)
             pad_narrow_outputs(graph, self.options.pad_channels)
+        if self.options.shift_inputs:                 # after pad_narrow_outputs, which may make a stem qualify
+            shift_single_channel_inputs(graph)
 
     def layout(self, graph, plan: LoweringPlan, ctx) -> QdqLayout:
         """Which tensors get which factors (``quant.facts``); layer inputs only without ``extra_tensors``."""
