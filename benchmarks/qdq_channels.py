@@ -38,7 +38,8 @@ def qdq_conv(cin: int, cout: int, k, depthwise: bool) -> onnx.ModelProto:
     shifted = not isinstance(k, int)
     inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"),
              numpy_helper.from_array(np.array(128, np.uint8), "z"),
-             numpy_helper.from_array(rng.integers(-100, 100, (cout, 1 if depthwise else cin, kh, kw)).astype(np.int8), "w"),
+             numpy_helper.from_array(rng.integers(-100, 100, (cout, 1 if depthwise else cin, kh, kw)).astype(np.int8),
+                                     "w"),
              numpy_helper.from_array(np.full(cout, 0.01, np.float32), "ws"),
              numpy_helper.from_array(np.zeros(cout, np.int8), "wz")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),

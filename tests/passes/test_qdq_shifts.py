@@ -16,12 +16,14 @@ from amct_pipeline.testing import models
 H, W = 13, 17
 
 
-def luma_model(filters: int = 16, kernel=(5, 5), strides=(1, 1), dilations=(1, 1), pads=(2, 2, 2, 2)) -> onnx.ModelProto:
+def luma_model(filters: int = 16, kernel=(5, 5), strides=(1, 1), dilations=(1, 1),
+               pads=(2, 2, 2, 2)) -> onnx.ModelProto:
     """x (1 channel) -> conv -> Relu -> 1x1 conv to 8 channels: a luma stem and the layer reading it."""
     rng = np.random.default_rng(sum(kernel) + 7 * strides[1] + 11 * dilations[1] + sum(pads))
     w0, b0 = rng.normal(0, 0.3, (filters, 1, *kernel)), rng.normal(0, 0.1, filters)
     w1 = rng.normal(0, 0.2, (8, filters, 1, 1))
-    inits = [numpy_helper.from_array(np.asarray(v, np.float32), name) for name, v in (("w0", w0), ("b0", b0), ("w1", w1))]
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), name)
+             for name, v in (("w0", w0), ("b0", b0), ("w1", w1))]
     nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], kernel_shape=list(kernel), strides=list(strides),
                               dilations=list(dilations), pads=list(pads)),
              helper.make_node("Relu", ["c0"], ["r0"]),

@@ -343,10 +343,11 @@ def shift_single_channel_inputs(graph) -> int:
 
 def _shiftable(graph, conv: gs.Node):
     """The per-tensor DequantizeLinear feeding ``conv`` when the rewrite applies, else None."""
-    shape = _weight_shape(conv) if conv.op == "Conv" else None
-    if (not _plain_conv(conv) or len(shape) != 4 or shape[1] not in SHIFTED_CHANNELS or shape[3] < 2 or shape[0] < MIN_SHIFTED_OUTPUTS
-            or shape[0] % SHIFTS or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")
-            or not _paddable(conv, 1)):
+    if not _plain_conv(conv) or len(_weight_shape(conv)) != 4:
+        return None
+    filters, channels, _, width = _weight_shape(conv)
+    if (channels not in SHIFTED_CHANNELS or width < 2 or filters < MIN_SHIFTED_OUTPUTS or filters % SHIFTS
+            or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or not _paddable(conv, 1)):
         return None
     source = conv.inputs[0]
     dequantize = graph.producer(source)
@@ -413,7 +414,8 @@ def _unshift_input(graph, concat: gs.Node) -> bool:
     """The column shifts of :func:`shift_single_channel_inputs` (Pad -> 4 Slices -> Concat on codes, read
     by DequantizeLinears feeding convs): the convs get their 1-channel kernel and padding back."""
     slices = [graph.producer(t) for t in concat.inputs]
-    if len(slices) != SHIFTS or any(s is None or s.op != "Slice" for s in slices) or int(concat.attrs.get("axis", 0)) != 1:
+    if (len(slices) != SHIFTS or any(s is None or s.op != "Slice" for s in slices)
+            or int(concat.attrs.get("axis", 0)) != 1):
         return False
     pad = graph.producer(slices[0].inputs[0])
     if pad is None or pad.op != "Pad" or any(s.inputs[0] is not pad.outputs[0] for s in slices):
