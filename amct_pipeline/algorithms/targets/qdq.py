@@ -74,7 +74,6 @@ __all__ = ["QdqTarget", "QdqOptions"]
 WIDE_RANGE = 4.0      # 16-bit block outputs of a mixed plan: their 8-bit range widened this many times
 
 
-
 class QdqOptions(Options):
     extra_tensors: bool = Field(True, description="Also quantize layer outputs, Add, pooling and Concat outputs and "
                                                   "data movement when factors exist for them (artifact 'tensor_quant' "
@@ -197,8 +196,8 @@ def _widen_block_outputs(graph, plan: LoweringPlan, structure: LayoutPlan, layou
         return (any(r.op in POOLING_OPS for r in readers) and not graph.is_graph_output(tensors[name])
                 and all(r.op in POOLING_OPS or moves_data(graph, r) for r in readers))
 
-    wide = _wide_neighbourhood(graph, plan)        # a 16-bit layer's output: nothing to fuse, widened
-    kept = {member for name in layout.sources if averaged(name) and name not in wide
+    around_16 = _wide_neighbourhood(graph, plan)     # a 16-bit layer's output: nothing fuses there
+    kept = {member for name in layout.sources if averaged(name) and name not in around_16
             for member in structure.members(name)}
     for name, source in layout.sources.items():
         if name not in kept and (source.kind == "tensor" or read_elsewhere(name)):
@@ -257,7 +256,7 @@ def _fold_activation(graph, tensor: gs.Tensor, params: ActQuantParams) -> tuple[
         return tensor, None
     if q_low <= params.qmin and q_high >= params.qmax:
         return source, None
-    if params.num_bits != 8:        # onnxruntime has no uint16 Clip; a 16-bit layer gains nothing from folding
+    if params.num_bits != 8:        # onnxruntime has no uint16 Clip, nor a 16-bit kernel to fuse
         return tensor, None
     return source, (q_low, q_high)
 
