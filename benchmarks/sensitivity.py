@@ -122,15 +122,19 @@ def _search_spec(analyze: str, max_evaluations: int, int4: bool) -> dict:
     return {"schema_version": 1, "name": "mixed-search", "datasets": {"calib": {"reader": "npy"}}, "passes": passes}
 
 
-def realize(work: Path, match_layers: dict) -> dict:
+def realize(work: Path, match_layers: dict, block_output_bits: int = 16) -> dict:
     """The chosen point built by the full ptq_int8 pipeline (bias correction included) with the point's
-    match_layers options, lowered to every target; fake-quant and QDQ models measured on the 150 images."""
+    match_layers options, lowered to every target (``qdq{mixed_block_output_bits}``); the fake-quant,
+    QDQ and Ascend deploy models measured against the float model on the 150 images, the deploy model
+    by the CPU reference of the Ascend operators (``ascend.reference``), and which layers
+    onnxruntime runs in integers in the QDQ model."""
     from amct_pipeline.runtime.ort import make_session
     passes = _ptq_int8_passes(bias_correction=True)
     for p in passes:
         if p["pass"] == "match_layers":
             p["options"] = dict(match_layers)
-    passes.append({"pass": "lower", "options": {"targets": ["fakequant", "qdq", "ascend"]}})
+    passes.append({"pass": "lower", "options": {"targets": ["fakequant", "qdq", "ascend"], "target_options": {
+        "qdq": {"mixed_block_output_bits": block_output_bits}}}})
     spec = {"schema_version": 1, "name": "mixed-point", "datasets": {"calib": {"reader": "npy"}}, "passes": passes}
     calib, _ = imagenet(0, 100)
     result = _session().build(spec, datasets=["calib"]).run(str(MODEL), datasets={"calib": _batches(calib)},
@@ -139,14 +143,46 @@ def realize(work: Path, match_layers: dict) -> dict:
     ref_session = make_session(_float_model())
     refs = np.concatenate([ref_session.run(None, {"input": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
     out = {}
+    lowered = result.artifacts["lowered"]
     for target in ("fakequant", "qdq"):
-        got_session = make_session(result.artifacts["lowered"][target], config={"session.disable_quant_qdq": "1"})
+        got_session = make_session(lowered[target], config={"session.disable_quant_qdq": "1"})
         got = np.concatenate([got_session.run(None, {"input": x[i:i + 25]})[0] for i in range(0, len(x), 25)])
-        error = float(np.sum((got - refs) ** 2, dtype=np.float64) / np.sum(refs ** 2, dtype=np.float64))
-        out[target] = {"sqnr_db": round(-10 * np.log10(error), 3),
-                       "agreement": float(np.mean(got.argmax(1) == refs.argmax(1)))}
-    out["ascend"] = sorted(p.name for p in (work / "point").glob("*deploy*.onnx"))
+        out[target] = _versus(got, refs)
+    out["ascend"] = _deploy_figures(work / "point", x, refs)
+    out["qdq_integer"] = integer_kernels(lowered["qdq"])
     return out
+
+
+def _versus(got: np.ndarray, refs: np.ndarray) -> dict:
+    error = float(np.sum((got - refs) ** 2, dtype=np.float64) / np.sum(refs ** 2, dtype=np.float64))
+    return {"sqnr_db": round(-10 * np.log10(error), 3), "agreement": float(np.mean(got.argmax(1) == refs.argmax(1)))}
+
+
+def _deploy_figures(folder: Path, x: np.ndarray, refs: np.ndarray) -> dict:
+    """The Ascend deploy model run by the CPU reference of its operators (integer convs, AscendQuant /
+    AscendDequant as specified; float ops in onnxruntime)."""
+    from amct_pipeline.ascend.reference import DeployEvaluator
+    path = next(folder.glob("*deploy_model.onnx"))
+    evaluator = DeployEvaluator(str(path), float_ops="onnxruntime")
+    name = evaluator.output_names[0]
+    got = np.concatenate([evaluator.run({"input": x[i:i + 25]}, [name])[0] for i in range(0, len(x), 25)])
+    return {"file": path.name, **_versus(got, refs)}
+
+
+def integer_kernels(model) -> dict:
+    """Operator counts of the QDQ model as onnxruntime optimizes it (QDQ fusion, extended level):
+    QLinearConv / QGemm / QLinearAdd / QLinear* run in integers, Conv / FusedConv / Gemm in float."""
+    import tempfile
+
+    import onnxruntime as ort        # the optimized graph is only written by a session built here
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        import onnx
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    return {k: ops.count(k) for k in sorted(set(ops))}
 
 
 def measure(result, configs: dict[str, dict]) -> dict[str, dict]:
@@ -298,13 +334,16 @@ def main() -> int:
     parser.add_argument("--skip-autocal", action="store_true")
     parser.add_argument("--only-autocal", action="store_true")
     parser.add_argument("--only-analyze", action="store_true", help="time analyze against a float run, nothing else")
-    parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form); default AMCT's IFMR + ARQ")
     parser.add_argument("--no-int4", action="store_true", help="mixed_precision{allow_int4=false} (with --ptq ptq_int8)")
     parser.add_argument("--only-mixed", action="store_true",
                         help="only the mixed-precision search, its best point re-measured and built through every target")
     parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form; 'ptq_int8': the default "
                                                    "INT8 pipeline's passes, searched without bias correction); "
                                                    "default AMCT's IFMR + ARQ")
+    parser.add_argument("--point", help="with --only-mixed: build this best_match_layers JSON (a "
+                                        "<model>_mixed_precision.json or its best_match_layers) instead of searching")
+    parser.add_argument("--block-output-bits", type=int, choices=(8, 16), default=16,
+                        help="qdq{mixed_block_output_bits} of the built point")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if not MODEL.exists():
@@ -312,6 +351,15 @@ def main() -> int:
         return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.only_mixed and args.point:
+        given = json.loads(Path(args.point).read_text())
+        given = given.get("best_match_layers", given)
+        figures = {"mixed": {"built": realize(work, given, args.block_output_bits), "match_layers": given,
+                             "load_average": [round(v, 2) for v in os.getloadavg()]}}
+        print(json.dumps(figures["mixed"]["built"], indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        return 0
     if args.only_autocal:
         figures = {"autocal": autocal_check(work)}
         print(json.dumps(figures, indent=2))
@@ -328,9 +376,10 @@ def main() -> int:
         return 0
     if args.only_mixed:
         found = result.artifacts["mixed_precision"]
-        figures = {"ptq": args.ptq, "timings": timings, "mixed": mixed_check(result)}
+        figures = {"ptq": args.ptq, "timings": timings, "mixed": mixed_check(result),
+                   "load_average": [round(v, 2) for v in os.getloadavg()]}
         if found.get("best_match_layers"):
-            figures["mixed"]["built"] = realize(work, found["best_match_layers"])
+            figures["mixed"]["built"] = realize(work, found["best_match_layers"], args.block_output_bits)
             figures["mixed"]["match_layers"] = found["best_match_layers"]
         print(json.dumps(figures["mixed"]["best"][:1] + [figures["mixed"].get("built")], indent=1))
         if args.json:

@@ -294,3 +294,89 @@ def test_mixed_precision_reference_model(session, tmp_path):
     onnx.save(quant_layers_model(), str(tmp_path / "other.onnx"))
     with pytest.raises(PassError, match="mixed_precision.reference .*other.onnx"):
         _run(session, text % f"reference={tmp_path / 'other.onnx'}")
+
+
+def _residual_block_model() -> onnx.ModelProto:
+    """x -> c0 -> Clip(0, 6) -> r0; r0 -> c1 -> Relu -> c2 (no activation: a projection) -> Add(r0, .) ->
+    c3 -> Relu -> pool -> Reshape -> Gemm "logits": a residual block whose residual tensor r0 is read by
+    a layer (c1) and by the Add, its projection output only by the Add; c3's output a block output too.
+    The 16-bit range of r0 is wider than the Clip: the Clip stays a float op (no uint16 Clip in ORT)."""
+    from amct_pipeline.testing.models import make_model
+    rng = np.random.default_rng(7)
+
+    def init(name, *shape, std=0.4):
+        return onnx.numpy_helper.from_array(rng.normal(0, std, shape).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["y0"], name="c0", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Clip", ["y0", "lo", "hi"], ["r0"], name="relu6"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["y1"], name="c1", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y2"], name="c2", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Add", ["r0", "y2"], ["res"], name="add"),
+             helper.make_node("Conv", ["res", "w3", "b3"], ["y3"], name="c3", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["y3"], ["r3"], name="relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["pool"], name="gap"),
+             helper.make_node("Constant", [], ["shape"], name="shape",
+                              value=onnx.numpy_helper.from_array(np.array([-1, 16], np.int64))),
+             helper.make_node("Reshape", ["pool", "shape"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1)]
+    inits = [onnx.numpy_helper.from_array(np.array(0, np.float32), "lo"),
+             onnx.numpy_helper.from_array(np.array(6, np.float32), "hi"),
+             init("w0", 16, 3, 3, 3), init("b0", 16), init("w1", 16, 16, 1, 1, std=0.25), init("b1", 16),
+             init("w2", 16, 16, 3, 3, std=0.1), init("b2", 16), init("w3", 16, 16, 1, 1, std=0.25), init("b3", 16),
+             init("wf", 10, 16), init("bf", 10)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                      [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+
+
+def _qdq_bits(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor -> bits of the QuantizeLinear pairs reading it (activations only)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found: dict[str, list[int]] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            dtype = inits[node.input[2]].data_type
+            found.setdefault(node.input[0], []).append(16 if dtype == TensorProto.UINT16 else 8)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def test_mixed_point_qdq_model_computes_what_its_fakequant_model_does(session, tmp_path):
+    """A mixed point (c3, which reads the residual Add, at A16; the rest A8) lowered with the QDQ
+    layout's block outputs (calibrate{block_outputs}): they get 16 bits (the Add's output c3 reads, the
+    projection output, the residual read of r0, c3's output), c1 keeps its 8-bit input through a pair
+    of its own, the QDQ model gives the fake-quant model's SQNR through onnxruntime (the 8-bit block
+    outputs of mixed_block_output_bits=8 do not) and c1 still runs as an integer QLinearConv."""
+    model = _residual_block_model()
+    x = np.random.default_rng(8).normal(size=(48, 3, 8, 8)).astype(np.float32)
+    source = ArraySource("calib", {"x": x}, DatasetSpec(batch_size=16), "test")
+
+    def build(bits: int):
+        spec = {"schema_version": 1, "name": "point", "datasets": {"calib": {"reader": "npy"}},
+                "passes": [{"pass": "match_layers", "options": {"precision": {"c3": {"act": 16}}}},
+                           {"pass": "calibrate", "options": {"block_outputs": True}}, {"pass": "quantize_weights"},
+                           {"pass": "lower", "options": {"targets": ["fakequant", "qdq"], "target_options": {
+                               "qdq": {"mixed_block_output_bits": bits}}}}]}
+        return session.build(spec, datasets=["calib"]).run(model, datasets={"calib": source})
+
+    wide, narrow = build(16), build(8)
+    assert wide.artifacts["tensor_quant"]            # the block outputs were calibrated
+    qdq = wide.artifacts["lowered"]["qdq"]
+    bits = _qdq_bits(qdq)
+    assert bits["res"] == [16]                       # read by the A16 layer c3
+    assert bits["y2"] == [16]                        # the projection output
+    assert bits["r0"] == [8, 16]                     # c1's own pair, the Add's
+    assert bits["y3"] == [16] and bits["flat"] == [8]    # c3's output (before its Relu); fc's own 8-bit input
+    assert _qdq_bits(narrow.artifacts["lowered"]["qdq"])["y2"] == [8]
+    ref = run_model(model, {"x": x})[0]
+    fake = run_model(wide.artifacts["lowered"]["fakequant"], {"x": x})[0]
+    got = {bits: run_model(r.artifacts["lowered"]["qdq"], {"x": x})[0] for bits, r in ((16, wide), (8, narrow))}
+    assert abs(_sqnr(ref, got[16]) - _sqnr(ref, fake)) <= 0.1
+    assert _sqnr(fake, got[16]) > _sqnr(fake, got[8]) + 3           # 8-bit block outputs: their own noise
+    from amct_pipeline.runtime.ort import make_session
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(qdq.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 1 and "Conv" in ops, ops     # c1 integer; c0, c2, c3 float
+    assert np.allclose(make_session(qdq).run(None, {"x": x})[0], got[16], atol=1e-3 * np.abs(got[16]).max())
