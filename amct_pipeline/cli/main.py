@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            if not args.debug:           # a warning is one line too; --debug keeps Python's file:line form
+                warnings.showwarning = _show_warning
+            return args.func(args) or 0
     except AmctError as exc:
         if args.debug:
             raise
@@ -49,6 +53,10 @@ def _error(message: str) -> None:
 
 def _warn(message: str) -> None:
     print(f"amct-pipeline: warning: {message}", file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _warn(" ".join(str(message).split()))
 
 
 def build_parser() -> argparse.ArgumentParser:

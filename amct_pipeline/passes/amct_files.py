@@ -32,6 +32,7 @@ __all__ = ["ExportAmctPass", "ExportAmctOptions", "LoadRecordPass", "LoadRecordO
            "with_balance_factors"]
 
 AMCT_ACT_ALGOS = ("ifmr", "hfmg")
+AMCT_WTS_ALGOS = ("arq", "ada")
 USER_SKIP_PREFIXES = ("in skip_layers", "skipped by", "op type in skip_layer_types", "op type not in include",
                       "quant_enable false", "not listed in")
 
@@ -94,13 +95,23 @@ def used_quant_config(graph, artifacts):
                          do_fusion=getattr(base, "do_fusion", True),
                          skip_fusion_layers=list(getattr(base, "skip_fusion_layers", [])))
     act_quant = artifacts.get("act_quant") or {}
+    respelled: list[str] = []
     for name, op_type in _quantizable_layers(graph, layer_map):
         layer = layer_map.get(name)
         used = settings.get(name, {})
         act = used.get("act") or _act_from_options(layer, act_quant.get(name), asymmetric)
         wts = used.get("wts") or default_wts(op_type)
+        if wts is not None and wts.get("algo") not in AMCT_WTS_ALGOS:
+            respelled.append(f"{name} ({wts.get('algo')})")
+            wts = {**default_wts(op_type), "num_bits": wts.get("num_bits", 8)}
         config.layers[name] = LayerQuantConfig(name in record, act, None if op_type == "AveragePool" else wts,
                                                None, op_type)
+    if respelled:
+        # the record holds the factors actually used; AMCT's config format only names arq / ada
+        warnings.warn(f"{len(respelled)} layer(s) quantized their weights with an algorithm AMCT's quant config "
+                      f"cannot name ({', '.join(respelled[:3])}{', ...' if len(respelled) > 3 else ''}); the quant "
+                      "config lists AMCT's arq for them, record.txt holds the factors used", RuntimeWarning,
+                      stacklevel=2)
     return config
 
 

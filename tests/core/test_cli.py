@@ -139,3 +139,32 @@ def test_run_prints_pass_reports_unless_quiet(demo_model, tmp_path):
     assert "2 layer(s) decomposed" in table and "FLOPs before" in table
     quiet = cli("run", "decompose{rules=basic}", "--model", demo_model, "-o", tmp_path / "b", "-q")
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+NEEDS_MORE = {"auto_calibrate_int8.yaml": "a user evaluator", "convert_qat_ascend.yaml": "a QDQ model (tested below)"}
+
+
+@pytest.mark.parametrize("pipeline", [p for p in PIPELINES if p.name not in NEEDS_MORE], ids=lambda p: p.name)
+def test_every_shipped_pipeline_runs_on_the_demo_model(pipeline, demo_model, tmp_path):
+    """Each preset, as a user runs it: exit 0, something written, and nothing on stderr but one-line
+    warnings (a preset whose last pass cannot write what it computed fails here)."""
+    import numpy as np
+    from amct_pipeline.demo import build_demo_data
+    np.save(tmp_path / "calib.npy", build_demo_data(32))
+    out = tmp_path / "out"
+    done = cli("run", pipeline, "--model", demo_model, "--data", f"calib={tmp_path / 'calib.npy'}", "-o", out, "-q")
+    assert done.returncode == 0, done.stderr
+    assert any(out.iterdir())
+    assert all(line.startswith("amct-pipeline: warning: ") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_convert_qat_preset_reads_the_qdq_model_ptq_int8_wrote(demo_model, tmp_path):
+    import numpy as np
+    from amct_pipeline.demo import build_demo_data
+    np.save(tmp_path / "calib.npy", build_demo_data(32))
+    assert cli("run", "ptq_int8", "--model", demo_model, "--data", f"calib={tmp_path / 'calib.npy'}",
+               "-o", tmp_path / "ptq", "-q").returncode == 0
+    done = cli("run", ROOT / "pipelines" / "convert_qat_ascend.yaml", "--model", tmp_path / "ptq" / "demo_qdq_model.onnx",
+               "-o", tmp_path / "out", "-q")
+    assert done.returncode == 0, done.stderr
+    assert any(p.name.endswith("deploy_model.onnx") for p in (tmp_path / "out").iterdir())
