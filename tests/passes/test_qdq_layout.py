@@ -331,3 +331,31 @@ def test_refine_ranges_emulates_the_qdq_model(session):
     lowered = _session_run(artifacts["lowered"]["qdq"], x[:4], optimize=False)[0]
     for part, cut in detector_parts(3).items():       # the evaluation model keeps float biases: not bit-equal
         assert sqnr(lowered[..., cut], got[..., cut]) >= 35.0, part
+
+
+# -- model outputs ---------------------------------------------------------------------------------
+def _classifier(renamed: bool) -> onnx.ModelProto:
+    """conv -> pool -> Flatten -> Gemm -> logits, the logits written directly or through an Identity
+    (as exported models name their outputs)."""
+    net = _Net(3, 16)
+    feat = net.conv(net.conv("x", 3, 8), 8, 16)
+    (flat,) = net.op("Flatten", net.op("GlobalAveragePool", [feat]))
+    w, b = net.const(net.rng.normal(0, 0.3, (10, 16))), net.const(net.rng.normal(0, 0.1, 10))
+    (logits,) = net.op("Gemm", [flat, w, b], transB=1)
+    if renamed:
+        (logits,) = net.op("Identity", [logits])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    return models.make_model(net.nodes, [x], [helper.make_tensor_value_info(logits, TensorProto.FLOAT, None)],
+                             net.inits)
+
+
+def test_logits_stay_float_through_an_identity(session, tmp_path):
+    """A layer writing a model output gets no output pair, also behind an Identity: onnxruntime's QGemm
+    writes float logits, one rounding fewer, the same model either way."""
+    x = smooth_images(24, 3, 16)
+    direct, renamed = (quantize(session, _classifier(r), x).artifacts["lowered"]["qdq"] for r in (False, True))
+    ops = optimized_ops(renamed, x, tmp_path)
+    assert ops.get("QGemm") == 1 and ops.get("QLinearConv") == 2
+    assert qdq_count(ops) == 1                                  # the input's QuantizeLinear alone
+    np.testing.assert_array_equal(_session_run(direct, x, optimize=True)[0], _session_run(renamed, x, optimize=True)[0])
+    assert_matches_reference(renamed, _classifier(True), x, min_sqnr=25.0)
