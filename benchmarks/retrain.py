@@ -3,12 +3,14 @@
     python benchmarks/retrain.py                                  # every model, W8A8 and W4A8
     python benchmarks/retrain.py --models mobilenetv2 --json retrain.json --markdown retrain.md
     python benchmarks/retrain.py --models mnist,resnet8 --steps 100     # shorter retraining
+    python benchmarks/retrain.py --models mobilenetv2 --precisions w8a8 --variants retrain_int8 \
+        --set passes.retrain.options.holdout=0        # an experiment: overrides of the retrain pipelines
 
 Per model (data as benchmarks/ptq.py loads it: MobileNetV2 on the first 100 ImageNet dev images,
 evaluated on the other 150; mnist-8 200 / 9,800; ResNet-8; super-resolution) and precision:
 
 * W8A8: our PTQ variants (ptq_int8, the default: equalization, sample_quantile 0.7 ranges, ARQ + bias
-  correction; percentile 99.99 + ARQ; ptq_int8_accurate), ONNX Runtime's quantize_static (MinMax,
+  correction; ptq_int8_mse, the same with mse_clip weights; percentile 99.99 + ARQ; ptq_int8_accurate), ONNX Runtime's quantize_static (MinMax,
   per channel), and retrain_int8 (the shipped pipeline, from ptq_int8's start);
 * W4A8: round-to-nearest (ARQ's 4-bit scales, IFMR activations, nothing learned) and retrain_w4a8.
 
@@ -34,6 +36,7 @@ import ptq  # noqa: E402  (benchmarks/ptq.py: data loading, prediction and scori
 
 W8 = [
     ("ptq_int8", "@ptq_int8"),
+    ("ptq_int8_mse", "@ptq_int8_mse"),
     ("ptq percentile 99.99", "fuse_bn,match_layers,calibrate{algorithm=percentile algorithm_options={percentile=99.99} "
                              "block_outputs=true},quantize_weights{algorithm=arq},lower{targets=[qdq,fakequant]}"),
     ("ptq_int8_accurate", "@ptq_int8_accurate"),
@@ -47,7 +50,8 @@ W4 = [
 ]
 
 
-def run_variant(case_key: str, label: str, spec: str, steps: int | None, out: Path) -> dict:
+def run_variant(case_key: str, label: str, spec: str, steps: int | None, out: Path,
+                settings: tuple[str, ...] = ()) -> dict:
     """One variant in this process: the QDQ model's scores, wall time, retrain stats."""
     case = ptq.load_cases([case_key])[0]
     start = time.perf_counter()
@@ -69,6 +73,7 @@ def run_variant(case_key: str, label: str, spec: str, steps: int | None, out: Pa
         text = spec[1:] if spec.startswith("@") else spec
         overrides = [f"passes.retrain.options.steps={steps}"] if steps is not None and spec.startswith("@retrain") \
             else []
+        overrides += list(settings) if spec.startswith("@retrain") else []
         pipeline = session.build(text, datasets=["calib"], overrides=overrides)
         data = ptq.batches(case.calib, case.batch, case.input_name)
         result = pipeline.run(str(case.model), datasets={"calib": data})
@@ -79,16 +84,19 @@ def run_variant(case_key: str, label: str, spec: str, steps: int | None, out: Pa
             full = result.stats_for("retrain")
             stats = {k: full[k] for k in ("blocks", "steps", "block_seconds", "block_db_before", "block_db_after",
                                           "nearest_fallbacks") if k in full}
-    return {"model": case.name, "variant": label, **scores, "wall_s": round(seconds, 1), **stats}
+    row = {"model": case.name, "variant": label, **scores, "wall_s": round(seconds, 1), **stats}
+    if settings and spec.startswith("@retrain"):
+        row["set"] = list(settings)
+    return row
 
 
-def child(case_key: str, label: str, spec: str, steps: int | None) -> dict:
+def child(case_key: str, label: str, spec: str, steps: int | None, settings: tuple[str, ...] = ()) -> dict:
     """Run one variant in a fresh process; its peak RSS (VmHWM) is that variant's."""
     code = ("import json,sys,resource; sys.path.insert(0, %r); import retrain as r; "
-            "row = r.run_variant(%r, %r, %r, %r, None); "
+            "row = r.run_variant(%r, %r, %r, %r, None, %r); "
             "use = resource.getrusage(resource.RUSAGE_SELF); row['peak_rss_mb'] = round(use.ru_maxrss / 1024); "
             "row['cpu_s'] = round(use.ru_utime + use.ru_stime, 1); "
-            "print('ROW' + json.dumps(row))") % (str(HERE), case_key, label, spec, steps)
+            "print('ROW' + json.dumps(row))") % (str(HERE), case_key, label, spec, steps, tuple(settings))
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")     # faster than two threads for the engine on this shared machine
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -99,7 +107,7 @@ def child(case_key: str, label: str, spec: str, steps: int | None) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = ["model", "variant", "top1_float", "top1", "agreement", "sqnr_db", "wall_s", "cpu_s", "peak_rss_mb"]
+    columns = ["model", "variant", "set", "top1_float", "top1", "agreement", "sqnr_db", "wall_s", "cpu_s", "peak_rss_mb"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -122,6 +130,9 @@ def main() -> int:
     parser.add_argument("--precisions", default="w8a8,w4a8")
     parser.add_argument("--variants", default="", help="comma-separated labels to run (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="retrain steps per block (default: the pipeline's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of the retrain pipelines (repeatable), e.g. passes.retrain.options.qdrop=0.5 "
+                             "or passes.quantize_weights.options.algorithm=mse_clip")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -133,7 +144,7 @@ def main() -> int:
             for label, spec in (W8 if precision == "w8a8" else W4):
                 if wanted and label not in wanted:
                     continue
-                row = child(key, label, spec, args.steps)
+                row = child(key, label, spec, args.steps, tuple(args.set))
                 row["precision"] = precision
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)

@@ -56,6 +56,8 @@ class ReconstructSettings:
     warmup: float = 0.2               # fraction of steps without the regulariser
     check_every: int = 25             # steps between early-stop checks
     patience: int = 4                 # checks without a 1% improvement before stopping
+    holdout: int = 0                  # samples (of the originals) kept out of training to choose the block's values
+    originals: int = 0                # samples before augmented copies (sample i's copies: i + k * originals)
     seed: int = 0
     spill_bytes: int = 512 << 20
     spill_dir: str | None = None
@@ -203,22 +205,35 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
     power = _power(target)
     rng = np.random.default_rng([settings.seed, index])
     mix_rng = np.random.default_rng([settings.seed, index, 2])
-    batch = min(settings.batch_size, n)
+    train_rows, held_rows = split_holdout(n, settings.originals or n, settings.holdout)
+    batch = min(settings.batch_size, len(train_rows))
     steps = settings.steps if exe.params else 0
-    eval_index = np.arange(min(n, max(batch, 32)))
+    eval_index = train_rows[:max(batch, 32)]
 
-    def evaluate() -> float:
+    def evaluate(index=eval_index) -> float:
         total = 0.0
-        for a in range(0, len(eval_index), micro):
-            rows = eval_index[a:a + micro]
+        for a in range(0, len(index), micro):
+            rows = index[a:a + micro]
             out = exe.forward(_rows(inputs, rows), outputs=list(target), grad=False)
             total += _loss(out, _rows(target, rows), power)[0] * len(rows)
-        return total / len(eval_index)
+        return total / len(index)
+
+    def held_out() -> float:
+        """The held-out samples' loss with hard rounding (what the block would keep now)."""
+        modes = {k: op.hard for k, op in ops.items()}
+        for op in ops.values():
+            op.hard = True
+        value = evaluate(held_rows)
+        for k, op in ops.items():
+            op.hard = modes[k]
+        return value
 
     for op in ops.values():
         op.hard = True
     initial = {k: v.copy() for k, v in exe.params.items()}
     loss_start = evaluate()           # hard rounding from the initial alphas = round-to-nearest
+    chosen = (held_out(), initial) if len(held_rows) else None    # (held-out loss, values) of the best so far
+    start_held = chosen[0] if chosen is not None else math.inf
     for op in ops.values():
         op.hard = False
     _set_drop(exe, QDrop(settings.qdrop, np.random.default_rng([settings.seed, index, 1]))
@@ -233,7 +248,7 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
     best, since, window, done = math.inf, 0, [], 0
     for step in range(steps):
         if len(order) < batch:
-            order = np.concatenate([order, rng.permutation(n)])
+            order = np.concatenate([order, rng.permutation(train_rows)])
         rows, order = np.sort(order[:batch]), order[batch:]
         grads: dict[str, np.ndarray] = {}
         value = 0.0
@@ -263,6 +278,10 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
         if progress:
             progress(index, done, steps)
         if done % settings.check_every == 0:
+            if chosen is not None:      # early stop and choice on samples the block never trained on
+                window = [held_out()]
+                if window[0] < chosen[0]:
+                    chosen = (window[0], {k: v.copy() for k, v in exe.params.items()})
             mean = float(np.mean(window))
             window = []
             if mean < best * 0.99:
@@ -273,24 +292,39 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
             if since >= settings.patience and (not ops or step >= warm + (steps - warm) // 2):
                 break
     _set_drop(exe, None)
+    if chosen is not None and held_out() >= chosen[0]:     # an earlier check (or the start) held out better
+        for k, v in chosen[1].items():
+            exe.params[k][...] = v
     for op in ops.values():
         op.hard = True
     loss_end, rounding = evaluate(), ("ada" if ops else "-")
+    judge = (lambda: evaluate(held_rows)) if len(held_rows) else evaluate
     if ops:     # hard rounding of the learned alphas against round-to-nearest, both with the learned clips
         learned = {k: exe.params[k].copy() for k in ops}
+        ada = judge()
         for k in ops:
             exe.params[k][...] = initial[k]
-        nearest = evaluate()
-        if nearest < loss_end:
-            loss_end, rounding = nearest, "nearest"
+        if judge() < ada:
+            loss_end, rounding = evaluate(), "nearest"
         else:
             for k in ops:
                 exe.params[k][...] = learned[k]
-    if loss_end > loss_start:   # training did not pay on these samples: the block keeps its start
+    # training did not pay (on the held-out samples when there are some)
+    keep_start = judge() > start_held if chosen is not None else loss_end > loss_start
+    if keep_start:   # training did not pay: the block keeps its start
         for k, v in initial.items():
             exe.params[k][...] = v
         loss_end, rounding = loss_start, "start"
     return BlockReport(index, [], [], 0, done, 0.0, loss_start, loss_end, rounding)
+
+
+def split_holdout(n: int, originals: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows): the last ``holdout`` original samples are held out, and their
+    augmented copies (rows ``i + k * originals``) left out of training too; held-out rows are the
+    originals only (what the model will meet)."""
+    sample = np.arange(n) % max(originals, 1)
+    held = sample >= originals - holdout if holdout > 0 else np.zeros(n, bool)
+    return np.flatnonzero(~held), np.flatnonzero(held & (np.arange(n) < originals))
 
 
 def _set_drop(exe: Executor, drop: QDrop | None) -> None:

@@ -120,6 +120,11 @@ class RetrainOptions(Options):
                                  "element the float one with probability qdrop).")
     augment: Optional[Augment] = Field(None, description="Train on the samples plus augmented copies "
                                                          "({copies, flip, crop}; NCHW image inputs; seeded).")
+    holdout: float = Field(0.0, ge=0, le=0.5, description="Fraction of the samples held out (the last ones, at "
+                                                          "least one; their augmented copies too): not trained on, "
+                                                          "each block keeps the values (its start or a check every "
+                                                          "25 steps) with the least error on them and stops early "
+                                                          "on them (0: off).")
     patience: int = Field(4, ge=1, le=100, description="Early stop after this many checks (every 25 steps) "
                                                        "without a 1% lower error.")
     seed: Optional[int] = Field(None, description="Seed of the batch order (default: the run's seed).")
@@ -248,9 +253,14 @@ class RetrainPass(Pass):
         fixed = {u.key: _unit_fixed_min(graph, u, settings) for u in units}
         model = build(graph, layer_map, units, weights, settings, self.options, fixed)
         data, micro = _samples(graph, ctx.dataset(self.options.dataset), self.options)
+        originals = len(next(iter(data.values())))
+        held = held_out_count(originals, self.options.holdout)
+        if held and held >= originals:
+            raise ConfigError([Problem(WHERE, "holdout", f"holding out {held} of the {originals} samples the "
+                                       "dataset gives leaves none to train on", "give more samples or holdout: 0")])
         if self.options.augment is not None:
             data = _augmented(data, self.options.augment, self._seed(ctx))
-        learned, reports, seconds = self._optimise(ctx, model, data, micro)
+        learned, reports, seconds = self._optimise(ctx, model, data, micro, originals, held)
         act_quant, tensor_quant = model.act_results(learned, act_quant, tensor_quant)
         weight_quant, changed = model.weight_results(graph, learned)
         ctx.artifacts["act_quant"] = act_quant
@@ -309,7 +319,7 @@ class RetrainPass(Pass):
     def _seed(self, ctx) -> int:
         return int(self.options.seed if self.options.seed is not None else ctx.seed)
 
-    def _optimise(self, ctx, model, data, micro):
+    def _optimise(self, ctx, model, data, micro, originals: int, held: int):
         from ..algorithms.reconstruct import ReconstructSettings, bar, reconstruct
         o = self.options
         seed = self._seed(ctx)
@@ -320,7 +330,7 @@ class RetrainPass(Pass):
             settings = ReconstructSettings(
                 steps=o.steps, batch_size=o.batch_size, micro_batch=micro, lr_clip=o.lr_clip, lr_round=o.lr_round,
                 lr_weight=o.lr_weight, lr_scale=o.lr_scale, lr_bias=o.lr_bias, reg_weight=o.reg_weight, qdrop=o.qdrop, block_input=o.block_input,
-                patience=o.patience,
+                patience=o.patience, holdout=held, originals=originals,
                 seed=int(seed), spill_bytes=o.spill_mb << 20, spill_dir=spill)
             blocks = model.float_program.blocks(o.block_layers)
             start = time.perf_counter()
@@ -338,6 +348,11 @@ class RetrainPass(Pass):
                                                model.params, model.clips, model.rounding, model.lrs, settings,
                                                progress)
             return learned, reports, time.perf_counter() - start
+
+
+def held_out_count(samples: int, fraction: float) -> int:
+    """Samples held out: ``fraction`` of them, rounded, at least one when the fraction is not 0."""
+    return max(1, int(round(fraction * samples))) if fraction > 0 else 0
 
 
 def _bad(layer: str, field: str, value) -> int:

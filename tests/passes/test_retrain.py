@@ -267,3 +267,42 @@ def test_block_input_float_and_mixed_train_other_models_deterministically(sessio
 def test_qdrop_and_augment_options_are_checked(session, option):
     with pytest.raises(ConfigError):
         session.build(BASE + f"retrain{{{option}}}" + LOWER, datasets=["calib"])
+
+
+def test_split_holdout_keeps_held_out_samples_and_their_copies_out_of_training():
+    from amct_pipeline.algorithms.reconstruct import split_holdout
+    train, held = split_holdout(30, 10, 3)          # 10 originals, two augmented copies each
+    assert held.tolist() == [7, 8, 9]               # the last originals, not their copies
+    assert not set(train) & {7, 8, 9, 17, 18, 19, 27, 28, 29}
+    assert len(train) == 21 and sorted(set(train) | set(held) | {17, 18, 19, 27, 28, 29}) == list(range(30))
+    train, held = split_holdout(12, 12, 0)
+    assert train.tolist() == list(range(12)) and held.size == 0
+
+
+def test_holdout_is_deterministic_and_never_worse_on_the_held_out_samples(session):
+    """Each block keeps the values with the least error on the held-out samples: the start is one
+    of them, so every block's held-out choice is at least as good as its start there; a learning
+    rate that wrecks training on the trained samples is then undone."""
+    text = "retrain{steps=50 seed=4 block_layers=1 holdout=0.34 lr_weight=0.5 lr_clip=0.5 learn_bias=false}"
+    a, b = _run(session, text, count=24), _run(session, text, count=24)
+    assert a.artifacts["lowered"]["qdq"].SerializeToString() == b.artifacts["lowered"]["qdq"].SerializeToString()
+    wild = _run(session, "retrain{steps=50 seed=4 block_layers=1 lr_weight=0.5 lr_clip=0.5 learn_bias=false}",
+                count=24)
+    start = _run(session, "retrain{steps=0}", count=24)
+    held = build_demo_data(24)[16:]               # the held-out samples of the holdout run (round(0.34 * 24) = 8)
+    assert _sqnr_db(a, "qdq", held) >= _sqnr_db(start, "qdq", held) - 0.05
+    assert a.artifacts["lowered"]["qdq"].SerializeToString() != wild.artifacts["lowered"]["qdq"].SerializeToString()
+
+
+@pytest.mark.parametrize("option", ["holdout=-0.1", "holdout=0.6", "holdout=20"])
+def test_holdout_is_checked(session, option):
+    with pytest.raises(ConfigError):
+        session.build(BASE + f"retrain{{{option}}}" + LOWER, datasets=["calib"])
+
+
+def test_holdout_counts_and_a_single_sample_is_an_error(session):
+    from amct_pipeline.passes.retrain import held_out_count
+    assert [held_out_count(n, 0.2) for n in (1, 2, 32, 100)] == [1, 1, 6, 20]
+    assert held_out_count(100, 0.0) == 0
+    with pytest.raises(AmctError, match="holdout: holding out 1 of the 1 samples"):
+        _run(session, "retrain{steps=5 holdout=0.2 max_samples=1}")
