@@ -90,6 +90,10 @@ class AutoCalibratePass(Pass):
                   for t in self.options.targets if t in registry]
         return [("prefix", n) for n in models] + [("auto_calibrate", n) for n in FILES.values()]
 
+    def check_model(self, graph, writes_files: bool) -> None:
+        if self.options.evaluator is None:           # fail before the passes before this one run the model
+            load_evaluator(None)
+
     def run(self, graph, ctx) -> PassResult:
         evaluator = load_evaluator(self.options.evaluator)
         search = _Search(graph, ctx, self.options, evaluator)

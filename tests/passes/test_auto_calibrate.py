@@ -174,6 +174,22 @@ def test_evaluator_spec_is_checked_before_running(session):
         _run(session, "no_such_module_here:Evaluator")
 
 
+def test_a_missing_evaluator_fails_before_any_pass_runs(session):
+    from amct_pipeline.pipeline.instruments import PassInstrument
+
+    class Ran(PassInstrument):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def before_pass(self, index, pass_, graph) -> None:
+            self.names.append(pass_.name)
+    ran = Ran()
+    with pytest.raises(ConfigError, match="no evaluator given; set options.evaluator"):
+        session.build(PTQ + ",auto_calibrate", datasets=["calib"]).run(
+            build_demo_model(), datasets={"calib": _source()}, instruments=[ran])
+    assert ran.names == []
+
+
 def _cli(tmp_path: Path, out: Path, target: float) -> subprocess.Popen:
     model, data, pipeline = tmp_path / "demo.onnx", tmp_path / "calib.npy", tmp_path / "autocal.json"
     if not model.exists():
