@@ -338,8 +338,8 @@ def main() -> int:
     parser.add_argument("--only-mixed", action="store_true",
                         help="only the mixed-precision search, its best point re-measured and built through every target")
     parser.add_argument("--ptq", default=PTQ, help="passes before analyze (textual form; 'ptq_int8': the default "
-                                                   "INT8 pipeline's passes, searched without bias correction); "
-                                                   "default AMCT's IFMR + ARQ")
+                                                   "INT8 pipeline's passes, bias correction included, searched "
+                                                   "against the float model); default AMCT's IFMR + ARQ")
     parser.add_argument("--point", help="with --only-mixed: build this best_match_layers JSON (a "
                                         "<model>_mixed_precision.json or its best_match_layers) instead of searching")
     parser.add_argument("--block-output-bits", type=int, choices=(8, 16), default=16,
@@ -357,23 +357,17 @@ def main() -> int:
         figures = {"mixed": {"built": realize(work, given, args.block_output_bits), "match_layers": given,
                              "load_average": [round(v, 2) for v in os.getloadavg()]}}
         print(json.dumps(figures["mixed"]["built"], indent=1))
-        if args.json:
-            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-        return 0
+        return _written(figures, args.json)
     if args.only_autocal:
         figures = {"autocal": autocal_check(work)}
         print(json.dumps(figures, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-        return 0
+        return _written(figures, args.json)
     result, timings = prepare(work, args.analysis, args.max_evaluations, args.ptq, mixed=not args.only_analyze,
                                int4=not args.no_int4)
     if args.only_analyze:
         figures = {"ptq": args.ptq, "timings": timings, **_float_runs(result, timings)}
         print(json.dumps(figures, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-        return 0
+        return _written(figures, args.json)
     if args.only_mixed:
         found = result.artifacts["mixed_precision"]
         figures = {"ptq": args.ptq, "timings": timings, "mixed": mixed_check(result),
@@ -382,16 +376,19 @@ def main() -> int:
             figures["mixed"]["built"] = realize(work, found["best_match_layers"], args.block_output_bits)
             figures["mixed"]["match_layers"] = found["best_match_layers"]
         print(json.dumps(figures["mixed"]["best"][:1] + [figures["mixed"].get("built")], indent=1))
-        if args.json:
-            Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-        return 0
+        return _written(figures, args.json)
     layers = len(result.artifacts["sensitivity"]["layers"])
     figures = {"ptq": args.ptq, "timings": timings, "layers": layers, "ranking": ranking_check(result), "mixed": mixed_check(result)}
     if not args.skip_autocal:
         figures["autocal"] = autocal_check(work)
     print(report(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return _written(figures, args.json)
+
+
+def _written(figures: dict, path: str | None) -> int:
+    """``--json``: the figures also go to that file."""
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

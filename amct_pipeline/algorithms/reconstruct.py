@@ -204,7 +204,7 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
     n = len(next(iter(inputs.values())))
     power = _power(target)
     rng = np.random.default_rng([settings.seed, index])
-    mix_rng = np.random.default_rng([settings.seed, index, 2])
+    mix_drop = QDrop(settings.qdrop, np.random.default_rng([settings.seed, index, 2])) if mix is not None else None
     train_rows, held_rows = split_holdout(n, settings.originals or n, settings.holdout)
     batch = min(settings.batch_size, len(train_rows))
     steps = settings.steps if exe.params else 0
@@ -257,7 +257,7 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
             feed = _rows(inputs, part)
             if mix is not None:     # QDrop's block input: each element the float model's with probability qdrop
                 for k, v in _rows(mix, part).items():
-                    np.copyto(feed[k], v, where=mix_rng.random(v.shape, dtype=np.float32) < settings.qdrop)
+                    np.copyto(feed[k], v, where=mix_drop.mask(v.shape))
             out = exe.forward(feed, outputs=list(target))
             loss, g_out = _loss(out, _rows(target, part), power)
             weight = len(part) / len(rows)

@@ -76,6 +76,7 @@ class MixedPrecisionPass(Pass):
     produces = frozenset({"mixed_precision"})
     references = {"dataset": "datasets"}
     writes = ("output", "plot")
+    reads = ("reference",)
     plots = ("plot",)
 
     def run(self, graph, ctx) -> PassResult:
@@ -309,7 +310,7 @@ def search(graph, ctx, opts: MixedPrecisionOptions) -> dict[str, Any]:
 
     def evaluate(config: dict) -> Optional[dict]:
         """Measure ``config`` once (a repeat is free); None when the evaluations are used up."""
-        key = tuple(sorted((n, p.text()) for n, p in config.items()))
+        key = _key(config)
         if key not in points:
             if len(points) >= opts.max_evaluations:
                 return None

@@ -234,6 +234,7 @@ class RetrainPass(Pass):
     requires = frozenset({"layer_map", "act_quant"})
     produces = frozenset({"act_quant", "tensor_quant", "weight_quant", "quant_settings"})
     references = {"dataset": "datasets"}
+    reads = ("config",)
 
     def check_model(self, graph, writes_files: bool) -> None:
         """A ``.cfg`` needs the layer types: its values are checked against the input model's layers."""

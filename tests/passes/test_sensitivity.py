@@ -294,6 +294,8 @@ def test_mixed_precision_reference_model(session, tmp_path):
     onnx.save(quant_layers_model(), str(tmp_path / "other.onnx"))
     with pytest.raises(PassError, match="mixed_precision.reference .*other.onnx"):
         _run(session, text % f"reference={tmp_path / 'other.onnx'}")
+    with pytest.raises(ConfigError, match=r"options.reference: .* is a directory, not a regular file"):
+        _run(session, text % f"reference={tmp_path}", output_dir=tmp_path / "out")    # checked before any pass
 
 
 def _residual_block_model() -> onnx.ModelProto:

@@ -73,16 +73,13 @@ def _block(graph, depthwise: gs.Node, multiple: int):
     if int(depthwise.attrs.get("group", 1)) != channels or _weight_shape(depthwise)[1] != 1 or channels % multiple == 0:
         return None
     up = _walk_up(graph, depthwise.inputs[0])
-    down = _walk_down(graph, depthwise.outputs[0])
+    down = _conv_after(graph, depthwise, channels)
     if up is None or down is None:
         return None
     (first, above), (last, below) = up, down
     if not (_plain_conv(first) and _weight_shape(first)[0] == channels and first.outputs[0] in above):
         return None
-    if not (_plain_conv(last) and last.inputs[0] is below[-1] and _weight_shape(last)[1] == channels):
-        return None
-    if not all(_paddable(conv, index) for conv in (first, depthwise, last) for index in (1, 2)
-               if index < len(conv.inputs) and conv.inputs[index].name):
+    if not all(_parameters_paddable(conv) for conv in (first, depthwise, last)):
         return None
     return first, depthwise, last, above + below
 
@@ -122,6 +119,18 @@ def _walk_down(graph, tensor: gs.Tensor):
         tensor = node.outputs[0]
 
 
+def _conv_after(graph, depthwise: gs.Node, channels: int):
+    """(the plain conv reading ``depthwise``'s ``channels`` outputs through per-tensor ops, tensors
+    passed) or None."""
+    down = _walk_down(graph, depthwise.outputs[0])
+    if down is None:
+        return None
+    last, below = down
+    if not (_plain_conv(last) and last.inputs[0] is below[-1] and _weight_shape(last)[1] == channels):
+        return None
+    return last, below
+
+
 def _per_tensor(node: gs.Node) -> bool:
     """Scalar factors / bounds: the op treats every channel alike."""
     values = [constant_values(t) for t in node.inputs[1:] if t.name]
@@ -137,6 +146,11 @@ def _parameter(tensor: gs.Tensor):
             and all(isinstance(t, gs.Constant) for t in node.inputs if t.name)):
         return node.inputs[0], node
     return None, None
+
+
+def _parameters_paddable(conv: gs.Node) -> bool:
+    """The conv's weight and bias (when it has one) can be padded / cut."""
+    return all(_paddable(conv, i) for i in (1, 2) if i < len(conv.inputs) and conv.inputs[i].name)
 
 
 def _paddable(conv: gs.Node, index: int) -> bool:
@@ -220,20 +234,16 @@ def _reader_plan(graph, reader: gs.Node, tensor: gs.Tensor, count: int):
     if reader.op != "Conv" or reader.inputs[0] is not tensor or any(t is tensor for t in reader.inputs[1:]):
         return None
     shape = _weight_shape(reader)
-    if shape is None or not all(_paddable(reader, i) for i in (1, 2) if i < len(reader.inputs) and reader.inputs[i].name):
+    if shape is None or not _parameters_paddable(reader):
         return None
     if _plain_conv(reader):
         return (reader, None) if shape[1] == count else None
     if int(reader.attrs.get("group", 1)) != count or shape[:2] != (count, 1):
         return None
-    down = _walk_down(graph, reader.outputs[0])
-    if down is None:
+    down = _conv_after(graph, reader, count)
+    if down is None or not _paddable(down[0], 1):
         return None
-    last, below = down
-    if not (_plain_conv(last) and last.inputs[0] is below[-1] and _weight_shape(last)[1] == count
-            and _paddable(last, 1)):
-        return None
-    return reader, (last, below)
+    return reader, down
 
 
 def _widen(conv: gs.Node, axis: int, size: int, namer: Namer) -> None:
@@ -251,12 +261,10 @@ def pad_rgb_inputs(graph) -> int:
         if not _plain_conv(conv) or _weight_shape(conv)[1] != 3 or len(_weight_shape(conv)) != 4 \
                 or not _paddable(conv, 1):
             continue
-        source = conv.inputs[0]
-        dequantize = graph.producer(source)
-        if (dequantize is None or dequantize.op != "DequantizeLinear" or len(source.outputs) != 1
-                or not _per_tensor(dequantize) or len(dequantize.inputs) < 3 or not dequantize.inputs[2].name):
+        dequantize = _input_dequantize(graph, conv)
+        if dequantize is None:
             continue
-        codes = dequantize.inputs[0]
+        source, codes = conv.inputs[0], dequantize.inputs[0]
         pads = constant(namer, f"{conv.name}.channel_pads", np.array([0, 0, 0, 0, 0, 1, 0, 0], np.int64))
         padded = gs.Variable(namer(f"{codes.name}_padded"), dtype=codes.dtype)
         graph.nodes.append(gs.Node("Pad", namer(f"{conv.name}.channel_pad"), inputs=[codes, pads, dequantize.inputs[2]],
@@ -274,8 +282,7 @@ def pad_narrow_outputs(graph, multiple: int) -> int:
     graph.gs.cleanup(remove_unused_graph_inputs=False)
     namer, count = Namer(graph), 0
     for conv in list(graph.nodes):
-        if not _plain_conv(conv) or _weight_shape(conv)[0] >= multiple or not all(
-                _paddable(conv, i) for i in (1, 2) if i < len(conv.inputs) and conv.inputs[i].name):
+        if not _plain_conv(conv) or _weight_shape(conv)[0] >= multiple or not _parameters_paddable(conv):
             continue
         passed, codes = _codes_after(graph, conv.outputs[0])
         if codes is None:
@@ -349,6 +356,11 @@ def _shiftable(graph, conv: gs.Node):
     if (channels not in SHIFTED_CHANNELS or width < 2 or filters < MIN_SHIFTED_OUTPUTS or filters % SHIFTS
             or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or not _paddable(conv, 1)):
         return None
+    return _input_dequantize(graph, conv)
+
+
+def _input_dequantize(graph, conv: gs.Node):
+    """The per-tensor DequantizeLinear (with a zero point) whose output only ``conv`` reads, or None."""
     source = conv.inputs[0]
     dequantize = graph.producer(source)
     if (dequantize is None or dequantize.op != "DequantizeLinear" or len(source.outputs) != 1
