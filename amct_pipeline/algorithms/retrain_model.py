@@ -121,13 +121,16 @@ def _clip_name(index: int, which: str) -> str:
 
 # -- building ----------------------------------------------------------------------------------
 def build(graph, layer_map, units: Sequence[Any], weights: Mapping[str, WeightQuantParams], settings,
-          options, fixed: Mapping[str, bool]) -> RetrainModel:
+          options, fixed: Mapping[str, bool], reference=None) -> RetrainModel:
     """The float and quantized programs and the initial learned values (see the module doc).
 
     ``settings``: layer -> object with ``wts_algo``; ``options``: learn_clips, learn_bias, lr_*;
-    ``fixed``: unit key -> fixed_min."""
-    float_program = Program.from_graph(graph)
-    model = RetrainModel(float_program, float_program.copy(), list(units), dict(fixed))
+    ``fixed``: unit key -> fixed_min; ``reference``: the graph of the float function the targets come
+    from when it is not ``graph``'s (biases shifted by bias correction are the quantized model's start,
+    not the float model's)."""
+    quant_program = Program.from_graph(graph)
+    float_program = quant_program.copy() if reference is None or reference is graph else Program.from_graph(reference)
+    model = RetrainModel(float_program, quant_program, list(units), dict(fixed))
     # own (layer pair) quantizers first: a shared quantizer then rewires only the other readers
     for index in sorted(range(len(model.units)), key=lambda i: not model.units[i].own):
         _add_act(model, index, options)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Mapping
 
 from ..options import NoOptions, Options
 
-__all__ = ["json_text", "Pass", "PassResult", "PassContext", "Artifacts", "UndeclaredArtifactError", "PIPELINE_METADATA_KEY"]
+__all__ = ["json_text", "float_reference", "FLOAT_BIASES", "Pass", "PassResult", "PassContext", "Artifacts", "UndeclaredArtifactError", "PIPELINE_METADATA_KEY"]
 
 # metadata key of a written model that holds the pipeline (textual form) that made it
 PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
@@ -184,6 +184,25 @@ class PassContext:
         from ..files import render_filename
         return render_filename(template, f"passes[{self.pass_index}].options.{option}", model=self.model_name,
                                source=f"pass '{self.pass_name}'", fragment=fragment)
+
+
+FLOAT_BIASES = "float_biases"    # artifact: bias constant name -> its values before bias correction
+
+
+def float_reference(graph, ctx: PassContext):
+    """The float function the run quantizes: ``graph`` itself, or a copy with the biases that
+    ``quantize_weights{bias_correction}`` shifted put back. Corrected biases fit the quantized
+    model; a pass that measures against the float model (retraining's targets, output errors) must
+    not take them for the float model's (super-resolution's shifted graph is 26 dB off it)."""
+    saved = ctx.artifacts.get(FLOAT_BIASES)
+    if not saved:
+        return graph
+    copy = type(graph)(graph.gs.copy(), graph.meta, graph.name)
+    tensors = copy.gs.tensors()
+    for name, values in saved.items():
+        if name in tensors:
+            tensors[name].values = values
+    return copy
 
 
 def json_text(data: Any) -> str:

@@ -12,9 +12,9 @@ pick, fill again), each measured. Every point is one run of one onnxruntime sess
 precision is set by its inputs (``algorithms.sensitivity.SwitchModel``), at most
 ``max_evaluations`` of them, on the first ``max_samples`` samples.
 
-The graph's outputs are the reference unless ``reference`` names the float model: after anything
-that changes the function on purpose (``quantize_weights{bias_correction}`` shifts biases) give it,
-else the search measures against the shifted graph. INT16 activations are
+The graph's outputs are the reference (with the biases ``quantize_weights{bias_correction}`` shifted
+put back: ``float_reference``) unless ``reference`` names the float model: give it after anything else
+that changes the function on purpose, else the search measures against the changed graph. INT16 activations are
 measured on the calibration data's full range (``analyze``'s ``input_range``); the chosen point's
 ``best_match_layers`` gives ``match_layers`` options with ``calibrate{algorithm: minmax}`` for them.
 
@@ -33,7 +33,7 @@ from typing import Any, Optional
 from pydantic import Field, field_validator
 
 from ..options import Options
-from .base import Pass, PassResult, json_text
+from .base import Pass, PassResult, float_reference, json_text
 
 __all__ = ["MixedPrecisionPass", "MixedPrecisionOptions", "pareto_front"]
 
@@ -304,7 +304,7 @@ def search(graph, ctx, opts: MixedPrecisionOptions) -> dict[str, Any]:
     space = _Space(graph, layers, rows, act_quant, weight_quant, opts)
     model = SwitchModel(graph, layers, space.variants)
     session = model.session()
-    meter = OutputMeter(_reference(graph, opts.reference), subset_feeds(graph, source, opts.max_samples))
+    meter = OutputMeter(_reference(float_reference(graph, ctx), opts.reference), subset_feeds(graph, source, opts.max_samples))
     points: dict[tuple, dict] = {}
     bar = progress_bar(ctx.progress, opts.max_evaluations, "mixed_precision")
 

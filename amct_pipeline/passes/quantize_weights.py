@@ -31,7 +31,7 @@ from ..errors import ConfigError, Problem
 from ..options import Options, parse_options
 from ..quant.params import weightless_params
 from ..quant.weights import deconv_channel_view, deconv_from_channel_view, effective_weight
-from .base import Pass, PassResult
+from .base import FLOAT_BIASES, Pass, PassResult
 
 __all__ = ["QuantizeWeightsPass", "QuantizeWeightsOptions", "PER_TENSOR_TYPES"]
 
@@ -69,6 +69,10 @@ class QuantizeWeightsPass(Pass):
     produces = frozenset({"weight_quant", "quant_settings"})
     references = {"algorithm": "weight_quantizers", "dataset": "datasets"}
 
+    def produced(self, session) -> frozenset[str]:
+        """Bias correction also keeps the biases it shifts (``float_biases``, read by ``float_reference``)."""
+        return self.produces | ({FLOAT_BIASES} if self.options.bias_correction else set())
+
     def run(self, graph, ctx) -> PassResult:
         layer_map = ctx.artifacts["layer_map"]
         quantizers: dict[str, Any] = {}
@@ -92,6 +96,10 @@ class QuantizeWeightsPass(Pass):
         if self.options.bias_correction:
             corrected = self._correct_biases(graph, ctx, layer_map, results)
             modified = corrected["corrected"] > 0
+            saved = dict(ctx.artifacts.get(FLOAT_BIASES) or {})     # a second correction keeps the first originals
+            for name, values in corrected["originals"].items():
+                saved.setdefault(name, values)
+            ctx.artifacts[FLOAT_BIASES] = saved
             stats["bias_corrected"] = corrected["corrected"]
             stats["bias_largest_shift"] = corrected["largest_shift"]
             if corrected["skipped"]:

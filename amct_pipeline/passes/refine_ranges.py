@@ -43,7 +43,7 @@ from ..quant.emulate import PREFIX, Unit as _Unit, build_eval_model, factor_feed
 from ..quant.emulate import layer_units as _units, qdq_units as _qdq_units
 from ..quant.params import ActQuantParams
 from ..runtime.ort import make_session
-from .base import Pass, PassResult
+from .base import Pass, PassResult, float_reference
 
 __all__ = ["RefineRangesPass", "RefineRangesOptions", "build_eval_model", "eval_session", "factor_feed"]
 
@@ -111,7 +111,7 @@ class RefineRangesPass(Pass):
         if not units:
             return PassResult(False, {"tensors": 0, "tensors_changed": 0, "sweeps": 0})
         feeds = _subset(graph, ctx.dataset(self.options.dataset), self.options)
-        float_model = graph.to_proto()
+        float_model = float_reference(graph, ctx).to_proto()
         model = build_eval_model(graph, layer_map, ctx.artifacts["weight_quant"], units)
         evaluator = _Evaluator(float_model, model, feeds, units)
         stats = _coordinate_descent(evaluator, units, self.options, ctx.progress)

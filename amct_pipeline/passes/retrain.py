@@ -47,7 +47,7 @@ from ..options import Options, suggest
 from ..quant.params import ActQuantParams, WeightQuantParams
 from ..quant.precision import layer_bits, precision_problems
 from ..quant.weights import effective_weight
-from .base import Pass, PassResult
+from .base import Pass, PassResult, float_reference
 
 __all__ = ["RetrainPass", "RetrainOptions", "WTS_ALGOS"]
 
@@ -252,7 +252,7 @@ class RetrainPass(Pass):
         units = _units(graph, layer_map, act_quant, tensor_quant, self.options.layout)
         from ..algorithms.retrain_model import build
         fixed = {u.key: _unit_fixed_min(graph, u, settings) for u in units}
-        model = build(graph, layer_map, units, weights, settings, self.options, fixed)
+        model = build(graph, layer_map, units, weights, settings, self.options, fixed, float_reference(graph, ctx))
         data, micro = _samples(graph, ctx.dataset(self.options.dataset), self.options)
         originals = len(next(iter(data.values())))
         held = held_out_count(originals, self.options.holdout)

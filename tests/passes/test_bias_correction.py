@@ -168,3 +168,21 @@ def test_sequential_bias_correction_needs_activation_ranges(session):
     from amct_pipeline.errors import PassError
     with pytest.raises(PassError, match="needs activation ranges"):
         _run(session, "fuse_bn,match_layers,quantize_weights{bias_correction=true bias_correction_input=sequential}")
+
+
+def test_float_reference_puts_the_shifted_biases_back():
+    """``float_reference``: the graph with the biases bias correction shifted restored, in a copy
+    (the graph keeps the corrected ones, which the quantized models use); without the artifact, the graph."""
+    from types import SimpleNamespace
+
+    from amct_pipeline.ir.graph import Graph
+    from amct_pipeline.passes.base import FLOAT_BIASES, float_reference
+    graph = Graph.from_proto(build_demo_model())
+    bias = next(t for t in graph.tensors().values() if t.name.endswith("bias") and hasattr(t, "values"))
+    original = np.array(bias.values, copy=True)
+    bias.values = original + 1.0                       # what a correction writes
+    ctx = SimpleNamespace(artifacts={FLOAT_BIASES: {bias.name: original}})
+    restored = float_reference(graph, ctx)
+    np.testing.assert_array_equal(restored.tensors()[bias.name].values, original)
+    np.testing.assert_array_equal(graph.tensors()[bias.name].values, original + 1.0)
+    assert float_reference(graph, SimpleNamespace(artifacts={})) is graph

@@ -186,3 +186,20 @@ def test_qdq_layout_refines_block_outputs(session):
     assert stats["layout"] == "qdq" and stats["sqnr_db_after"] >= stats["sqnr_db_before"]
     for name, params in refined.items():
         assert params.clip_max <= calibrated[name].clip_max * (1 + 1e-6)
+
+
+def test_output_error_is_measured_against_the_float_model_after_bias_correction(session):
+    """After ``quantize_weights{bias_correction}`` the graph's biases are the quantized model's; the
+    output error refine_ranges minimises is against the input model (its ``sqnr_db_before`` is the
+    fake-quant model's SQNR against the model as given)."""
+    x = build_demo_data(32)
+    source = ArraySource("calib", {"x": x}, DatasetSpec(batch_size=16), "test")
+    text = ("fuse_bn,match_layers,calibrate{algorithm=ifmr},quantize_weights{algorithm=arq bias_correction=true},"
+            "refine_ranges{factors=[] candidates=false max_samples=32},lower{targets=[fakequant]}")
+    start = session.build(text.replace("refine_ranges{factors=[] candidates=false max_samples=32},", ""),
+                          datasets=["calib"]).run(build_demo_model(), datasets={"calib": source})
+    result = session.build(text, datasets=["calib"]).run(build_demo_model(), datasets={"calib": source})
+    reference = make_session(build_demo_model()).run(None, {"input": x})[0].astype(np.float64)
+    got = make_session(start.artifacts["lowered"]["fakequant"]).run(None, {"input": x})[0].astype(np.float64)
+    expected = 10 * np.log10(np.square(reference).sum() / np.square(got - reference).sum())
+    assert result.stats_for("refine_ranges")["sqnr_db_before"] == pytest.approx(expected, abs=0.2)

@@ -143,17 +143,19 @@ def corrected_bias(graph, layer: QuantLayer, shift: np.ndarray) -> tuple[gs.Cons
 
 
 def apply_shifts(graph, layers: Mapping[str, QuantLayer], shifts: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Write the corrected biases into ``graph`` (new arrays, never edited in place); stats."""
-    corrected, skipped, largest = 0, {}, 0.0
+    """Write the corrected biases into ``graph`` (new arrays, never edited in place); stats, with
+    ``originals`` (bias constant name -> the values it had)."""
+    corrected, skipped, largest, originals = 0, {}, 0.0, {}
     for name, shift in shifts.items():
         tensor, values, why = corrected_bias(graph, layers[name], shift)
         if tensor is None:
             skipped[name] = why
             continue
+        originals[tensor.name] = tensor.values
         tensor.values = np.require(values, requirements="C")
         corrected += 1
         largest = max(largest, float(np.abs(shift).max()))
-    return {"corrected": corrected, "skipped": skipped, "largest_shift": largest}
+    return {"corrected": corrected, "skipped": skipped, "largest_shift": largest, "originals": originals}
 
 
 # -- float input: the shift is linear in the weight error ----------------------------------------------
