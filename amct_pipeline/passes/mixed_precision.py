@@ -119,10 +119,11 @@ def _noise(point: dict) -> float:
     return 0.0 if db is None or db == float("inf") else 10 ** (-db / 10)
 
 
-def _reference(graph, path: Optional[str]):
-    """The model whose outputs are the truth: ``reference`` (same inputs and outputs) or the graph."""
+def _reference(graph, ctx, path: Optional[str]):
+    """The model whose outputs are the truth: ``reference`` (same inputs and outputs), else the graph
+    with the biases bias correction shifted put back."""
     if path is None:
-        return graph.to_proto()
+        return float_reference(graph, ctx).to_proto()
     from pathlib import Path
 
     from ..errors import ConfigError
@@ -304,7 +305,7 @@ def search(graph, ctx, opts: MixedPrecisionOptions) -> dict[str, Any]:
     space = _Space(graph, layers, rows, act_quant, weight_quant, opts)
     model = SwitchModel(graph, layers, space.variants)
     session = model.session()
-    meter = OutputMeter(_reference(float_reference(graph, ctx), opts.reference), subset_feeds(graph, source, opts.max_samples))
+    meter = OutputMeter(_reference(graph, ctx, opts.reference), subset_feeds(graph, source, opts.max_samples))
     points: dict[tuple, dict] = {}
     bar = progress_bar(ctx.progress, opts.max_evaluations, "mixed_precision")
 

@@ -96,10 +96,8 @@ class QuantizeWeightsPass(Pass):
         if self.options.bias_correction:
             corrected = self._correct_biases(graph, ctx, layer_map, results)
             modified = corrected["corrected"] > 0
-            saved = dict(ctx.artifacts.get(FLOAT_BIASES) or {})     # a second correction keeps the first originals
-            for name, values in corrected["originals"].items():
-                saved.setdefault(name, values)
-            ctx.artifacts[FLOAT_BIASES] = saved
+            # a second correction keeps the first one's originals
+            ctx.artifacts[FLOAT_BIASES] = {**corrected["originals"], **(ctx.artifacts.get(FLOAT_BIASES) or {})}
             stats["bias_corrected"] = corrected["corrected"]
             stats["bias_largest_shift"] = corrected["largest_shift"]
             if corrected["skipped"]:
