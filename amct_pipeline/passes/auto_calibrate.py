@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 
 from ..errors import ConfigError
 from ..options import Options
-from .base import Pass, PassResult, json_text
+from .base import Pass, PassResult, float_reference, json_text
 
 __all__ = ["AutoCalibratePass", "AutoCalibrateOptions", "FILES"]
 
@@ -321,7 +321,7 @@ class _Search:
     def run(self) -> dict[str, Any]:
         from ..algorithms.autocal import binary_search
         from ..ir.io import write_model
-        original = self.evaluate("float", lambda path: write_model(_plain_copy(self.graph), path))
+        original = self.evaluate("float", lambda path: write_model(_plain_copy(float_reference(self.graph, self.ctx)), path))
         ok, _ = self.verdict(original, original)
         if not ok:
             raise ConfigError(f"{WHERE}: metric_eval(original, original) is not acceptable for original metric "

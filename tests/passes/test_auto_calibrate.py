@@ -74,9 +74,9 @@ PIPELINE = {"schema_version": 1, "datasets": {"calib": {"reader": "npy", "batch_
     {"pass": "auto_calibrate", "options": {"evaluator": "autocal_eval_mod:SqnrEvaluator", "targets": ["fakequant"]}}]}
 
 
-def _run(session, evaluator, output_dir=None, **options):
+def _run(session, evaluator, output_dir=None, weights=None, **options):
     passes = [session.make_pass("fuse_bn"), session.make_pass("match_layers", overrides=SENSITIVE_FC),
-              session.make_pass("calibrate"), session.make_pass("quantize_weights")]
+              session.make_pass("calibrate"), session.make_pass("quantize_weights", **(weights or {}))]
     passes.append(session.make_pass("auto_calibrate", evaluator=evaluator, **options))
     return session.pipeline(passes).run(build_demo_model(), datasets={"calib": _source()}, output_dir=output_dir)
 
@@ -140,6 +140,15 @@ def test_raise_precision_stays_within_the_bitops_budget(session, tmp_path):
         _run(session, SqnrEvaluator(whole + 5), tmp_path / "tight", strategy="raise_precision", bitops_budget=1.0)
     assert not (tmp_path / "tight").exists() or not [p for p in (tmp_path / "tight").iterdir()
                                                       if not p.name.startswith(".")]
+
+
+def test_the_original_metric_is_the_float_models_after_bias_correction(session, tmp_path):
+    evaluator = SqnrEvaluator(0.0)
+    _run(session, evaluator, tmp_path, weights={"bias_correction": True}, targets=["fakequant"])
+    model = build_demo_model()
+    expected = run_model(model, {model.graph.input[0].name: evaluator.x})[0]
+    # the first model evaluated is the float one: the input model's function, not the corrected biases'
+    assert np.abs(evaluator.ref - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
 class _Raises(SqnrEvaluator):
