@@ -10,8 +10,9 @@ Per model (data as benchmarks/ptq.py loads it: MobileNetV2 on the first 100 Imag
 evaluated on the other 150; mnist-8 200 / 9,800; ResNet-8; super-resolution) and precision:
 
 * W8A8: our PTQ variants (ptq_int8, the default: equalization, sample_quantile 0.7 ranges, ARQ + bias
-  correction; ptq_int8_mse, the same with mse_clip weights; percentile 99.99 + ARQ; ptq_int8_accurate), ONNX Runtime's quantize_static (MinMax,
-  per channel), and retrain_int8 (the shipped pipeline, from ptq_int8's start);
+  correction; ptq_int8_mse, the same with mse_clip weights; percentile 99.99 + ARQ; ptq_int8_accurate:
+  ptq_int8_mse's layer inputs with ranges refined on the output error), ONNX Runtime's quantize_static
+  (MinMax, per channel), and retrain_int8 (the shipped pipeline, from ptq_int8_mse's ranges and weights);
 * W4A8: round-to-nearest (ARQ's 4-bit scales, IFMR activations, nothing learned) and retrain_w4a8.
 
 Columns: top-1 (where labels exist), top-1 agreement with the float model, output SQNR of the QDQ

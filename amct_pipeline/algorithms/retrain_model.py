@@ -75,21 +75,22 @@ class RetrainModel:
                 tensor_quant[unit.key] = params
         return act_quant, tensor_quant
 
-    def weight_results(self, graph, learned: Mapping[str, np.ndarray]) -> tuple[dict[str, WeightQuantParams], bool]:
-        """(weight_quant, whether the graph changed): codes from the learned values; learned biases and
-        float weights are written into ``graph``."""
+    def weight_results(self, graph, learned: Mapping[str, np.ndarray]
+                       ) -> tuple[dict[str, WeightQuantParams], dict[str, np.ndarray]]:
+        """(weight_quant, the replaced constants' values before): codes from the learned values; learned
+        biases and float weights are written into ``graph``."""
         out: dict[str, WeightQuantParams] = {}
-        changed = False
-        tensors = graph.tensors()
+        writes: dict[str, np.ndarray] = {}
         for name, w in self.weights.items():
             out[name] = _final_weight(w, learned)
             if w.plain:         # retrained float weights; codes and scales are in weight_quant either way
-                _set(tensors[w.layer.weight], learned[w.names[0]])
-                changed = True
-        for layer, bias in self.bias_names.items():
-            _set(tensors[bias], learned[bias])
-            changed = True
-        return out, changed
+                writes[w.layer.weight] = learned[w.names[0]]
+        writes.update({bias: learned[bias] for bias in self.bias_names.values()})
+        tensors = graph.tensors()
+        replaced = {name: np.array(tensors[name].values, copy=True) for name in writes}
+        for name, values in writes.items():
+            _set(tensors[name], values)
+        return out, replaced
 
 
 def _final_weight(w: _Weight, learned: Mapping[str, np.ndarray]) -> WeightQuantParams:

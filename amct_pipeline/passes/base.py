@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Mapping
 
 from ..options import NoOptions, Options
 
-__all__ = ["json_text", "float_reference", "FLOAT_BIASES", "Pass", "PassResult", "PassContext", "Artifacts", "UndeclaredArtifactError", "PIPELINE_METADATA_KEY"]
+__all__ = ["json_text", "float_reference", "keep_float_values", "FLOAT_VALUES", "Pass", "PassResult", "PassContext", "Artifacts", "UndeclaredArtifactError", "PIPELINE_METADATA_KEY"]
 
 # metadata key of a written model that holds the pipeline (textual form) that made it
 PIPELINE_METADATA_KEY = "amct_pipeline.pipeline"
@@ -186,15 +186,24 @@ class PassContext:
                                source=f"pass '{self.pass_name}'", fragment=fragment)
 
 
-FLOAT_BIASES = "float_biases"    # artifact: bias constant name -> its values before bias correction
+# artifact: constant name -> its float model's values, for constants a pass replaced for the quantized
+# model (biases shifted by bias correction, retrained weights and biases); the first original is kept
+FLOAT_VALUES = "float_values"
+
+
+def keep_float_values(ctx: PassContext, originals: dict[str, Any]) -> None:
+    """Record the float values of constants a pass is replacing (an earlier pass's record wins: it
+    holds the float model's)."""
+    ctx.artifacts[FLOAT_VALUES] = {**originals, **(ctx.artifacts.get(FLOAT_VALUES) or {})}
 
 
 def float_reference(graph, ctx: PassContext):
-    """The float function the run quantizes: ``graph`` itself, or a copy with the biases that
-    ``quantize_weights{bias_correction}`` shifted put back. Corrected biases fit the quantized
-    model; a pass that measures against the float model (retraining's targets, output errors) must
-    not take them for the float model's (super-resolution's shifted graph is 26 dB off it)."""
-    saved = ctx.artifacts.get(FLOAT_BIASES)
+    """The float function the run quantizes: ``graph`` itself, or a copy with the float values of the
+    constants passes replaced put back (``float_values``: biases ``quantize_weights{bias_correction}``
+    shifted, weights and biases ``retrain`` learned). Those fit the quantized model; a pass that
+    measures against the float model (retraining's targets, output errors) must not take them for the
+    float model's (super-resolution's shifted graph is 26 dB off it)."""
+    saved = ctx.artifacts.get(FLOAT_VALUES)
     if not saved:
         return graph
     copy = type(graph)(graph.gs.copy(), graph.meta, graph.name)

@@ -31,7 +31,7 @@ from ..errors import ConfigError, Problem
 from ..options import Options, parse_options
 from ..quant.params import weightless_params
 from ..quant.weights import deconv_channel_view, deconv_from_channel_view, effective_weight
-from .base import FLOAT_BIASES, Pass, PassResult
+from .base import FLOAT_VALUES, Pass, PassResult, keep_float_values
 
 __all__ = ["QuantizeWeightsPass", "QuantizeWeightsOptions", "PER_TENSOR_TYPES"]
 
@@ -70,8 +70,8 @@ class QuantizeWeightsPass(Pass):
     references = {"algorithm": "weight_quantizers", "dataset": "datasets"}
 
     def produced(self, session) -> frozenset[str]:
-        """Bias correction also keeps the biases it shifts (``float_biases``, read by ``float_reference``)."""
-        return self.produces | ({FLOAT_BIASES} if self.options.bias_correction else set())
+        """Bias correction also keeps the biases it shifts (``float_values``, read by ``float_reference``)."""
+        return self.produces | ({FLOAT_VALUES} if self.options.bias_correction else set())
 
     def run(self, graph, ctx) -> PassResult:
         layer_map = ctx.artifacts["layer_map"]
@@ -96,8 +96,7 @@ class QuantizeWeightsPass(Pass):
         if self.options.bias_correction:
             corrected = self._correct_biases(graph, ctx, layer_map, results)
             modified = corrected["corrected"] > 0
-            # a second correction keeps the first one's originals
-            ctx.artifacts[FLOAT_BIASES] = {**corrected["originals"], **(ctx.artifacts.get(FLOAT_BIASES) or {})}
+            keep_float_values(ctx, corrected["originals"])
             stats["bias_corrected"] = corrected["corrected"]
             stats["bias_largest_shift"] = corrected["largest_shift"]
             if corrected["skipped"]:

@@ -47,7 +47,7 @@ from ..options import Options, suggest
 from ..quant.params import ActQuantParams, WeightQuantParams
 from ..quant.precision import layer_bits, precision_problems
 from ..quant.weights import effective_weight
-from .base import Pass, PassResult, float_reference
+from .base import FLOAT_VALUES, Pass, PassResult, float_reference, keep_float_values
 
 __all__ = ["RetrainPass", "RetrainOptions", "WTS_ALGOS"]
 
@@ -232,7 +232,7 @@ class RetrainPass(Pass):
                "against the float model (updates 'act_quant', 'weight_quant' and the biases).")
     Options = RetrainOptions
     requires = frozenset({"layer_map", "act_quant"})
-    produces = frozenset({"act_quant", "tensor_quant", "weight_quant", "quant_settings"})
+    produces = frozenset({"act_quant", "tensor_quant", "weight_quant", "quant_settings", FLOAT_VALUES})
     references = {"dataset": "datasets"}
     reads = ("config",)
 
@@ -263,7 +263,8 @@ class RetrainPass(Pass):
             data = _augmented(data, self.options.augment, self._seed(ctx))
         learned, reports, seconds = self._optimise(ctx, model, data, micro, originals, held)
         act_quant, tensor_quant = model.act_results(learned, act_quant, tensor_quant)
-        weight_quant, changed = model.weight_results(graph, learned)
+        weight_quant, replaced = model.weight_results(graph, learned)
+        keep_float_values(ctx, replaced)
         ctx.artifacts["act_quant"] = act_quant
         if tensor_quant:
             ctx.artifacts["tensor_quant"] = tensor_quant
@@ -281,7 +282,7 @@ class RetrainPass(Pass):
             if name in settings and not settings[name].enabled:
                 del quant_settings[name]
         stats = _stats(reports, seconds, len(data[next(iter(data))]), model, settings)
-        return PassResult(changed, stats, _report(reports))
+        return PassResult(bool(replaced), stats, _report(reports))
 
     # -- settings --------------------------------------------------------------------------------
     def _settings(self, layer_map: dict[str, Any]) -> dict[str, LayerSettings]:

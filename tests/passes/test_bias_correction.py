@@ -176,12 +176,12 @@ def test_float_reference_puts_the_shifted_biases_back():
     from types import SimpleNamespace
 
     from amct_pipeline.ir.graph import Graph
-    from amct_pipeline.passes.base import FLOAT_BIASES, float_reference
+    from amct_pipeline.passes.base import FLOAT_VALUES, float_reference
     graph = Graph.from_proto(build_demo_model())
     bias = next(t for t in graph.tensors().values() if t.name.endswith("bias") and hasattr(t, "values"))
     original = np.array(bias.values, copy=True)
     bias.values = original + 1.0                       # what a correction writes
-    ctx = SimpleNamespace(artifacts={FLOAT_BIASES: {bias.name: original}})
+    ctx = SimpleNamespace(artifacts={FLOAT_VALUES: {bias.name: original}})
     restored = float_reference(graph, ctx)
     np.testing.assert_array_equal(restored.tensors()[bias.name].values, original)
     np.testing.assert_array_equal(graph.tensors()[bias.name].values, original + 1.0)

@@ -314,6 +314,17 @@ def test_retraining_after_bias_correction_distils_the_float_model(session):
     QDQ model's against the input model in onnxruntime (int32 biases aside; it was the shifted graph's)."""
     text = "quantize_weights{algorithm=arq bias_correction=true},retrain{steps=0 block_layers=64}"
     result = _run(session, text, count=32)
-    assert result.artifacts["float_biases"]
+    assert result.artifacts["float_values"]
     internal = result.stats_for("retrain")["block_db_before"][0]
     assert internal == pytest.approx(_sqnr_db(result, "qdq", build_demo_data(32)), abs=0.2)   # was 6.6 dB off
+
+
+def test_passes_after_retraining_measure_against_the_float_model(session):
+    """Retraining writes learned weights and biases into the graph for the quantized model; it records
+    their float values (``float_values``), so a later pass's float reference is still the input model:
+    a second retrain's starting SQNR is its QDQ model's against the input model."""
+    text = "quantize_weights{algorithm=arq},retrain{steps=30 block_layers=64},retrain{steps=0 block_layers=64}"
+    result = _run(session, text, count=32)
+    assert result.artifacts["float_values"]
+    internal = [s for name, s in result.stats if name == "retrain"][1]["block_db_before"][0]
+    assert internal == pytest.approx(_sqnr_db(result, "qdq", build_demo_data(32)), abs=0.2)
