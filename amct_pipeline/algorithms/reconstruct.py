@@ -14,6 +14,9 @@ the pieces between the float program's cut points (``Program.blocks``). For each
   (``mixed``: the float input with probability ``qdrop``);
 * Adam minimises ``mean((out - target)^2) / mean(target^2)`` (plus AdaRound's rounding regulariser,
   annealed from beta 20 to 2 after a warm-up) over mini-batches drawn with a seeded generator;
+* ``average`` > 0 (Polyak averaging): the values checked and kept are an exponential moving average
+  of the steps' values, started at the block's start (few samples: the average of a noisy
+  trajectory holds out better than its last point);
 * after training, AdaRound rounds hard; if hard rounding ends worse than round-to-nearest with the
   learned clips, the block keeps round-to-nearest (a block never ends worse than where it started
   on the training samples).
@@ -29,6 +32,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -56,6 +60,7 @@ class ReconstructSettings:
     warmup: float = 0.2               # fraction of steps without the regulariser
     check_every: int = 25             # steps between early-stop checks
     patience: int = 4                 # checks without a 1% improvement before stopping
+    average: float = 0.0              # decay of the moving average of the values kept (0: the last step's)
     holdout: int = 0                  # samples (of the originals) kept out of training to choose the block's values
     originals: int = 0                # samples before augmented copies (sample i's copies: i + k * originals)
     seed: int = 0
@@ -239,6 +244,7 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
     _set_drop(exe, QDrop(settings.qdrop, np.random.default_rng([settings.seed, index, 1]))
               if settings.qdrop > 0 else None)
     optimizer = Adam(exe.params, lr=dict(lrs))
+    ema = {k: v.copy() for k, v in exe.params.items()} if settings.average > 0 else None
     warm = int(settings.warmup * steps)
     reg_scale = settings.reg_weight * max(loss_start, 1e-12)
     alpha_count = sum(exe.params[k].size for k in ops) or 1
@@ -273,15 +279,20 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
                         if c.min_name else 0.0) for k, c in clip_of.items() if k in exe.params}
         optimizer.step(grads)
         _guard_clips(exe.params, clip_of, previous)
+        if ema is not None:
+            for k, v in exe.params.items():
+                ema[k] *= ema[k].dtype.type(settings.average)
+                ema[k] += v * v.dtype.type(1 - settings.average)
         done = step + 1
         window.append(value)
         if progress:
             progress(index, done, steps)
         if done % settings.check_every == 0:
             if chosen is not None:      # early stop and choice on samples the block never trained on
-                window = [held_out()]
-                if window[0] < chosen[0]:
-                    chosen = (window[0], {k: v.copy() for k, v in exe.params.items()})
+                with _swapped(exe.params, ema):
+                    window = [held_out()]
+                    if window[0] < chosen[0]:
+                        chosen = (window[0], {k: v.copy() for k, v in exe.params.items()})
             mean = float(np.mean(window))
             window = []
             if mean < best * 0.99:
@@ -292,6 +303,9 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
             if since >= settings.patience and (not ops or step >= warm + (steps - warm) // 2):
                 break
     _set_drop(exe, None)
+    if ema is not None:
+        for k, v in ema.items():
+            exe.params[k][...] = v
     if chosen is not None and held_out() >= chosen[0]:     # an earlier check (or the start) held out better
         for k, v in chosen[1].items():
             exe.params[k][...] = v
@@ -316,6 +330,22 @@ def _train_block(index: int, exe: Executor, ops: Mapping[str, AdaRound], lrs: Ma
             exe.params[k][...] = v
         loss_end, rounding = loss_start, "start"
     return BlockReport(index, [], [], 0, done, 0.0, loss_start, loss_end, rounding)
+
+
+@contextmanager
+def _swapped(params: dict[str, np.ndarray], values: Mapping[str, np.ndarray] | None):
+    """``params`` hold ``values`` inside the block (none: unchanged), their own values again after it."""
+    if values is None:
+        yield
+        return
+    own = {k: params[k].copy() for k in values}
+    for k, v in values.items():
+        params[k][...] = v
+    try:
+        yield
+    finally:
+        for k, v in own.items():
+            params[k][...] = v
 
 
 def split_holdout(n: int, originals: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:

@@ -125,6 +125,9 @@ class RetrainOptions(Options):
                                                           "each block keeps the values (its start or a check every "
                                                           "25 steps) with the least error on them and stops early "
                                                           "on them (0: off).")
+    average: float = Field(0.0, ge=0, lt=1, description="Polyak averaging: the values kept (and checked on the "
+                                                       "held-out samples) are an exponential moving average of "
+                                                       "the steps' values with this decay (0: off; e.g. 0.98).")
     patience: int = Field(4, ge=1, le=100, description="Early stop after this many checks (every 25 steps) "
                                                        "without a 1% lower error.")
     seed: Optional[int] = Field(None, description="Seed of the batch order (default: the run's seed).")
@@ -332,7 +335,7 @@ class RetrainPass(Pass):
             settings = ReconstructSettings(
                 steps=o.steps, batch_size=o.batch_size, micro_batch=micro, lr_clip=o.lr_clip, lr_round=o.lr_round,
                 lr_weight=o.lr_weight, lr_scale=o.lr_scale, lr_bias=o.lr_bias, reg_weight=o.reg_weight, qdrop=o.qdrop, block_input=o.block_input,
-                patience=o.patience, holdout=held, originals=originals,
+                patience=o.patience, average=o.average, holdout=held, originals=originals,
                 seed=int(seed), spill_bytes=o.spill_mb << 20, spill_dir=spill)
             blocks = model.float_program.blocks(o.block_layers)
             start = time.perf_counter()

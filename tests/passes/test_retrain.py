@@ -328,3 +328,23 @@ def test_passes_after_retraining_measure_against_the_float_model(session):
     assert result.artifacts["float_values"]
     internal = [s for name, s in result.stats if name == "retrain"][1]["block_db_before"][0]
     assert internal == pytest.approx(_sqnr_db(result, "qdq", build_demo_data(32)), abs=0.2)
+
+
+def test_average_keeps_a_moving_average_of_the_steps(session):
+    """``average``: the values kept are an exponential moving average of the steps' from the start: the
+    same seed gives the same model, and it moves less from the start than the last step's values."""
+    from onnx import numpy_helper
+
+    def floats(result):
+        return {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer if i.data_type == 1}
+
+    start = floats(_run(session, "retrain{steps=0 block_layers=64}", count=16))
+    plain = floats(_run(session, "retrain{steps=40 seed=1 block_layers=64}", count=16))
+    averaged = [_run(session, "retrain{steps=40 seed=1 block_layers=64 average=0.95}", count=16) for _ in range(2)]
+    assert averaged[0].model.SerializeToString() == averaged[1].model.SerializeToString()
+
+    def moved(values):
+        return sum(float(np.abs(values[k] - start[k]).sum()) for k in start)
+    assert 0 < moved(floats(averaged[0])) < 0.9 * moved(plain)
+    with pytest.raises(ConfigError):
+        session.build(BASE + "retrain{average=1.0}" + LOWER, datasets=["calib"])
