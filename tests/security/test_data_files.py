@@ -16,7 +16,7 @@ from amct_pipeline.pipeline.spec import DatasetSpec
 from amct_pipeline.runtime.arrays import NpzArray, ShardedArray, read_arrays, read_directory
 from amct_pipeline.runtime.data import NpyReader, model_inputs
 from amct_pipeline.ir import load_graph
-from sec_helpers import digests, one_error, run_cli, save_model, shared_path, visible
+from sec_helpers import digests, run_cli, save_model, shared_path, visible
 
 
 def _header(shape, descr="<f4") -> bytes:

@@ -7,8 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from amct_pipeline.demo import build_demo_data, build_demo_model
-from sec_helpers import conv_model, one_error, run_cli, save_model, visible
+from sec_helpers import conv_model, one_error, run_cli, save_model
 
 
 @pytest.fixture
