@@ -321,7 +321,8 @@ class _Search:
     def run(self) -> dict[str, Any]:
         from ..algorithms.autocal import binary_search
         from ..ir.io import write_model
-        original = self.evaluate("float", lambda path: write_model(_plain_copy(float_reference(self.graph, self.ctx)), path))
+        float_graph = float_reference(self.graph, self.ctx)      # bias correction / retraining undone
+        original = self.evaluate("float", lambda path: write_model(_plain_copy(float_graph), path))
         ok, _ = self.verdict(original, original)
         if not ok:
             raise ConfigError(f"{WHERE}: metric_eval(original, original) is not acceptable for original metric "

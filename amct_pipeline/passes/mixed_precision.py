@@ -12,8 +12,8 @@ pick, fill again), each measured. Every point is one run of one onnxruntime sess
 precision is set by its inputs (``algorithms.sensitivity.SwitchModel``), at most
 ``max_evaluations`` of them, on the first ``max_samples`` samples.
 
-The graph's outputs are the reference (with the biases ``quantize_weights{bias_correction}`` shifted
-put back: ``float_reference``) unless ``reference`` names the float model: give it after anything else
+The graph's outputs are the reference (with the float values of the constants earlier passes replaced,
+bias correction's biases and retraining's weights, put back: ``float_reference``) unless ``reference`` names the float model: give it after anything else
 that changes the function on purpose, else the search measures against the changed graph. INT16 activations are
 measured on the calibration data's full range (``analyze``'s ``input_range``); the chosen point's
 ``best_match_layers`` gives ``match_layers`` options with ``calibrate{algorithm: minmax}`` for them.
@@ -121,7 +121,7 @@ def _noise(point: dict) -> float:
 
 def _reference(graph, ctx, path: Optional[str]):
     """The model whose outputs are the truth: ``reference`` (same inputs and outputs), else the graph
-    with the biases bias correction shifted put back."""
+    as the float model had it (``float_reference``)."""
     if path is None:
         return float_reference(graph, ctx).to_proto()
     from pathlib import Path

@@ -28,7 +28,8 @@ built; the ``.cfg``, which needs the layer types, against the input model before
 Produces what PTQ produces: ``act_quant`` (the learned clips as AMCT factors), ``tensor_quant``,
 ``weight_quant`` (the learned codes; INT4 codes in int8 arrays within [-8, 7]), ``quant_settings``;
 learned biases and (``arq_retrain`` / ``ulq_retrain``) weights are written into the graph, so
-``lower`` and ``export_amct`` run unchanged.
+``lower`` and ``export_amct`` run unchanged; their float values go to ``float_values``, so passes after
+this one still measure against the float model (``float_reference``).
 """
 from __future__ import annotations
 
