@@ -194,6 +194,43 @@ def test_int16_qdq_runs_in_float_kernels(session, tmp_path):
     assert "QLinearConv" in ops and "Conv" in ops, ops
 
 
+def stem_model(tmp_path, channels: int):
+    """x (``channels`` = 3: RGB, 1: luma) -> 3x3 conv to 16 -> Relu -> 1x1 conv to 4 -> Relu -> 1x1 conv to 8:
+    the stems and the narrow conv whose codes the QDQ target pads, shifts and slices at 8 bits."""
+    rng = np.random.default_rng(channels)
+    shapes = {"w0": (16, channels, 3, 3), "w1": (4, 16, 1, 1), "w2": (8, 4, 1, 1)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name) for name, shape in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], "conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], "conv1"), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], "conv2")]
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", 1, ["N", channels, 9, 11])],
+                              [helper.make_tensor_value_info("y", 1, ["N", 8, 9, 11])], inits)
+    path = tmp_path / f"stem{channels}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    x = rng.uniform(0, 1, (8, channels, 9, 11)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    return path, tmp_path / "x.npy", x
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_int16_qdq_with_rgb_and_luma_stems_runs_in_onnxruntime(session, tmp_path, channels):
+    """The QDQ target's code rewrites (a channel Pad for RGB stems, column shifts for luma stems, a Slice
+    after a narrow conv) are for 8-bit codes: at 16 bits onnxruntime has no Pad kernel, so they stay out."""
+    path, data, x = stem_model(tmp_path, channels)
+    (reference,) = run_ort(onnx.load(str(path)), x)
+    rewrites, figures = {"Pad", "Slice", "Concat"}, {}
+    for bits in (8, 16):
+        lowered = run(session, path, data, {"Conv": {"act": bits}}, targets=["fakequant", "qdq"],
+                      calibrate={"algorithm": "minmax", "block_outputs": True}).artifacts["lowered"]
+        ops = {n.op_type for n in lowered["qdq"].graph.node}
+        assert (ops & rewrites) if bits == 8 else not (ops & rewrites), (bits, ops)
+        (got,) = run_ort(lowered["qdq"], x)
+        (fake,) = run_ort(lowered["fakequant"], x, level="none")
+        figures[bits] = (sqnr(reference, got), sqnr(fake, got))
+    assert figures[8][0] >= 25 and figures[16][0] > figures[8][0] and figures[16][1] >= 60, figures
+
+
 # -- errors, before any model runs ---------------------------------------------------------------------
 @pytest.mark.parametrize("precision, words", [
     ({"conv1": {"wts": 16}}, ["layer 'conv1'", "precision.conv1.wts", "16-bit weights"]),

@@ -25,6 +25,9 @@ there).
 A conv with fewer than 16 output channels (super-resolution's last conv: 9) runs about twice as fast
 widened to 16 with zero filters; a uint8 Slice on its codes (between its QuantizeLinear and
 DequantizeLinear) gives the readers the real channels back. Kernel times: ``python benchmarks/qdq_channels.py``.
+
+The rewrites of codes apply to 8-bit codes only: 16-bit layers run float kernels (nothing to gain), and
+onnxruntime has no 16-bit Pad.
 """
 from __future__ import annotations
 
@@ -364,9 +367,17 @@ def _input_dequantize(graph, conv: gs.Node):
     source = conv.inputs[0]
     dequantize = graph.producer(source)
     if (dequantize is None or dequantize.op != "DequantizeLinear" or len(source.outputs) != 1
-            or not _per_tensor(dequantize) or len(dequantize.inputs) < 3 or not dequantize.inputs[2].name):
+            or not _per_tensor(dequantize) or not _byte_codes(dequantize)):
         return None
     return dequantize
+
+
+def _byte_codes(node: gs.Node) -> bool:
+    """A QuantizeLinear / DequantizeLinear with an 8-bit zero point (the codes the rewrites serve)."""
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return False
+    zero_point = constant_values(node.inputs[2])
+    return zero_point is not None and np.asarray(zero_point).dtype in (np.uint8, np.int8)
 
 
 def _column_slice(graph, namer: Namer, name: str, tensor: gs.Variable, start: int, cut: int) -> gs.Variable:
@@ -388,7 +399,7 @@ def _codes_after(graph, tensor: gs.Tensor):
         if node.op not in ELEMENTWISE or node.inputs[0] is not tensor or not _per_tensor(node):
             break
         if node.op == "DequantizeLinear":
-            return passed, tensor if quantized else None
+            return passed, tensor if quantized and _byte_codes(node) else None
         passed.append(tensor)
         quantized = quantized or node.op == "QuantizeLinear"
         tensor = node.outputs[0]
