@@ -414,8 +414,11 @@ def chosen_variants(graph, layers, act_quant, weight_quant) -> dict[str, Variant
 
 
 def analyze(graph, source, layer_map, act_quant, weight_quant, *, max_samples: int, output_effects: bool = True,
-            num_batches: int | None = None, progress: bool = False) -> dict[str, Any]:
+            num_batches: int | None = None, progress: bool = False, reference=None) -> dict[str, Any]:
     """AMCT's per-layer sensitivity plus output effects, FLOPs and bitops: the ``sensitivity`` artifact.
+
+    ``reference``: the float model the output effects are measured against, when ``graph`` holds values
+    fitted to the quantized model (bias correction's biases, retrained weights); default ``graph``.
 
     Time: one run of the probe model over the calibration data (every layer computed twice, plus the
     fake quant and reductions: ~8 float runs on MobileNetV2), plus, with ``output_effects``, on the
@@ -438,7 +441,8 @@ def analyze(graph, source, layer_map, act_quant, weight_quant, *, max_samples: i
                      "flops": flops, "bitops": bits})
     result: dict[str, Any] = {"metric": "CosineSimilarity", "samples": int(stats[layers[0].name].batches)}
     if output_effects:
-        result.update(_output_effects(graph, source, layers, act_quant, weight_quant, rows, max_samples, progress))
+        result.update(_output_effects(graph, reference or graph, source, layers, act_quant, weight_quant, rows,
+                                      max_samples, progress))
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["cosine_similarity"], i))
     for rank, i in enumerate(order):
         rows[i]["rank"] = rank + 1
@@ -457,9 +461,11 @@ def _set_weight(model, namer: Namer, node: gs.Node, layer, values: np.ndarray, b
         node.attrs["alpha"] = 1.0
 
 
-def quantized_graph(graph, layers: Sequence, act_quant, weights: Mapping[str, np.ndarray], quantized):
+def quantized_graph(graph, layers: Sequence, act_quant, weights: Mapping[str, np.ndarray], quantized,
+                    biases: Mapping[str, np.ndarray] | None = None):
     """A copy of ``graph`` in which the ``quantized`` layers (names) read their input through its fake
-    quant (as the switch model does it, :func:`_branch`) and their fake-quant weight; per layer, the
+    quant (as the switch model does it, :func:`_branch`), their fake-quant weight and their bias from
+    ``biases`` (by bias name; the quantized model's where it differs from ``graph``'s); per layer, the
     nodes that compute it from its float input (its fake-quant nodes, then the layer)."""
     model = copy_graph(graph)
     ensure_opset(model, MIN_OPSET, where="pass 'analyze'", path="the model",
@@ -476,7 +482,31 @@ def quantized_graph(graph, layers: Sequence, act_quant, weights: Mapping[str, np
         heads[layer.name] = list(model.gs.nodes[before:]) + [node]
         if layer.name in weights:
             _set_weight(model, namer, node, layer, weights[layer.name], base)
+        if biases and layer.bias in biases:
+            _set_bias(model, namer, layer, biases[layer.bias], base)
     return model, heads
+
+
+def _set_bias(model, namer: Namer, layer, values: np.ndarray, base: str) -> None:
+    """The layer (or the Add carrying a MatMul's bias) reads ``values`` as its bias, under a new name
+    (a name means the same values in every suffix: ``SharedWeights``)."""
+    reader = model.node(layer.bias_add or layer.name)
+    slot = next(i for i, t in enumerate(reader.inputs) if t.name == layer.bias)
+    reader.inputs[slot] = gs.Constant(namer(f"{base}.b"), np.asarray(values))
+
+
+def _bias_changes(graph, reference, layers) -> dict[str, np.ndarray]:
+    """The biases whose values in ``graph`` (the quantized model's) differ from ``reference``'s."""
+    if reference is graph:
+        return {}
+    mine, theirs = graph.tensors(), reference.tensors()
+    changed = {}
+    for layer in layers:
+        if layer.bias and layer.bias in mine and layer.bias in theirs:
+            values = np.asarray(mine[layer.bias].values)
+            if not np.array_equal(values, np.asarray(theirs[layer.bias].values)):
+                changed[layer.bias] = values
+    return changed
 
 
 def suffix_model(model, heads: Sequence[gs.Node]) -> "Suffix":
@@ -596,21 +626,24 @@ def _groups(pairs: Sequence[tuple["Suffix", "Suffix"]], budget: int) -> list[lis
     return groups
 
 
-def _suffix_pairs(graph, layers, act_quant, weights) -> list[tuple[Suffix, Suffix]]:
+def _suffix_pairs(graph, layers, act_quant, weights, biases) -> list[tuple[Suffix, Suffix]]:
     """Per layer: the float graph's suffix from it with it quantized, the all-quantized graph's with
     it float."""
     every = {layer.name for layer in layers}
     pairs = []
     for layer in layers:
-        model, heads = quantized_graph(graph, layers, act_quant, weights, {layer.name})
+        model, heads = quantized_graph(graph, layers, act_quant, weights, {layer.name}, biases)
         only = suffix_model(model, heads[layer.name])
-        model, heads = quantized_graph(graph, layers, act_quant, weights, every - {layer.name})
+        model, heads = quantized_graph(graph, layers, act_quant, weights, every - {layer.name}, biases)
         pairs.append((only, suffix_model(model, heads[layer.name])))
     return pairs
 
 
-def _output_effects(graph, source, layers, act_quant, weight_quant, rows, max_samples: int, progress: bool):
-    """Output SQNR with only each layer quantized and with all but it, by suffix execution.
+def _output_effects(graph, reference, source, layers, act_quant, weight_quant, rows, max_samples: int,
+                    progress: bool):
+    """Output SQNR with only each layer quantized and with all but it, by suffix execution, against
+    ``reference`` (the float model; its float layers keep its values, quantized ones take ``graph``'s
+    fake-quant weights and biases).
 
     Per batch the float model and the all-quantized model run once each, keeping the tensors the
     suffixes read. "Only layer i" is then the float model's suffix from layer i, with layer i
@@ -622,14 +655,16 @@ def _output_effects(graph, source, layers, act_quant, weight_quant, rows, max_sa
     """
     weights = {layer.name: _quant_weight(graph, layer, weight_quant[layer.name]) for layer in layers
                if layer.weight is not None and weight_quant.get(layer.name) is not None}
-    pairs = _suffix_pairs(graph, layers, act_quant, weights)
+    biases = _bias_changes(graph, reference, layers)
+    pairs = _suffix_pairs(reference, layers, act_quant, weights, biases)
     outputs = [t.name for t in graph.gs.outputs]
     feeds = {t.name for t in graph.gs.inputs}
 
     def fetch(suffixes):
         return [n for n in dict.fromkeys(outputs + [i for s in suffixes for i in s.inputs]) if n not in feeds]
-    runs = (_cached_session(graph, fetch(p[0] for p in pairs)),
-            _cached_session(quantized_graph(graph, layers, act_quant, weights, {layer.name for layer in layers})[0],
+    every = {layer.name for layer in layers}
+    runs = (_cached_session(reference, fetch(p[0] for p in pairs)),
+            _cached_session(quantized_graph(reference, layers, act_quant, weights, every, biases)[0],
                             fetch(p[1] for p in pairs)))
     whole, power = OutputError(len(outputs)), [0.0] * len(outputs)
     errors = [(OutputError(len(outputs)), OutputError(len(outputs))) for _ in layers]

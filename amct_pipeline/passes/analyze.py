@@ -7,7 +7,9 @@ For every layer with activation factors, at the precision ``act_quant`` / ``weig
   model that computes every layer's fake-quant twin at once; ``algorithms.sensitivity``);
 * its effect on the model's output (``output_effects``): output SQNR when only this layer is
   quantized and when all layers but it are, on the first ``max_samples`` samples (by suffix
-  execution: the network from the layer on, fed from one float and one quantized run per batch);
+  execution: the network from the layer on, fed from one float and one quantized run per batch),
+  against the float model (``float_reference``: bias correction's biases belong to the quantized
+  layers only);
 * FLOPs and bitops per sample (SPEC 8.2), per layer and in total.
 
 Artifact ``sensitivity`` (the JSON's content), file ``<model>_sensitivity.json`` with AMCT's
@@ -21,7 +23,7 @@ from typing import Optional
 from pydantic import Field, PositiveInt
 
 from ..options import Options
-from .base import Pass, PassResult, json_text
+from .base import Pass, PassResult, float_reference, json_text
 
 __all__ = ["AnalyzePass", "AnalyzeOptions"]
 
@@ -58,7 +60,8 @@ class AnalyzePass(Pass):
         opts = self.options
         result = analyze(graph, ctx.dataset(opts.dataset), ctx.artifacts["layer_map"], ctx.artifacts["act_quant"],
                          ctx.artifacts["weight_quant"], max_samples=opts.max_samples,
-                         output_effects=opts.output_effects, num_batches=opts.num_batches, progress=ctx.progress)
+                         output_effects=opts.output_effects, num_batches=opts.num_batches, progress=ctx.progress,
+                         reference=float_reference(graph, ctx))
         result = {"model": ctx.model_name, "dataset": opts.dataset, **result}
         ctx.artifacts["sensitivity"] = result
         if ctx.outputs.directory is not None:

@@ -185,6 +185,27 @@ def test_analyze_command_writes_json_png_and_prints_the_table(tmp_path):
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "missing.npy" in bad.stderr
 
 
+def test_output_effects_measure_against_the_float_model_after_bias_correction(session):
+    """Bias correction writes shifted biases into the graph (for the quantized model): the output effects
+    are still measured against the input model, so the all-quantized figure is the fake-quant model's
+    SQNR against it, and a layer left float keeps its float bias."""
+    x = build_demo_data(48, seed=1)
+    text = ("fuse_bn,match_layers,calibrate,quantize_weights{bias_correction=true},analyze{max_samples=16},"
+            "lower{targets=[fakequant]}")
+    result = _run(session, text)
+    assert result.artifacts["float_values"]          # bias correction moved biases
+    report = result.artifacts["sensitivity"]
+    flt = run_model(build_demo_model(), {"input": x[:16]})[0]
+    fake = run_model(result.artifacts["lowered"]["fakequant"], {"input": x[:16]})[0]
+    assert report["all_quantized"]["sqnr_db"] == pytest.approx(_sqnr(flt, fake), abs=0.3)
+    names = [r["name"] for r in report["layers"]]
+    rest = ",".join(names[1:])
+    one = _run(session, f"fuse_bn,match_layers{{skip_layers=[{rest}]}},calibrate,quantize_weights{{bias_correction=true}},"
+                        "lower{targets=[fakequant]}").artifacts["lowered"]["fakequant"]
+    row = report["layers"][0]
+    assert row["sqnr_only_db"] == pytest.approx(_sqnr(flt, run_model(one, {"input": x[:16]})[0]), abs=0.3)
+
+
 def _residual_two_output_model() -> onnx.ModelProto:
     """x -> c0 -> "side" (an output the later layers never reach); x -> c1 -> relu -> c2 -> relu, added
     to the relu of c1 (a residual branch the suffixes read from the cache) -> c3 -> "feat", and -> pool
