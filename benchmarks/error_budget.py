@@ -28,9 +28,7 @@ each variant as the pipeline has them (they see 16-bit activations in the A16 va
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -59,27 +57,11 @@ def measure(case, pipeline: str, overrides: list[str], reference) -> dict:
 
 
 def measure_ort(case, activations: str, reference) -> dict:
-    """ONNX Runtime's quantize_static (QDQ, MinMax, int8 weights per channel) with 8- or 16-bit activations."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(ptq.batches(case.calib, case.batch, case.input_name))
-
-        def get_next(self):
-            return next(self.items, None)
-
+    """ONNX Runtime's quantize_static (MinMax, int8 weights per channel) with 8- or 16-bit activations."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / case.model.name      # ORT writes an opset-21 copy beside its input for 16 bits
-        shutil.copyfile(case.model, model)
         for per_channel in (True, False):       # mnist-8: ORT's per-channel model does not load in ORT
-            out = Path(tmp) / f"ort_{activations}_{per_channel}.onnx"
-            with contextlib.redirect_stdout(sys.stderr):
-                quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                                per_channel=per_channel, activation_type=getattr(QuantType, activations),
-                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            out = ptq.ort_quantize(case, "MinMax", per_channel, Path(tmp), activations)
             try:
                 got = ptq.predict(str(out), case)
                 break

@@ -334,7 +334,9 @@ def run_ours(case: Case, variant: Ours) -> dict:
             "calib_s": calib, "total_s": total}
 
 
-def run_ort(case: Case, method: str, per_channel: bool, workdir: Path) -> dict:
+def ort_quantize(case: Case, method: str, per_channel: bool, workdir: Path, activations: str = "QUInt8") -> Path:
+    """ONNX Runtime's quantize_static (QDQ, int8 weights, ``activations`` a QuantType name) into ``workdir``.
+    16-bit activations make it write an opset-21 copy beside its input: it then reads a copy in ``workdir``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
@@ -345,12 +347,21 @@ def run_ort(case: Case, method: str, per_channel: bool, workdir: Path) -> dict:
         def get_next(self):
             return next(self.items, None)
 
-    out = workdir / f"ort_{method}_{per_channel}.onnx"
-    start = time.perf_counter()
+    model = case.model
+    if activations != "QUInt8":
+        model = workdir / Path(case.model).name
+        shutil.copyfile(case.model, model)
+    out = workdir / f"ort_{method}_{per_channel}_{activations}.onnx"
     with contextlib.redirect_stdout(sys.stderr):         # its calibrators print progress
-        quantize_static(str(case.model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=getattr(QuantType, activations), weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method))
+    return out
+
+
+def run_ort(case: Case, method: str, per_channel: bool, workdir: Path) -> dict:
+    start = time.perf_counter()
+    out = ort_quantize(case, method, per_channel, workdir)
     total = time.perf_counter() - start
     first = ort_calibration_time(case, method, workdir)
     calib = median_seconds(lambda: ort_calibration_time(case, method, workdir), first)

@@ -441,7 +441,7 @@ def analyze(graph, source, layer_map, act_quant, weight_quant, *, max_samples: i
                      "flops": flops, "bitops": bits})
     result: dict[str, Any] = {"metric": "CosineSimilarity", "samples": int(stats[layers[0].name].batches)}
     if output_effects:
-        result.update(_output_effects(graph, reference or graph, source, layers, act_quant, weight_quant, rows,
+        result.update(_output_effects(graph, graph if reference is None else reference, source, layers, act_quant, weight_quant, rows,
                                       max_samples, progress))
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["cosine_similarity"], i))
     for rank, i in enumerate(order):

@@ -13,10 +13,11 @@ precision is set by its inputs (``algorithms.sensitivity.SwitchModel``), at most
 ``max_evaluations`` of them, on the first ``max_samples`` samples.
 
 The graph's outputs are the reference (with the float values of the constants earlier passes replaced,
-bias correction's biases and retraining's weights, put back: ``float_reference``) unless ``reference`` names the float model: give it after anything else
-that changes the function on purpose, else the search measures against the changed graph. INT16 activations are
-measured on the calibration data's full range (``analyze``'s ``input_range``); the chosen point's
-``best_match_layers`` gives ``match_layers`` options with ``calibrate{algorithm: minmax}`` for them.
+bias correction's biases and retraining's weights, put back: ``float_reference``) unless ``reference``
+names the float model: give it after anything else that changes the function on purpose, else the
+search measures against the changed graph. INT16 activations are measured on the calibration
+data's full range (``analyze``'s ``input_range``); the chosen point's ``best_match_layers`` gives
+``match_layers`` options with ``calibrate{algorithm: minmax}`` for them.
 
 Bitops follow SPEC 8.2 (``FLOPs x act_bits x wts_bits``, ``quant.cost``). SPEC names no width for a
 float layer: a float side counts 32 bits, the FP32 operand it is (not the 16 of an FP16 deployment,
