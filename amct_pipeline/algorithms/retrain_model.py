@@ -148,18 +148,23 @@ def _add_act(model: RetrainModel, index: int, options) -> None:
     unit, program = model.units[index], model.quant_program
     fixed = model.fixed[unit.key]
     high, low = unit.params.clip_max, 0.0 if fixed else unit.params.clip_min
-    consumers = list(unit.layers) if unit.own else None
+    skip = set(unit.float_readers)
+
+    def consumers(tensor: str) -> list[str] | None:     # None: every reader
+        if unit.own and tensor == unit.key:
+            return list(unit.layers)
+        return [n.name for n in program.nodes if tensor in n.inputs and n.name not in skip] if skip else None
+
     if not options.learn_clips:
         params = ulq_factors(high, low, unit.params.num_bits)
         for tensor in unit.tensors:
-            program.insert(FakeQuant(params), [tensor], consumers=consumers if tensor == unit.key else None)
+            program.insert(FakeQuant(params), [tensor], consumers=consumers(tensor))
         return
     names = [program.add_constant(_clip_name(index, "max"), np.array([high], np.float32))]
     if not fixed:
         names.append(program.add_constant(_clip_name(index, "min"), np.array([low], np.float32)))
     for tensor in unit.tensors:
-        program.insert(ULQ(unit.params.num_bits, fixed), [tensor, *names],
-                       consumers=consumers if tensor == unit.key else None)
+        program.insert(ULQ(unit.params.num_bits, fixed), [tensor, *names], consumers=consumers(tensor))
     rate = options.lr_clip * max(abs(high), abs(low), 1e-6)
     for name in names:
         model.params[name] = program.constants[name]

@@ -20,9 +20,9 @@ The final model is not written here.
 Units: layers that read the same tensor with the same ``ActQuantParams`` object share one
 fake-quant branch and are refined together; the refined object replaces theirs in ``act_quant``.
 
-Layouts: the fake-quant and Ascend models quantize only the layer inputs, the QDQ model also every
-other reader of those tensors (a residual Add reads the quantized copy) and the block outputs of
-``tensor_quant`` (``calibrate{block_outputs: true}``). ``layout`` picks the model whose output error
+Layouts: the fake-quant and Ascend models quantize only the layer inputs, the QDQ model also the
+block outputs of ``tensor_quant`` (``calibrate{block_outputs: true}``) and the readers it makes integer
+(a residual Add reads the quantized copy when its other input is quantized too). ``layout`` picks the model whose output error
 is minimised; ``auto`` takes the QDQ layout exactly when ``tensor_quant`` exists, whose refined
 ranges are then written back there.
 """

@@ -14,9 +14,9 @@ initialised from ``act_quant``, i.e. IFMR from ``calibrate``, unless the config 
 Biases (plain constants of one layer) are learned too (``learn_bias``). The model is optimised block
 by block (``algorithms.reconstruct``): a block's quantized copy, fed by the already retrained blocks,
 learns to reproduce the float block's output on the dataset. The quantizers sit where the QDQ model
-``lower{targets: [qdq]}`` puts them (``layout: qdq``, the default: data movement and residual Adds read
-the quantized copy, and ``tensor_quant``'s block outputs are learned too), or where the fake-quant and
-Ascend models do (``layout: fakequant``).
+``lower{targets: [qdq]}`` puts them (``layout: qdq``, the default: data movement reads the quantized
+copy, residual Adds too when ``tensor_quant`` quantizes their other input, and ``tensor_quant``'s block
+outputs are learned too), or where the fake-quant and Ascend models do (``layout: fakequant``).
 
 Settings per layer: the pass options (``wts_algo``, ``weight_bits``, ``act_bits``, ``channel_wise``),
 then an AMCT retrain config (``config``: JSON from ``create_quant_retrain_config`` or the ``.cfg``

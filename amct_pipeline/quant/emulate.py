@@ -42,6 +42,7 @@ class Unit:
     output: str = ""              # the fake-quantized tensor, named when the evaluation model is built
     candidates: tuple = ()        # other ranges to try (calibrate's range_candidates)
     extra: tuple = ()             # more tensors quantized with these factors (QDQ data movement, Concat inputs)
+    float_readers: tuple = ()     # readers of its tensors that take the float value (quant.facts.float_readers)
     chain: bool = False           # the float chain even at 8 bits (for the numpy engine, which has no QDQ ops)
 
     @property
@@ -78,8 +79,8 @@ def qdq_units(graph, layer_map, act_quant, blocks: dict[str, ActQuantParams]) ->
     data movement and Concat inputs share their class's factors, so one unit may quantize several tensors."""
     from .facts import qdq_quantizers
     layers = {layer.name: layer for layer in layer_map.layers() if act_quant.get(layer.name) is not None}
-    return [Unit(q.key, list(q.layers), q.params, index=i, all_readers=not q.own, extra=q.tensors[1:])
-            for i, q in enumerate(qdq_quantizers(graph, layers, act_quant, blocks))]
+    return [Unit(q.key, list(q.layers), q.params, index=i, all_readers=not q.own, extra=q.tensors[1:],
+                 float_readers=q.float_readers) for i, q in enumerate(qdq_quantizers(graph, layers, act_quant, blocks))]
 
 
 # -- the fake-quant evaluation model ------------------------------------------------------------
@@ -131,7 +132,7 @@ def _fake_quant_weights(graph, model, layer_map, weight_quant) -> None:
 
 def _insert_fake_quant(model, namer: Namer, unit: Unit) -> None:
     """The unit's fake quant, factors read from graph inputs, in front of the unit's layers (or of
-    every reader), and in front of every reader of its extra tensors."""
+    every reader but its float readers), and in front of the readers of its extra tensors."""
     if unit.qdq:
         inputs = [gs.Variable(unit.names[0], dtype=np.float32, shape=[]),
                   gs.Variable(unit.names[1], dtype=np.uint8, shape=[])]
@@ -139,7 +140,7 @@ def _insert_fake_quant(model, namer: Namer, unit: Unit) -> None:
         inputs = [gs.Variable(name, dtype=np.float32, shape=[]) for name in unit.names]
     model.gs.inputs.extend(inputs)
     x = model.tensors()[unit.tensor]
-    readers = list(x.outputs)
+    readers = [node for node in x.outputs if node.name not in unit.float_readers]
     base = f"{PREFIX}.{unit.index}"
     out = _branch(model, namer, x, base, inputs)
     unit.output = out.name
@@ -150,7 +151,7 @@ def _insert_fake_quant(model, namer: Namer, unit: Unit) -> None:
             model.node(name).inputs[0] = out
     for index, name in enumerate(unit.extra):
         extra = model.tensors()[name]
-        readers = list(extra.outputs)
+        readers = [node for node in extra.outputs if node.name not in unit.float_readers]
         reroute(extra, _branch(model, namer, extra, f"{base}.{index}", inputs), readers)
 
 

@@ -53,7 +53,7 @@ from .plan import LoweringPlan, output_node
 __all__ = ["DATA_MOVEMENT_OPS", "VALUE_PRESERVING_OPS", "FOLDABLE_ACTIVATIONS", "POOLING_OPS",
            "CONCAT_RANGE_RATIO", "PAD_FUSING_OPS", "Source", "ConcatPlan", "LayoutPlan", "QdqLayout", "Quantizer",
            "moves_data", "record_factors", "propagate_factors", "extra_tensors", "output_tensors", "plan_layout",
-           "resolve_layout",
+           "resolve_layout", "float_readers",
            "qdq_quantizers",
            "activation_bounds"]
 
@@ -359,6 +359,37 @@ def resolve_layout(graph, plan: LayoutPlan, act_quant: Mapping[str, ActQuantPara
                      sorted(merged, key=lambda t: order.get(t, 0)))
 
 
+def float_readers(graph, layout: QdqLayout, layers, name: str) -> list[gs.Node]:
+    """The readers of quantized tensor ``name`` that take its float value in the QDQ model.
+
+    A calibrated tensor (``tensor_quant``) is read quantized by all its readers. A layer input is read
+    quantized by its layers (``layers``: the quantized layers' names) and by the nodes the layout makes
+    integer: data movement into quantized outputs, and an Add / pooling / Concat whose inputs and
+    outputs are all quantized. Any other reader takes the float tensor, as in the fake-quant and Ascend
+    models: a residual Add whose other input stays float adds its skip branch in float (MobileNetV2:
+    reading the codes there cost the QDQ model 0.3-0.4 dB against its fake-quant model)."""
+    if layout.sources[name].kind == "tensor":
+        return []
+
+    def quantized(tensor: gs.Tensor) -> bool:       # itself, or after a Relu / Clip folded into its pair
+        while tensor.name not in layout.factors:
+            if len(tensor.outputs) != 1 or tensor.outputs[0].op not in FOLDABLE_ACTIVATIONS or \
+                    graph.is_graph_output(tensor):
+                return False
+            tensor = tensor.outputs[0].outputs[0]
+        return True
+
+    def reads_codes(node: gs.Node) -> bool:
+        if node.name in layers:
+            return True
+        if not all(quantized(t) for t in node.outputs if t.outputs or graph.is_graph_output(t)):
+            return False
+        return moves_data(graph, node) or all(t.name in layout.factors for t in node.inputs
+                                              if isinstance(t, gs.Variable))
+
+    return [node for node in graph.tensors()[name].outputs if not reads_codes(node)]
+
+
 @dataclass(frozen=True)
 class Quantizer:
     """One set of factors of a QDQ layout, for a pass that emulates or tunes it (``refine_ranges``).
@@ -367,7 +398,8 @@ class Quantizer:
     ``layers``: the layers whose ``act_quant`` entry these factors are (empty: a ``tensor_quant``
     entry); ``tensors``: where values enter quantization with them (``key`` first; quantizing there
     quantizes every tensor of the layout that has these factors, as data movement is exact);
-    ``own``: only ``layers`` read the quantized copy (a layer pair), not every reader.
+    ``own``: only ``layers`` read the quantized copy (a layer pair), not every reader;
+    ``float_readers``: otherwise, the readers of ``tensors`` that take the float value (:func:`float_readers`).
     """
 
     key: str
@@ -375,6 +407,7 @@ class Quantizer:
     layers: tuple[str, ...]
     tensors: tuple[str, ...]
     own: bool = False
+    float_readers: tuple[str, ...] = ()
 
 
 def qdq_quantizers(graph, layers, act_quant: Mapping[str, ActQuantParams],
@@ -398,7 +431,9 @@ def qdq_quantizers(graph, layers, act_quant: Mapping[str, ActQuantParams],
             owners = tuple(layer for layer in plan.layer_inputs[key] if act_quant.get(layer) is params)
         else:
             key, params, owners = source.name, tensor_quant[source.name], ()
-        found.append(Quantizer(key, params, owners, (key, *[t for t in tensors if t != key])))
+        members = (key, *[t for t in tensors if t != key])
+        floats = tuple(node.name for t in members for node in float_readers(graph, layout, layers, t))
+        found.append(Quantizer(key, params, owners, members, float_readers=floats))
     for layer, params in layout.layer_pairs.items():
         found.append(Quantizer(read_by[layer], params, (layer,), (read_by[layer],), own=True))
     order = {t: i for i, t in enumerate(_tensor_order(graph))}

@@ -10,8 +10,10 @@ onnxruntime fuses ``DQ -> Conv -> Q`` into QLinearConv only when the layer outpu
 (and read by nothing else), so, like onnxruntime's own quantizer, the layout also quantizes (see
 ``quant.facts`` for the rules, shared with ``calibrate{block_outputs}``):
 
-* every consumer of a quantized tensor (all of them read the dequantized copy, so the producer's only
-  reader is the QuantizeLinear);
+* every consumer of a quantized tensor but the float readers of ``quant.facts.float_readers`` (all
+  others read the dequantized copy, so the producer's only reader is the QuantizeLinear). With only
+  the layer inputs calibrated, a residual Add reads its skip in float, so the QDQ model computes what
+  the fake-quant and Ascend models do;
 * layer outputs (after a following Relu/Clip) and the outputs of Add and GlobalAveragePool nodes
   whose inputs are quantized, with factors from the ``tensor_quant`` artifact (tensor name ->
   ActQuantParams) that ``calibrate{block_outputs: true}`` (or ``refine_ranges``) provides; without it
@@ -59,8 +61,8 @@ from pydantic import Field
 
 from ...ir.edit import Namer, constant, reroute
 from ...options import Options
-from ...quant.facts import (FOLDABLE_ACTIVATIONS, POOLING_OPS, LayoutPlan, QdqLayout, activation_bounds, moves_data,
-                            plan_layout, resolve_layout)
+from ...quant.facts import (FOLDABLE_ACTIVATIONS, POOLING_OPS, LayoutPlan, QdqLayout, activation_bounds,
+                            float_readers, moves_data, plan_layout, resolve_layout)
 from ...quant.math import scale_offset_from_range
 from ...quant.params import ActQuantParams
 from ...quant.plan import (LayerPlan, LoweringPlan, bias_slot, neutralize_gemm, normalized_act, output_node,
@@ -222,15 +224,19 @@ def _widen_block_outputs(graph, plan: LoweringPlan, structure: LayoutPlan, layou
 
 # -- emitting -------------------------------------------------------------------------------------
 def _quantize_activations(graph, namer: Namer, plan: LoweringPlan, layout: QdqLayout) -> None:
-    """One Q/DQ pair per paired tensor; every reader takes the dequantized copy. A layer whose own record
-    factors differ from the tensor's (two layers, different settings) gets its own pair."""
+    """One Q/DQ pair per paired tensor, read by all its readers but ``quant.facts.float_readers`` (a
+    residual Add adding a layer input in float). A layer whose own record factors differ from the
+    tensor's (two layers, different settings) gets its own pair."""
     tensors = graph.tensors()
+    readers = {}
+    for name in layout.paired:      # chosen first: rerouting renames the inputs the rule looks at
+        floats = {node.name for node in float_readers(graph, layout, plan.layers, name)}
+        readers[name] = [node for node in tensors[name].outputs if node.name not in floats]
     for name in layout.paired:
         tensor, params = tensors[name], layout.factors[name]
-        readers = list(tensor.outputs)
         source, code_range = _fold_activation(graph, tensor, params)
         _, dequantized = qdq_pair(graph, namer, source, params, name, code_range)
-        reroute(tensor, dequantized, readers)
+        reroute(tensor, dequantized, readers[name])
     nodes = {node.name: node for node in graph.nodes}
     for name, params in layout.layer_pairs.items():
         node = nodes[name]
