@@ -21,10 +21,10 @@ Units: layers that read the same tensor with the same ``ActQuantParams`` object 
 fake-quant branch and are refined together; the refined object replaces theirs in ``act_quant``.
 
 Layouts: the fake-quant and Ascend models quantize only the layer inputs, the QDQ model also the
-block outputs of ``tensor_quant`` (``calibrate{block_outputs: true}``) and the readers it makes integer
-(a residual Add reads the quantized copy when its other input is quantized too). ``layout`` picks the model whose output error
-is minimised; ``auto`` takes the QDQ layout exactly when ``tensor_quant`` exists, whose refined
-ranges are then written back there.
+block outputs of ``tensor_quant`` (``calibrate{block_outputs: true}``) and the readers it makes
+integer (a residual Add reads the quantized copy when its other input is quantized too). ``layout``
+picks the model whose output error is minimised; ``auto`` takes the QDQ layout exactly when
+``tensor_quant`` exists, whose refined ranges are then written back there.
 """
 from __future__ import annotations
 
