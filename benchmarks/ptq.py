@@ -359,6 +359,19 @@ def ort_quantize(case: Case, method: str, per_channel: bool, workdir: Path, acti
     return out
 
 
+def ort_predict(case: Case, method: str, workdir: Path, activations: str = "QUInt8") -> tuple[list, bool]:
+    """(outputs on the evaluation set, per_channel) of ONNX Runtime's quantize_static model: per-channel
+    weights, or per tensor where ORT cannot load its own per-channel model (mnist-8)."""
+    for per_channel in (True, False):
+        out = ort_quantize(case, method, per_channel, workdir, activations)
+        try:
+            return predict(str(out), case), per_channel
+        except Exception:
+            if not per_channel:
+                raise
+    raise AssertionError("unreachable")
+
+
 def run_ort(case: Case, method: str, per_channel: bool, workdir: Path) -> dict:
     start = time.perf_counter()
     out = ort_quantize(case, method, per_channel, workdir)

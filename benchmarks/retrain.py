@@ -59,15 +59,11 @@ def run_variant(case_key: str, label: str, spec: str, steps: int | None, out: Pa
     stats: dict = {}
     if spec == "ort":
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                got = ptq.run_ort(case, "MinMax", True, Path(tmp))
-                quantized = ptq.predict(str(got["qdq"]), case)
-            except Exception:       # mnist-8: ORT's per-channel model does not load in ORT; per tensor does
-                got = ptq.run_ort(case, "MinMax", False, Path(tmp))
-                quantized = ptq.predict(str(got["qdq"]), case)
-                stats["note"] = "per tensor (ORT's per-channel model is invalid)"
-            seconds = time.perf_counter() - start
-            scores = ptq.score(ptq.predict(str(case.model), case), quantized, case.labels)
+            quantized, per_channel = ptq.ort_predict(case, "MinMax", Path(tmp))
+        seconds = time.perf_counter() - start
+        if not per_channel:
+            stats["note"] = "per tensor (ORT's per-channel model is invalid)"
+        scores = ptq.score(ptq.predict(str(case.model), case), quantized, case.labels)
     else:
         import amct_pipeline as ap
         session = ap.Session(load_entrypoints=False)

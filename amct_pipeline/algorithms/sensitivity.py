@@ -441,8 +441,9 @@ def analyze(graph, source, layer_map, act_quant, weight_quant, *, max_samples: i
                      "flops": flops, "bitops": bits})
     result: dict[str, Any] = {"metric": "CosineSimilarity", "samples": int(stats[layers[0].name].batches)}
     if output_effects:
-        result.update(_output_effects(graph, graph if reference is None else reference, source, layers, act_quant, weight_quant, rows,
-                                      max_samples, progress))
+        reference = graph if reference is None else reference
+        result.update(_output_effects(graph, reference, source, layers, act_quant, weight_quant, rows, max_samples,
+                                      progress))
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["cosine_similarity"], i))
     for rank, i in enumerate(order):
         rows[i]["rank"] = rank + 1

@@ -359,8 +359,8 @@ def resolve_layout(graph, plan: LayoutPlan, act_quant: Mapping[str, ActQuantPara
                      sorted(merged, key=lambda t: order.get(t, 0)))
 
 
-def float_readers(graph, layout: QdqLayout, layers, name: str) -> list[gs.Node]:
-    """The readers of quantized tensor ``name`` that take its float value in the QDQ model.
+def float_readers(graph, layout: QdqLayout, layers, tensor: gs.Tensor) -> list[gs.Node]:
+    """The readers of quantized ``tensor`` that take its float value in the QDQ model.
 
     A calibrated tensor (``tensor_quant``) is read quantized by all its readers. A layer input is read
     quantized by its layers (``layers``: the quantized layers' names) and by the nodes the layout makes
@@ -368,15 +368,14 @@ def float_readers(graph, layout: QdqLayout, layers, name: str) -> list[gs.Node]:
     outputs are all quantized. Any other reader takes the float tensor, as in the fake-quant and Ascend
     models: a residual Add whose other input stays float adds its skip branch in float (MobileNetV2:
     reading the codes there cost the QDQ model 0.3-0.4 dB against its fake-quant model)."""
-    if layout.sources[name].kind == "tensor":
+    if layout.sources[tensor.name].kind == "tensor":
         return []
 
-    def quantized(tensor: gs.Tensor) -> bool:       # itself, or after a Relu / Clip folded into its pair
-        while tensor.name not in layout.factors:
-            if len(tensor.outputs) != 1 or tensor.outputs[0].op not in FOLDABLE_ACTIVATIONS or \
-                    graph.is_graph_output(tensor):
+    def quantized(t: gs.Tensor) -> bool:        # itself, or after a Relu / Clip folded into its pair
+        while t.name not in layout.factors:
+            if len(t.outputs) != 1 or t.outputs[0].op not in FOLDABLE_ACTIVATIONS or graph.is_graph_output(t):
                 return False
-            tensor = tensor.outputs[0].outputs[0]
+            t = t.outputs[0].outputs[0]
         return True
 
     def reads_codes(node: gs.Node) -> bool:
@@ -387,7 +386,7 @@ def float_readers(graph, layout: QdqLayout, layers, name: str) -> list[gs.Node]:
         return moves_data(graph, node) or all(t.name in layout.factors for t in node.inputs
                                               if isinstance(t, gs.Variable))
 
-    return [node for node in graph.tensors()[name].outputs if not reads_codes(node)]
+    return [node for node in tensor.outputs if not reads_codes(node)]
 
 
 @dataclass(frozen=True)
@@ -417,6 +416,7 @@ def qdq_quantizers(graph, layers, act_quant: Mapping[str, ActQuantParams],
     Layers sharing a tensor and one ``act_quant`` object share a quantizer (as calibrate hands them)."""
     plan = plan_layout(graph, layers)
     layout = resolve_layout(graph, plan, act_quant, tensor_quant)
+    by_name = graph.tensors()
     read_by = {layer: name for name, readers in plan.layer_inputs.items() for layer in readers}
     entries: dict[Source, list[str]] = {}
     for name, source in layout.sources.items():
@@ -432,7 +432,7 @@ def qdq_quantizers(graph, layers, act_quant: Mapping[str, ActQuantParams],
         else:
             key, params, owners = source.name, tensor_quant[source.name], ()
         members = (key, *[t for t in tensors if t != key])
-        floats = tuple(node.name for t in members for node in float_readers(graph, layout, layers, t))
+        floats = tuple(node.name for t in members for node in float_readers(graph, layout, layers, by_name[t]))
         found.append(Quantizer(key, params, owners, members, float_readers=floats))
     for layer, params in layout.layer_pairs.items():
         found.append(Quantizer(read_by[layer], params, (layer,), (read_by[layer],), own=True))

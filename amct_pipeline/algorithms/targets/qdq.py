@@ -230,7 +230,7 @@ def _quantize_activations(graph, namer: Namer, plan: LoweringPlan, layout: QdqLa
     tensors = graph.tensors()
     readers = {}
     for name in layout.paired:      # chosen first: rerouting renames the inputs the rule looks at
-        floats = {node.name for node in float_readers(graph, layout, plan.layers, name)}
+        floats = {node.name for node in float_readers(graph, layout, plan.layers, tensors[name])}
         readers[name] = [node for node in tensors[name].outputs if node.name not in floats]
     for name in layout.paired:
         tensor, params = tensors[name], layout.factors[name]
