@@ -12,11 +12,15 @@ channel, so both scalings are exact in the integer weights too (same codes, scal
 
 Which pairs: ``Conv -> [Relu | Clip(0, hi)] -> Conv`` (depthwise: group = channels, one filter per
 channel), every tensor in between read only by the next node, weights and bias constants read by
-their conv alone. ``t_c`` comes from data (one run over ``num_batches`` batches): ``r_c`` the mean over
-samples of each sample's channel maximum (the statistic of ``mean_minmax``), ``t_c = min(max_c r_c /
-r_c, max_scale, hi / M_c)`` with ``M_c`` the channel's largest value seen: a Clip's upper bound then
-binds only beyond every calibration value, so the float model's outputs on the calibration data
-are unchanged (up to float rounding); channels that are zero on all data keep ``t_c = 1``.
+their conv alone. ``t_c`` comes from data (one run over ``num_batches`` batches): ``t_c =
+min(max_k r_k / M_c, max_scale)``, at least 1, with ``r_k`` the mean over samples of each sample's
+channel maximum (the statistic of ``mean_minmax``) and ``M_c`` channel ``c``'s largest value seen.
+Every channel is stretched until its largest calibration value reaches the widest channel's typical
+maximum, never beyond: no calibration value moves past the range a per-tensor quantizer will take,
+and a Clip's upper bound (at least every ``r_k``) never binds on the calibration data, so the float
+model's outputs there are unchanged (up to float rounding); channels that are zero on all data keep
+``t_c = 1``. Stretching by the channel's mean maximum instead (``max_k r_k / r_c``) pushed the tails of
+MobileNetV2's spiky channels into the clip: 0.6 dB worse output SQNR after ``ptq_int8``.
 """
 from __future__ import annotations
 
@@ -48,17 +52,14 @@ class _Pair:
     act: gs.Node | None       # Relu / Clip between them
     second: gs.Node           # depthwise Conv reading them
     tensor: str               # the tensor the second conv reads (what is quantized)
-    upper: float              # the activation's upper bound (inf for Relu / none)
 
 
-def equalization_scales(mean_max: np.ndarray, global_max: np.ndarray, upper: float, max_scale: float) -> np.ndarray:
-    """``t_c = min(max_c r_c / r_c, max_scale, upper / M_c)``, at least 1 (1 for channels never positive)."""
-    r = np.asarray(mean_max, np.float64)
-    top = float(r.max()) if r.size else 0.0
+def equalization_scales(mean_max: np.ndarray, peak: np.ndarray, max_scale: float) -> np.ndarray:
+    """``t_c = min(max_k r_k / M_c, max_scale)``, at least 1 (1 for channels never positive)."""
+    top = float(np.max(mean_max)) if len(mean_max) else 0.0
+    peak = np.asarray(peak, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(r > 0, top / r, 1.0)
-        if np.isfinite(upper):
-            t = np.minimum(t, np.where(global_max > 0, upper / np.asarray(global_max, np.float64), 1.0))
+        t = np.where(peak > 0, top / peak, 1.0)
     return np.clip(np.nan_to_num(t, nan=1.0, posinf=1.0), 1.0, max_scale)
 
 
@@ -90,7 +91,7 @@ class EqualizeChannelsPass(Pass):
                 break
         largest, changed = 1.0, 0
         for pair in pairs:
-            t = equalization_scales(sums[pair.tensor] / samples, peaks[pair.tensor], pair.upper, self.options.max_scale)
+            t = equalization_scales(sums[pair.tensor] / samples, peaks[pair.tensor], self.options.max_scale)
             if np.all(t == 1.0):
                 continue
             _scale_pair(pair, t)
@@ -128,12 +129,12 @@ def _pairs(graph) -> list[_Pair]:
             continue
         out = node.outputs[0]
         nxt = _single_reader(graph, out)
-        act, upper = None, np.inf
+        act = None
         if nxt is not None and nxt.op in ("Relu", "Clip"):
-            low, high = activation_bounds(graph, nxt)
+            low, _ = activation_bounds(graph, nxt)
             if low is None or low != 0.0:
                 continue
-            act, upper = nxt, high
+            act = nxt
             nxt = _single_reader(graph, nxt.outputs[0])
         if nxt is None or nxt.op != "Conv" or nxt.inputs[0] is not (act.outputs[0] if act else out):
             continue
@@ -146,7 +147,7 @@ def _pairs(graph) -> list[_Pair]:
             continue
         if len(nxt.inputs) > 2 and nxt.inputs[2].name and _own_constant(nxt, 2) is None:
             continue
-        pairs.append(_Pair(node, act, nxt, nxt.inputs[0].name, float(upper)))
+        pairs.append(_Pair(node, act, nxt, nxt.inputs[0].name))
     return pairs
 
 

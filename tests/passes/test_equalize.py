@@ -64,6 +64,12 @@ def test_function_unchanged_and_channel_ranges_equalized(session, activation):
     before, after = channel_max(model), channel_max(result.model)
     assert after.max() / after.min() < 0.25 * before.max() / before.min()
     assert activation == "Relu" or after.max() <= 6.0 + 1e-5    # the Relu6 never binds on the data
+    # no stretched channel goes past the widest channel's mean per-sample maximum (no clipping added)
+    from amct_pipeline.runtime.ort import expose_tensors
+    a1 = run_model(expose_tensors(model, ["a1"]), {"x": x})[1]
+    top = a1.max(axis=(2, 3)).mean(axis=0).max()
+    stretched = ~np.isclose(after, before, rtol=1e-5)
+    assert stretched.sum() >= CHANNELS // 2 and np.all(after[stretched] <= top * (1 + 1e-5))
     # both weights are quantized per output channel: the integer codes do not change
     old, new = _initializers(model), _initializers(result.model)
     for name in ("w1", "w2"):
@@ -72,9 +78,10 @@ def test_function_unchanged_and_channel_ranges_equalized(session, activation):
 
 
 def test_scales_rule():
-    t = equalization_scales(np.array([4.0, 1.0, 0.1, 0.0]), np.array([5.0, 2.0, 0.2, 0.0]), 6.0, 16.0)
-    np.testing.assert_allclose(t, [1.0, 3.0, 16.0, 1.0])         # 4/1 capped by 6/2; 40 capped at 16; dead channel
-    t = equalization_scales(np.array([4.0, 1.0]), np.array([5.0, 2.0]), np.inf, 16.0)
+    # each channel's largest value stretched to the widest channel's mean maximum (4), never beyond
+    t = equalization_scales(np.array([4.0, 1.0, 0.1, 0.0]), np.array([5.0, 2.0, 0.2, 0.0]), 16.0)
+    np.testing.assert_allclose(t, [1.0, 2.0, 16.0, 1.0])         # 4/5 floored at 1; 4/2; 20 capped; dead channel
+    t = equalization_scales(np.array([4.0, 1.0]), np.array([4.0, 1.0]), 16.0)
     np.testing.assert_allclose(t, [1.0, 4.0])
 
 
