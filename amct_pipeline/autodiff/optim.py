@@ -14,7 +14,8 @@ __all__ = ["Adam", "mse"]
 
 class Adam:
     """Adam (Kingma & Ba) on a dict of arrays, updated in place. ``lr`` may be one rate or a rate per
-    parameter name (e.g. clips and rounding variables learn at different speeds)."""
+    parameter name (e.g. clips and rounding variables learn at different speeds); a name's rate may be
+    an array broadcast against its parameter (a rate per channel)."""
 
     def __init__(self, params: dict[str, np.ndarray], lr: float | Mapping[str, float] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -26,8 +27,9 @@ class Adam:
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
 
-    def rate(self, name: str) -> float:
-        return float(self.lr[name]) if isinstance(self.lr, Mapping) else float(self.lr)
+    def rate(self, name: str) -> float | np.ndarray:
+        rate = self.lr[name] if isinstance(self.lr, Mapping) else self.lr
+        return np.asarray(rate, np.float32) if np.ndim(rate) else float(rate)
 
     def step(self, grads: Mapping[str, np.ndarray]) -> None:
         self.t += 1
@@ -43,7 +45,7 @@ class Adam:
             v *= self.beta2
             v += (1 - self.beta2) * g * g
             step = (m / c1) / (np.sqrt(v / c2) + self.eps)
-            p -= p.dtype.type(self.rate(name)) * step.astype(p.dtype, copy=False)
+            p -= np.asarray(self.rate(name), p.dtype) * step.astype(p.dtype, copy=False)
 
 
 def mse(output: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:

@@ -207,6 +207,20 @@ def test_adam_minimises_a_quadratic_deterministically():
     assert loss == 2.5 and grad.tolist() == [1.0, 2.0]
 
 
+def test_adam_rate_per_channel_is_a_scalar_rate_per_slice():
+    target = np.array([[1.0, -2.0], [30.0, 40.0]], np.float32)
+    joint = {"w": np.zeros((2, 2), np.float32)}
+    rows = [{"w": np.zeros(2, np.float32)} for _ in range(2)]
+    rates = np.array([[0.01], [0.5]], np.float32)
+    opts = [Adam(joint, lr={"w": rates})] + [Adam(r, lr=float(rates[i, 0])) for i, r in enumerate(rows)]
+    for _ in range(50):
+        opts[0].step({"w": 2 * (joint["w"] - target)})
+        for i, r in enumerate(rows):
+            opts[i + 1].step({"w": 2 * (r["w"] - target[i])})
+    assert np.array_equal(joint["w"], np.stack([r["w"] for r in rows]))
+    assert abs(joint["w"][0, 0]) < 0.6 < abs(joint["w"][1, 0])          # each row at its own speed
+
+
 def test_adaround_training_beats_round_to_nearest_at_4_bits():
     """End to end on a conv layer: AdaRound (SPEC 4.8) inserted with Program.insert(replaces=...), trained
     with Adam against the float outputs, then hard-rounded, has a lower output error than ARQ's RTN."""

@@ -348,3 +348,44 @@ def test_average_keeps_a_moving_average_of_the_steps(session):
     assert 0 < moved(floats(averaged[0])) < 0.9 * moved(plain)
     with pytest.raises(ConfigError):
         session.build(BASE + "retrain{average=1.0}" + LOWER, datasets=["calib"])
+
+
+def _scaled_channel_model(factor: float) -> onnx.ModelProto:
+    """x -> Conv (4 -> 6) -> Mul by a per-channel constant -> y; output channel 0's filter and bias
+    divided by ``factor`` and its multiplier times ``factor``: the same function for every factor."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((6, 4, 3, 3)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal(6) * 0.1).astype(np.float32)
+    k = np.ones((1, 6, 1, 1), np.float32)
+    w[0], b[0], k[0, 0] = w[0] / factor, b[0] / factor, factor
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["c", "k"], ["y"], name="gain")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(k, "k")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_weights_learn_relative_to_each_channels_step(session):
+    """A channel scaled down 16x (as channel equalization scales depthwise filters) and scaled back
+    after the layer moves as far, in its own quantization steps, as unscaled: each channel's learning
+    rate is its own step's (with one rate per layer, the mean step's, it moved twice as far here)."""
+    from onnx import numpy_helper
+    rng = np.random.default_rng(6)
+    mix = rng.standard_normal((4, 4)) + 2.0                     # correlated input channels: learning gains
+    x = (np.einsum("oc,nchw->nohw", mix, rng.standard_normal((32, 4, 6, 6))) / 4).astype(np.float32)
+    moves = []
+    for factor in (1.0, 16.0):
+        model = _scaled_channel_model(factor)
+        pipeline = session.build("match_layers,calibrate{algorithm=ifmr},retrain{weight_bits=4 steps=100 block_layers=1}",
+                                 datasets=["calib"])
+        result = pipeline.run(model, datasets={"calib": ArraySource("calib", {"x": x}, DatasetSpec(batch_size=16), "test")})
+        start = numpy_helper.to_array(model.graph.initializer[0])
+        learned = next(numpy_helper.to_array(i) for i in result.model.graph.initializer if i.name == "w")
+        step = np.abs(start).reshape(6, -1).max(axis=1) / 7                # INT4 ARQ step per channel
+        moves.append(np.abs(learned - start).reshape(6, -1).mean(axis=1) / step)
+        assert result.stats_for("retrain")["block_db_after"][0] > result.stats_for("retrain")["block_db_before"][0]
+    assert moves[0].min() > 0.02                                     # the weights did move
+    np.testing.assert_allclose(moves[1], moves[0], rtol=0.1)
