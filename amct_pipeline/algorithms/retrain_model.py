@@ -211,10 +211,11 @@ def _add_weight(graph, model: RetrainModel, layer, params: WeightQuantParams, al
         # Adam moves a variable by about its rate per step: each channel's rate is its own step's, so a
         # channel equalization scaled down (MobileNetV2's depthwise filters, by up to 16x) does not take
         # larger relative steps than its neighbours (W4A8 agreement 86.0% -> 92.0%)
-        rate = options.lr_weight * float(np.mean(scale)) / alpha       # per tensor, or a grouped ConvTranspose's view
         steps = _channel(np.asarray(scale, np.float32), weight, axis, group)
         if steps.ndim == weight.ndim and np.broadcast_shapes(steps.shape, weight.shape) == weight.shape:
             rate = (options.lr_weight * steps / np.float32(alpha)).astype(np.float32)
+        else:                    # per tensor, or a grouped ConvTranspose's channel view: the mean step
+            rate = options.lr_weight * float(np.mean(scale)) / alpha
         model.params[copy], model.lrs[copy] = program.constants[copy], rate
         entry.names = (copy,)
         entry.plain = _plain_constant(graph, layer.weight, layer.name) and weight_shape_matches(graph, layer, weight)
@@ -227,7 +228,8 @@ def _add_weight(graph, model: RetrainModel, layer, params: WeightQuantParams, al
                                           (scale / np.float32(alpha)).astype(np.float32))
             program.insert(op, [copy, s_name], replaces=layer.weight, consumers=[layer.name])
             model.params[s_name] = program.constants[s_name]
-            model.lrs[s_name] = np.float32(options.lr_scale) * np.abs(program.constants[s_name])   # each scale relative to itself
+            # each scale learns relative to itself
+            model.lrs[s_name] = np.float32(options.lr_scale) * np.abs(program.constants[s_name])
             entry.names = (copy, s_name)
         entry.op = op
     model.weights[layer.name] = entry

@@ -17,7 +17,7 @@ class Adam:
     parameter name (e.g. clips and rounding variables learn at different speeds); a name's rate may be
     an array broadcast against its parameter (a rate per channel)."""
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float | Mapping[str, float] = 1e-3,
+    def __init__(self, params: dict[str, np.ndarray], lr: float | Mapping[str, float | np.ndarray] = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.params = params
         self.lr = lr

@@ -17,10 +17,11 @@ min(max_k r_k / M_c, max_scale)``, at least 1, with ``r_k`` the mean over sample
 channel maximum (the statistic of ``mean_minmax``) and ``M_c`` channel ``c``'s largest value seen.
 Every channel is stretched until its largest calibration value reaches the widest channel's typical
 maximum, never beyond: equalization adds no calibration value above the range the widest channel
-already asks of a per-tensor quantizer, and a Clip's upper bound (at least every ``r_k``) never binds on the calibration data, so the float
-model's outputs there are unchanged (up to float rounding); channels that are zero on all data keep
-``t_c = 1``. Stretching by the channel's mean maximum instead (``max_k r_k / r_c``) pushed the tails of
-MobileNetV2's spiky channels into the clip: 0.2-0.6 dB worse output SQNR after every PTQ pipeline.
+already asks of a per-tensor quantizer, and a Clip's upper bound (at least every ``r_k``) never binds
+on the calibration data, so the float model's outputs there are unchanged (up to float rounding);
+channels that are zero on all data keep ``t_c = 1``. Stretching by the channel's mean maximum
+instead (``max_k r_k / r_c``) pushed the tails of MobileNetV2's spiky channels into the clip: 0.2-0.6
+dB worse output SQNR after every PTQ pipeline.
 """
 from __future__ import annotations
 
@@ -48,8 +49,7 @@ class EqualizeChannelsOptions(Options):
 
 @dataclass
 class _Pair:
-    first: gs.Node            # Conv producing the channels
-    act: gs.Node | None       # Relu / Clip between them
+    first: gs.Node            # Conv producing the channels (through a Relu / Clip or not)
     second: gs.Node           # depthwise Conv reading them
     tensor: str               # the tensor the second conv reads (what is quantized)
 
@@ -147,7 +147,7 @@ def _pairs(graph) -> list[_Pair]:
             continue
         if len(nxt.inputs) > 2 and nxt.inputs[2].name and _own_constant(nxt, 2) is None:
             continue
-        pairs.append(_Pair(node, act, nxt, nxt.inputs[0].name))
+        pairs.append(_Pair(node, nxt, nxt.inputs[0].name))
     return pairs
 
 

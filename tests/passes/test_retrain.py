@@ -10,6 +10,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from amct_pipeline.demo import build_demo_data, build_demo_model
 from amct_pipeline.errors import AmctError, ConfigError
@@ -353,7 +354,6 @@ def test_average_keeps_a_moving_average_of_the_steps(session):
 def _scaled_channel_model(factor: float) -> onnx.ModelProto:
     """x -> Conv (4 -> 6) -> Mul by a per-channel constant -> y; output channel 0's filter and bias
     divided by ``factor`` and its multiplier times ``factor``: the same function for every factor."""
-    from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(5)
     w = (rng.standard_normal((6, 4, 3, 3)) * 0.3).astype(np.float32)
     b = (rng.standard_normal(6) * 0.1).astype(np.float32)
@@ -372,7 +372,6 @@ def test_weights_learn_relative_to_each_channels_step(session):
     """A channel scaled down 16x (as channel equalization scales depthwise filters) and scaled back
     after the layer moves as far, in its own quantization steps, as unscaled: each channel's learning
     rate is its own step's (with one rate per layer, the mean step's, it moved twice as far here)."""
-    from onnx import numpy_helper
     rng = np.random.default_rng(6)
     mix = rng.standard_normal((4, 4)) + 2.0                     # correlated input channels: learning gains
     x = (np.einsum("oc,nchw->nohw", mix, rng.standard_normal((32, 4, 6, 6))) / 4).astype(np.float32)
